@@ -1,0 +1,71 @@
+"""GradientMaskCallback: ADI's channel-wise gradient masking, applied before each optimizer step.
+
+It runs in ``on_before_optimizer_step`` (never ``on_after_backward``, which under gradient
+accumulation sees unsynced, partial gradients): it gathers every rank's per-triple role
+gradients, builds each triple's mask with :mod:`adi_lightning.masking`, writes the same
+update into ``E.grad`` on every rank, and after the step restores the channels that no triple
+kept, so AdamW momentum and weight decay cannot move them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from adi_lightning.masking import kept_fraction_per_layer, masked_update
+
+log = logging.getLogger(__name__)
+
+
+class GradientMaskCallback(L.Callback):
+    """Masks the identifier's update; configured by the model's ``mask_*`` / ``update_from`` keys."""
+
+    def __init__(self) -> None:
+        self._restore_handle = None
+        self.last_masks: torch.Tensor | None = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        if self._restore_handle is not None:  # a step skipped by the AMP scaler leaves its hook
+            self._restore_handle.remove()
+            self._restore_handle = None
+        if not pl_module.masking_enabled:
+            return
+        local = pl_module.pop_role_grads()
+        if local is None:
+            raise RuntimeError("masking is on but no per-sample identifier gradients were recorded this step")
+        role_grads = pl_module.all_gather(local)
+        if trainer.world_size > 1:
+            role_grads = role_grads.flatten(0, 1)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            role_grads = role_grads / scaler.get_scale()
+        if not torch.isfinite(role_grads).all():
+            if scaler is not None:
+                return  # the scaler saw the same inf in E.grad and skips this step
+            raise FloatingPointError(f"non-finite identifier gradient at global step {trainer.global_step}")
+
+        hp = pl_module.hparams
+        update, masks = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from)
+        param = pl_module.identifier.embedding
+        param.grad = update.to(device=param.device, dtype=param.dtype)
+        self.last_masks = masks
+
+        never_kept = ~masks.any(dim=0)
+        if bool(never_kept.any()):
+            snapshot = param.detach().clone()
+
+            def restore(_optimizer, _args, _kwargs) -> None:
+                with torch.no_grad():
+                    param.copy_(torch.where(never_kept.to(param.device), snapshot, param))
+                self._restore_handle.remove()
+                self._restore_handle = None
+
+            self._restore_handle = optimizer.register_step_post_hook(restore)
+
+        kept = kept_fraction_per_layer(masks)
+        pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
+        pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
+        if kept.numel() > 1:
+            pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])

@@ -1,0 +1,102 @@
+"""``python -m adi_lightning {fit,validate,test,predict} --config experiments/X.yaml``.
+
+Model and data classes are fixed, so every switch is a flat key (``--model.mask_threshold``).
+``parser_mode="omegaconf+"`` resolves interpolations after command-line overrides, so a swept
+value reaches every key that interpolates it. Each run gets its own, exclusively created folder
+under ``trainer.default_root_dir``; the config, run info, identifier and grids land there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from adi_lightning.data import ActionTripleDataModule
+from adi_lightning.io import atomic_write_text
+from adi_lightning.module import ADIModule
+
+RUN_DIR_ENV = "ADI_RUN_DIR"
+DEFAULT_ROOT = "outputs"
+
+
+def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
+    """Create a new run folder exclusively (never reuse another run's), and return it.
+
+    DDP child processes (LOCAL_RANK > 0) re-run the command: they join the folder that rank 0
+    created, which it passes down through the environment.
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return Path(inherited)
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"trainer.default_root_dir={str(root)!r} cannot be created: {err.strerror or err}") from err
+    if not os.access(root, os.W_OK):
+        raise PermissionError(f"trainer.default_root_dir={str(root)!r} is not writable")
+    for _ in range(100):
+        run_dir = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{subcommand}-{secrets.token_hex(3)}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        return run_dir
+    raise RuntimeError(f"could not create a fresh run folder under {root}")
+
+
+class RunDirConfigCallback(SaveConfigCallback):
+    """Saves the resolved config atomically into the run's own folder (rank zero only)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+
+
+class ADICLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault("save_config_callback", RunDirConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
+        kwargs.setdefault("auto_configure_optimizers", False)  # the identifier is the only parameter
+        kwargs.setdefault("seed_everything_default", 0)
+        super().__init__(ADIModule, ActionTripleDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.mask_threshold", "data.with_partners", compute_fn=lambda beta: beta < 1.0)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        run_dir = make_run_dir(trainer.default_root_dir or DEFAULT_ROOT, self.subcommand or "run")
+        trainer.default_root_dir = str(run_dir)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", "./"):
+                init_args.save_dir = str(run_dir)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"adi_lightning: run directory {run_dir}", file=sys.stderr)
+
+
+def main(args=None) -> None:
+    """Entry point; known input errors print one clear line instead of a traceback."""
+    from adi_lightning.backbone import BackboneError
+    from adi_lightning.data import DataLayoutError
+
+    known = (BackboneError, DataLayoutError, FileNotFoundError, PermissionError, FloatingPointError, ValueError)
+    try:
+        ADICLI(args=args)
+    except known as err:
+        if os.environ.get("ADI_DEBUG"):
+            raise
+        print(f"adi_lightning: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err

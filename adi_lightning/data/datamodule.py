@@ -1,0 +1,171 @@
+"""``ActionTripleDataModule``: training triples from an action folder, prompt/seed grids for
+validation, test and predict (which need no data folder)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .layout import read_action_folder
+from .triples import ActionTripleDataset, PromptSeedDataset
+
+__all__ = ["DEFAULT_PROMPT_TEMPLATES", "ActionTripleDataModule"]
+
+DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a person {}",
+    "a picture of a person {}",
+    "a photo of one person {}",
+    "a rendering of a person {}",
+    "a cropped photo of a person {}",
+    "a close-up photo of a person {}",
+)
+DEFAULT_VALIDATION_PROMPTS: tuple[str, ...] = ("a photo of a person <A>",)
+DEFAULT_VALIDATION_SEEDS: tuple[int, ...] = (0, 1)
+DEFAULT_PREDICT_PROMPTS: tuple[str, ...] = ("a photo of a person <A>",)
+DEFAULT_PREDICT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
+
+
+def _check_templates(templates: list[str]) -> None:
+    if not templates:
+        raise ValueError("data.prompt_templates must not be empty")
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            raise ValueError(f"data.prompt_templates: each template needs exactly one '{{}}' "
+                             f"where the placeholder goes, got {t!r}")
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"data.prompt_templates: template {t!r} has other braces; "
+                             f"escape them as '{{{{' / '}}}}' ({err})") from err
+
+
+class ActionTripleDataModule(L.LightningDataModule):
+    """Anchor / context-different / action-different triples of one action, plus prompt grids.
+
+    Args:
+        root: Action folder (images + ``metadata.jsonl``). Required for ``fit``; may be None
+            for ``predict``/``validate``/``test``, which only generate from prompts.
+        action: The target action (the ``action`` value in the metadata). Required for ``fit``.
+        resolution: Square training resolution in pixels (512 for SD1.x, 768 for SD2.x-v).
+        action_different: Where action-different partners come from. ``require``: same
+            subject (and pair_id, else context, when the anchor has them) doing another
+            action, as in the paper. ``other_action``: prefer those, else any image of another
+            action (weaker: the partner's appearance differs, so less appearance is masked).
+        batch_size: Triples per training step per device (each triple is 3 images).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        repeats: Passes over the anchors per epoch (epoch length = anchors * repeats).
+        flip_p: Probability of a horizontal flip, one decision for all images of a triple.
+        seed: Seeds the shuffle and, with the item index, each item's partner/flip/template
+            choice, so a run is reproducible.
+        with_partners: Load the two partners with each anchor. Normally linked from the
+            model's masking switch; False gives anchor-only batches (no partner images needed).
+        prompt_templates: Training prompt templates, each with exactly one ``{}`` where the
+            placeholder token goes (the model formats them).
+        validation_prompts: Prompts rendered at validation/test (placeholder spelled as the
+            model's token, e.g. ``<A>``).
+        validation_seeds: Seeds for each validation/test prompt (one image per pair).
+        predict_prompts: Prompts rendered by ``predict``.
+        predict_seeds: Seeds for each predict prompt.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        action: str | None = None,
+        resolution: int = 512,
+        action_different: Literal["require", "other_action"] = "require",
+        batch_size: int = 1,
+        num_workers: int = 0,
+        repeats: int = 100,
+        flip_p: float = 0.5,
+        seed: int = 0,
+        with_partners: bool = True,
+        prompt_templates: list[str] = list(DEFAULT_PROMPT_TEMPLATES),
+        validation_prompts: list[str] = list(DEFAULT_VALIDATION_PROMPTS),
+        validation_seeds: list[int] = list(DEFAULT_VALIDATION_SEEDS),
+        predict_prompts: list[str] = list(DEFAULT_PREDICT_PROMPTS),
+        predict_seeds: list[int] = list(DEFAULT_PREDICT_SEEDS),
+    ) -> None:
+        super().__init__()
+        # Copy every list: the defaults above are shared objects and must never be mutated.
+        prompt_templates = list(prompt_templates)
+        validation_prompts = list(validation_prompts)
+        validation_seeds = [int(s) for s in validation_seeds]
+        predict_prompts = list(predict_prompts)
+        predict_seeds = [int(s) for s in predict_seeds]
+        if not isinstance(resolution, int) or resolution < 8:
+            raise ValueError(f"data.resolution must be an integer >= 8, got {resolution!r}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if repeats < 1:
+            raise ValueError(f"data.repeats must be >= 1, got {repeats}")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"data.flip_p must be in [0, 1], got {flip_p}")
+        if action_different not in ("require", "other_action"):
+            raise ValueError(f"data.action_different must be 'require' or 'other_action', "
+                             f"got {action_different!r}")
+        _check_templates(prompt_templates)
+        self.root = root
+        self.action = action
+        self.resolution = resolution
+        self.action_different = action_different
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.repeats = repeats
+        self.flip_p = float(flip_p)
+        self.seed = int(seed)
+        self.with_partners = bool(with_partners)
+        self.prompt_templates = prompt_templates
+        self.validation_prompts = validation_prompts
+        self.validation_seeds = validation_seeds
+        self.predict_prompts = predict_prompts
+        self.predict_seeds = predict_seeds
+        self.train_dataset: ActionTripleDataset | None = None
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and validate the folder for ``fit`` (all errors surface here, not mid-epoch)."""
+        if stage in ("fit", None) and self.train_dataset is None:
+            if self.root is None:
+                raise ValueError("data.root must be set for fit: the action folder with "
+                                 "images and metadata.jsonl")
+            if self.action is None:
+                raise ValueError("data.action must be set for fit: the action name as written "
+                                 "in metadata.jsonl")
+            records = read_action_folder(self.root)
+            self.train_dataset = ActionTripleDataset(
+                records, action=self.action, resolution=self.resolution,
+                action_different=self.action_different, with_partners=self.with_partners,
+                repeats=self.repeats, flip_p=self.flip_p,
+                prompt_templates=self.prompt_templates, seed=self.seed,
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _prompt_loader(self, prompts: list[str], seeds: list[int]) -> DataLoader:
+        return DataLoader(PromptSeedDataset(prompts, seeds), batch_size=1, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.validation_prompts, self.validation_seeds)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.validation_prompts, self.validation_seeds)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._prompt_loader(self.predict_prompts, self.predict_seeds)

@@ -1,0 +1,185 @@
+"""Reading and validating an action folder (Hugging Face ``imagefolder`` convention).
+
+A folder holds images plus ``metadata.jsonl`` with one JSON object per image::
+
+    {"file_name": "run/001.png", "action": "jumping", "subject": "alice",
+     "context": "beach", "pair_id": "alice-beach", "caption": "..."}
+
+``file_name``, ``action`` and ``subject`` are required non-empty strings; ``context``,
+``pair_id`` and ``caption`` are optional; any other key is ignored. Every malformed case
+raises a single :class:`DataLayoutError` naming the file (and ``metadata.jsonl:<line>``
+where a line is at fault), so a bad folder fails at setup and never mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+METADATA_FILE = "metadata.jsonl"
+REQUIRED_KEYS = ("file_name", "action", "subject")
+OPTIONAL_KEYS = ("context", "pair_id", "caption")
+
+__all__ = [
+    "METADATA_FILE",
+    "DataLayoutError",
+    "ImageRecord",
+    "read_action_folder",
+    "records_of_action",
+    "verify_images",
+]
+
+
+class DataLayoutError(ValueError):
+    """A data folder does not follow the expected layout; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the folder, as described by its ``metadata.jsonl`` line.
+
+    Attributes:
+        file_name: Path relative to the folder, as written in the metadata.
+        path: Absolute path of the image file.
+        action: The action the image shows.
+        subject: Who (or what) performs it; action-different partners share it.
+        context: Optional scene / setting label.
+        pair_id: Optional id grouping images that differ only in the action.
+        caption: Optional free-text caption.
+        line: 1-based line number in ``metadata.jsonl`` (for error messages).
+    """
+
+    file_name: str
+    path: Path
+    action: str
+    subject: str
+    context: str | None
+    pair_id: str | None
+    caption: str | None
+    line: int
+
+    @property
+    def where(self) -> str:
+        """``<metadata path>:<line>``, used as the prefix of error messages."""
+        return f"{self.path_of_metadata}:{self.line}"
+
+    @property
+    def path_of_metadata(self) -> Path:
+        # file_name may contain sub-folders; strip them to reach the folder root.
+        depth = len(PurePosixPath(self.file_name).parts)
+        return self.path.parents[depth - 1] / METADATA_FILE
+
+
+def _optional_str(obj: dict, key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataLayoutError(f"{where}: optional key {key!r} must be a string or null, "
+                              f"got {type(value).__name__} {value!r}")
+    return value if value.strip() else None
+
+
+def _check_file_name(root: Path, file_name: str, where: str) -> tuple[str, Path]:
+    """Normalise ``file_name`` and refuse paths that leave the folder."""
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts:
+        raise DataLayoutError(f"{where}: file_name {file_name!r} must be a relative path "
+                              f"inside the folder {root}")
+    normalised = posix.as_posix()
+    return normalised, root.joinpath(*posix.parts)
+
+
+def read_action_folder(root: str | Path) -> list[ImageRecord]:
+    """Read ``root/metadata.jsonl`` into records, checking structure and that images exist.
+
+    Images are only checked for existence here; decoding is done by :func:`verify_images`
+    on the records that are actually used (so an unused corrupt image does not block a run).
+
+    Args:
+        root: The action folder.
+
+    Returns:
+        One :class:`ImageRecord` per non-blank metadata line, in file order.
+
+    Raises:
+        DataLayoutError: On any layout problem, naming the file and line.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataLayoutError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataLayoutError(f"data folder {root} is not a directory")
+    root = root.resolve()
+    meta = root / METADATA_FILE
+    if not meta.is_file():
+        raise DataLayoutError(f"{meta}: missing; an action folder needs a {METADATA_FILE} with "
+                              f"one JSON object per image (file_name, action, subject)")
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataLayoutError(f"{meta}: cannot be read as UTF-8 text: {err}") from err
+
+    records: list[ImageRecord] = []
+    seen: dict[str, int] = {}
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{meta}:{line_no}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataLayoutError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(obj, dict):
+            raise DataLayoutError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        for key in REQUIRED_KEYS:
+            if key not in obj:
+                raise DataLayoutError(f"{where}: missing required key {key!r} "
+                                      f"(required: {', '.join(REQUIRED_KEYS)})")
+            value = obj[key]
+            if not isinstance(value, str) or not value.strip():
+                raise DataLayoutError(f"{where}: required key {key!r} must be a non-empty "
+                                      f"string, got {value!r}")
+        file_name, path = _check_file_name(root, obj["file_name"], where)
+        if file_name in seen:
+            raise DataLayoutError(f"{where}: duplicate file_name {file_name!r} "
+                                  f"(first listed at {meta}:{seen[file_name]})")
+        seen[file_name] = line_no
+        if not path.is_file():
+            raise DataLayoutError(f"{where}: image file {file_name!r} not found at {path}")
+        records.append(ImageRecord(
+            file_name=file_name, path=path, action=obj["action"], subject=obj["subject"],
+            context=_optional_str(obj, "context", where),
+            pair_id=_optional_str(obj, "pair_id", where),
+            caption=_optional_str(obj, "caption", where),
+            line=line_no,
+        ))
+    if not records:
+        raise DataLayoutError(f"{meta}: no records; add one JSON object per image")
+    return records
+
+
+def records_of_action(records: list[ImageRecord], action: str) -> list[ImageRecord]:
+    """The records of ``action``; raises listing the actions present when there are none."""
+    chosen = [r for r in records if r.action == action]
+    if not chosen:
+        present = sorted({r.action for r in records})
+        where = records[0].path_of_metadata if records else METADATA_FILE
+        raise DataLayoutError(f"{where}: action {action!r} not present; actions in the folder: "
+                              f"{', '.join(repr(a) for a in present) or '(none)'}")
+    return chosen
+
+
+def verify_images(records: Iterable[ImageRecord]) -> None:
+    """Fully decode every image once, so corrupt files fail at setup, not mid-training."""
+    for record in records:
+        try:
+            with Image.open(record.path) as img:
+                img.load()
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, ...)
+            raise DataLayoutError(f"{record.where}: image {record.file_name!r} is unreadable "
+                                  f"or corrupt ({type(err).__name__}: {err})") from err

@@ -1,0 +1,234 @@
+"""LayerwiseIdentifier: the only trainable tensor, and how it enters the text encoder.
+
+``E`` is an fp32 ``[R, D]`` parameter (R = L layer-wise rows, or 1 shared row for Textual
+Inversion). It reaches the frozen CLIP text encoder through :class:`IdentifierTokenEmbedding`,
+which replaces ``embeddings.token_embedding``: ordinary ids read the frozen vocabulary table,
+the placeholder id reads the rows handed in for that call. No vocabulary row can drift and no
+optimizer ever sees the vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from adi_lightning.io import atomic_save_safetensors
+
+FORMAT_NAME = "adi-lightning-identifier"
+FORMAT_VERSION = "1"
+IDENTIFIER_KEY = "identifier"
+LAYER_ROW_KEY = "layer_to_row"
+
+
+class IdentifierTokenEmbedding(nn.Module):
+    """Drop-in for CLIP's ``token_embedding``: frozen rows, plus identifier rows for the placeholder."""
+
+    def __init__(self, base: nn.Embedding, placeholder_id: int):
+        super().__init__()
+        self.base = base
+        self.placeholder_id = placeholder_id
+        self._rows: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @contextmanager
+    def rows(self, per_prompt_rows: torch.Tensor):
+        """Within the block, the placeholder in prompt ``i`` embeds as ``per_prompt_rows[i]``."""
+        previous, self._rows = self._rows, per_prompt_rows
+        try:
+            yield
+        finally:
+            self._rows = previous
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_placeholder = input_ids == self.placeholder_id
+        embeds = self.base(input_ids.masked_fill(is_placeholder, 0))
+        if not bool(is_placeholder.any()):
+            return embeds
+        if self._rows is None:
+            raise RuntimeError(
+                "the identifier placeholder reached the text encoder outside a layer-wise "
+                "encoding call; encode prompts with adi_lightning.conditioning.encode_layerwise"
+            )
+        if self._rows.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{input_ids.shape[0]} prompts but {self._rows.shape[0]} identifier rows")
+        rows = self._rows.to(embeds.dtype)[:, None, :].expand_as(embeds)
+        return torch.where(is_placeholder[..., None], rows, embeds)
+
+
+def token_embedding_owner(text_encoder: nn.Module) -> nn.Module:
+    """The module holding ``token_embedding`` (transformers 5: ``text_encoder.embeddings``).
+
+    Fails loudly if a transformers upgrade moved it, instead of silently training nothing.
+    """
+    for owner in (getattr(text_encoder, "embeddings", None), getattr(getattr(text_encoder, "text_model", None), "embeddings", None)):
+        if owner is not None and isinstance(getattr(owner, "token_embedding", None), (nn.Embedding, IdentifierTokenEmbedding)):
+            return owner
+    raise RuntimeError(
+        f"{type(text_encoder).__name__} has no 'embeddings.token_embedding' nn.Embedding: the "
+        "transformers CLIP text model layout changed; adi_lightning.identifier must be updated"
+    )
+
+
+def install_overlay(text_encoder: nn.Module, placeholder_id: int) -> IdentifierTokenEmbedding:
+    """Replace the text encoder's token embedding by the overlay (idempotent)."""
+    owner = token_embedding_owner(text_encoder)
+    current = owner.token_embedding
+    if isinstance(current, IdentifierTokenEmbedding):
+        current.placeholder_id = placeholder_id
+        return current
+    overlay = IdentifierTokenEmbedding(current, placeholder_id)
+    owner.token_embedding = overlay
+    return overlay
+
+
+def remove_overlay(text_encoder: nn.Module) -> None:
+    owner = token_embedding_owner(text_encoder)
+    if isinstance(owner.token_embedding, IdentifierTokenEmbedding):
+        owner.token_embedding = owner.token_embedding.base
+
+
+def add_placeholder_token(tokenizer, placeholder: str, templates: list[str] = ()) -> int:
+    """Register the placeholder with the tokenizer and return its id.
+
+    The placeholder "already exists" when it is one existing vocabulary token (``photo`` is
+    ``photo</w>``, so ``add_tokens`` would not notice) or a word of the prompt templates.
+    """
+    if not placeholder or placeholder != placeholder.strip() or " " in placeholder:
+        raise ValueError(f"model.placeholder_token must be one word without spaces, got {placeholder!r}")
+    for template in templates:
+        if placeholder in template.replace("{}", " ").split():
+            raise ValueError(
+                f"model.placeholder_token {placeholder!r} is a word of the prompt template {template!r}"
+            )
+    vocab = tokenizer.get_vocab()
+    if placeholder in vocab:
+        if placeholder in tokenizer.get_added_vocab():
+            return vocab[placeholder]
+        raise ValueError(f"model.placeholder_token {placeholder!r} is already in the tokenizer's vocabulary")
+    pieces = tokenizer.tokenize(placeholder)
+    if len(pieces) == 1 and pieces[0] in vocab:
+        raise ValueError(
+            f"model.placeholder_token {placeholder!r} already exists in the vocabulary as "
+            f"{pieces[0]!r}; choose a string such as '<{placeholder}>'"
+        )
+    tokenizer.add_tokens([placeholder])
+    return tokenizer.convert_tokens_to_ids(placeholder)
+
+
+def initializer_embedding(tokenizer, token_embedding: nn.Module, word: str) -> torch.Tensor:
+    """The frozen embedding of a single-token initializer word, in fp32."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(
+            f"model.initializer_token {word!r} must be a single token, but the tokenizer splits it "
+            f"into {len(ids)}: {pieces}"
+        )
+    return token_embedding.weight[ids[0]].detach().float().clone()
+
+
+class LayerwiseIdentifier(nn.Module):
+    """The ``[R, D]`` fp32 identifier table, with the ``attn2`` path of each layer it feeds.
+
+    ``layer_paths`` are the L cross-attention module paths in UNet order; with ``layerwise``
+    each path has its own row (R = L), otherwise all paths share row 0 (R = 1, Textual Inversion).
+    """
+
+    def __init__(self, init: torch.Tensor, layer_paths: list[str], layerwise: bool = True):
+        super().__init__()
+        rows = len(layer_paths) if layerwise else 1
+        self.layer_paths = list(layer_paths)
+        self.layerwise = layerwise
+        self.embedding = nn.Parameter(init.detach().float().reshape(1, -1).repeat(rows, 1).contiguous())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_paths)
+
+    @property
+    def num_rows(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embedding.shape[1]
+
+    def layer_to_row(self) -> torch.Tensor:
+        if self.layerwise:
+            return torch.arange(self.num_layers, dtype=torch.int64)
+        return torch.zeros(self.num_layers, dtype=torch.int64)
+
+    def save(self, path: str | Path, metadata: dict[str, str]) -> Path:
+        """Write the table atomically as safetensors, with the row paths and provenance.
+
+        A second tensor (``layer_to_row``) makes diffusers' ``load_textual_inversion`` refuse the
+        file instead of silently loading L vectors as one token.
+        """
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "num_layers": str(self.num_layers),
+            "num_rows": str(self.num_rows),
+            "dim": str(self.dim),
+            "layerwise": json.dumps(self.layerwise),
+            "layer_paths": json.dumps(self.layer_paths),
+            **{k: str(v) for k, v in metadata.items()},
+        }
+        tensors = {
+            IDENTIFIER_KEY: self.embedding.detach().float().cpu().contiguous(),
+            LAYER_ROW_KEY: self.layer_to_row(),
+        }
+        if not torch.isfinite(tensors[IDENTIFIER_KEY]).all():
+            raise FloatingPointError(f"refusing to write a non-finite identifier to {path}")
+        return atomic_save_safetensors(tensors, path, meta)
+
+
+def read_identifier(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read an identifier file: ``(table [R, D] fp32, metadata)``, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"identifier file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            keys = set(handle.keys())
+            if meta.get("format") != FORMAT_NAME or IDENTIFIER_KEY not in keys:
+                raise ValueError(f"{path} is not an adi-lightning identifier file (format={meta.get('format')!r})")
+            table = handle.get_tensor(IDENTIFIER_KEY).float()
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"cannot read identifier file {path}: {err}") from err
+    return table, meta
+
+
+def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str], layer_paths: list[str], dim: int) -> torch.Tensor:
+    """Order a saved table for a pipeline, mapping rows by ``attn2`` module path.
+
+    Refuses a pipeline whose cross-attention paths or text width differ from the file's.
+    """
+    saved_paths = json.loads(meta.get("layer_paths", "[]"))
+    if table.shape[1] != dim:
+        raise ValueError(
+            f"identifier {path} has D={table.shape[1]} but the pipeline's text encoder width is {dim} "
+            "(an identifier learned on SD 1.x (768) does not fit SD 2.x (1024) and vice versa)"
+        )
+    if sorted(saved_paths) != sorted(layer_paths):
+        raise ValueError(
+            f"identifier {path} was learned for {len(saved_paths)} cross-attention layers that do "
+            f"not match this pipeline's {len(layer_paths)} ('attn2' module paths differ)"
+        )
+    if table.shape[0] not in (1, len(saved_paths)):
+        raise ValueError(f"identifier {path} has {table.shape[0]} rows for {len(saved_paths)} layers")
+    if table.shape[0] == 1:
+        return table
+    index = {p: i for i, p in enumerate(saved_paths)}
+    return table[[index[p] for p in layer_paths]]

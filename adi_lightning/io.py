@@ -1,0 +1,93 @@
+"""Atomic output files: write to a temp file beside the target, fsync, then rename.
+
+A crash or kill mid-write leaves either the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: str | Path):
+    """Yield a temp path in the target's folder; on success rename it over ``target``."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise OSError(f"cannot write {target}: {err.strerror or err}") from err
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(target: str | Path, text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def atomic_write_json(target: str | Path, data: Any) -> Path:
+    return atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_safetensors(tensors: dict, target: str | Path, metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(target)
+
+
+def atomic_save_image(image, target: str | Path) -> Path:
+    """Save a PIL image; the format comes from the target's suffix."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        image.save(tmp, format=target.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    return target
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, for provenance."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("adi-lightning", "torch", "lightning", "diffusers", "transformers", "safetensors")
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_revision(path: str | Path | None = None) -> str:
+    """The source tree's git revision (with ``-dirty``), or ``unknown`` outside a checkout."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")

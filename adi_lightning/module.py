@@ -1,0 +1,348 @@
+"""ADIModule: frozen Stable Diffusion + the trainable layer-wise identifier.
+
+The module owns the loss; :class:`~adi_lightning.callbacks.GradientMaskCallback` owns the
+masking and :class:`~adi_lightning.callbacks.ImageGridCallback` the image grids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from adi_lightning import backbone as bb
+from adi_lightning.conditioning import cross_attention_layers, encode_layerwise, encode_plain, install_layerwise_processors, tokenize
+from adi_lightning.identifier import (
+    LayerwiseIdentifier,
+    add_placeholder_token,
+    initializer_embedding,
+    install_overlay,
+    read_identifier,
+    rows_for_layers,
+    token_embedding_owner,
+)
+from adi_lightning.data.triples import triple_key
+from adi_lightning.io import atomic_write_json, git_revision, package_versions
+from adi_lightning.masking import MASK_COMBINES, UPDATE_FROMS, MaskCombine, UpdateFrom, check_threshold
+
+log = logging.getLogger(__name__)
+IDENTIFIER_FILE = "identifier.safetensors"
+
+
+class ADIModule(L.LightningModule):
+    """Learn an action identifier ``<A>`` with ADI (layer-wise tokens + gradient masking).
+
+    Args:
+        pretrained_model_name_or_path: A local diffusers Stable Diffusion pipeline folder or a
+            hub id (hub ids need the weights in the local cache when offline).
+        placeholder_token: The identifier string used in prompts; must not already exist in the
+            vocabulary nor be a word of the prompt templates.
+        initializer_token: A single-token word every identifier row starts from.
+        layerwise: One row per cross-attention layer (P+ / ADI). False: one shared row for all
+            layers, i.e. Textual Inversion.
+        mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test.
+            1.0 turns masking off (then only the target action's images are needed).
+        mask_combine: How the context test and the action test combine into the mask.
+        update_from: Whose gradient passes through the mask: the anchor's, or the mean of the
+            anchor's and the context-different sample's.
+        learning_rate: AdamW learning rate of the identifier.
+        weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
+        timestep_sampling: ``uniform`` over the training timesteps, or ``importance`` (favours
+            large t, where layout and pose form; ReVersion-style 1 - 0.5 cos(pi t / T)).
+        weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
+            identifier and its gradients stay fp32.
+        variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
+        revision: Hub revision of the pipeline.
+        local_files_only: Never reach a hub; None follows ``HF_HUB_OFFLINE``.
+        identifier_path: An identifier file to start from (fit) or to use (validate/test/predict).
+        guidance_scale: Classifier-free guidance for generated images.
+        num_inference_steps: Denoising steps for generated images.
+        image_size: Side of generated images in pixels; None = the UNet's native size.
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str,
+        placeholder_token: str = "<A>",
+        initializer_token: str = "person",
+        layerwise: bool = True,
+        mask_threshold: float = 0.5,
+        mask_combine: MaskCombine = "and",
+        update_from: UpdateFrom = "anchor",
+        learning_rate: float = 5e-3,
+        weight_decay: float = 0.0,
+        timestep_sampling: Literal["uniform", "importance"] = "uniform",
+        weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        variant: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        identifier_path: str | None = None,
+        guidance_scale: float = 7.5,
+        num_inference_steps: int = 50,
+        image_size: int | None = None,
+    ):
+        super().__init__()
+        check_threshold(mask_threshold)
+        if mask_combine not in MASK_COMBINES:
+            raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
+        if update_from not in UPDATE_FROMS:
+            raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
+        if timestep_sampling not in ("uniform", "importance"):
+            raise ValueError(f"model.timestep_sampling must be uniform or importance, got {timestep_sampling!r}")
+        if not learning_rate > 0 or weight_decay < 0:
+            raise ValueError("model.learning_rate must be > 0 and model.weight_decay >= 0")
+        if num_inference_steps < 1:
+            raise ValueError("model.num_inference_steps must be >= 1")
+        self.save_hyperparameters()
+        self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
+
+        pipe = bb.load_pipeline(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
+        self.info = bb.describe_pipeline(pipe, pretrained_model_name_or_path)
+        log.info(self.info.describe())
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.vae = pipe.vae
+        self.unet = pipe.unet
+        self.inference_scheduler = pipe.scheduler
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+        self.placeholder_id = add_placeholder_token(self.tokenizer, placeholder_token)
+        install_overlay(self.text_encoder, self.placeholder_id)
+        install_layerwise_processors(self.unet)
+        layer_paths = list(cross_attention_layers(self.unet))
+        init = initializer_embedding(self.tokenizer, self.overlay.base, initializer_token)
+        self.identifier = LayerwiseIdentifier(init, layer_paths, layerwise)
+        if identifier_path:
+            self.load_identifier(identifier_path)
+        self._role_grads: list[torch.Tensor] = []
+        self._pipeline = None
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def overlay(self):
+        """The identifier overlay inside the text encoder (not registered twice as a submodule)."""
+        return token_embedding_owner(self.text_encoder).token_embedding
+
+    @property
+    def masking_enabled(self) -> bool:
+        return self.hparams.mask_threshold < 1.0
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's own output folder (the CLI makes ``trainer.default_root_dir`` unique)."""
+        return Path(self.trainer.default_root_dir)
+
+    def train(self, mode: bool = True):
+        """Lightning calls ``train()`` on the whole module; the backbone must stay in eval mode."""
+        super().train(mode)
+        for part in (self.unet, self.vae, self.text_encoder):
+            part.eval()
+        return self
+
+    def configure_callbacks(self):
+        from adi_lightning.callbacks import GradientMaskCallback, ImageGridCallback
+
+        return [GradientMaskCallback(), ImageGridCallback()]
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        templates = list(getattr(datamodule, "prompt_templates", []) or [])
+        add_placeholder_token(self.tokenizer, self.hparams.placeholder_token, templates)
+        if stage == "fit" and datamodule is not None and getattr(datamodule, "with_partners", self.masking_enabled) != self.masking_enabled:
+            raise ValueError(
+                f"data.with_partners={datamodule.with_partners} but model.mask_threshold="
+                f"{self.hparams.mask_threshold} (masking {'on' if self.masking_enabled else 'off'}): "
+                "masking needs triples, and only masking needs them"
+            )
+        if self.trainer.is_global_zero:
+            atomic_write_json(self.run_dir / "run_info.json", {
+                "stage": stage,
+                "backbone": vars(self.info),
+                "identifier": {"rows": self.identifier.num_rows, "dim": self.identifier.dim,
+                               "layer_paths": self.identifier.layer_paths},
+                "packages": package_versions(),
+                "git_revision": git_revision(),
+            })
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            [self.identifier.embedding], lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+
+    # ------------------------------------------------------------- identifier
+    def identifier_metadata(self) -> dict[str, str]:
+        return {
+            "placeholder_token": self.hparams.placeholder_token,
+            "initializer_token": self.hparams.initializer_token,
+            "base_model": self.hparams.pretrained_model_name_or_path,
+            "mask_threshold": str(self.hparams.mask_threshold),
+            "mask_combine": self.hparams.mask_combine,
+            "global_step": str(self.global_step if self._trainer else 0),
+            "package_versions": json.dumps(package_versions()),
+            "git_revision": git_revision(),
+        }
+
+    def save_identifier(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path else self.run_dir / IDENTIFIER_FILE
+        return self.identifier.save(path, self.identifier_metadata())
+
+    def load_identifier(self, path: str | Path) -> None:
+        table, meta = read_identifier(path)
+        rows = rows_for_layers(path, table, meta, self.identifier.layer_paths, self.identifier.dim)
+        if rows.shape[0] != self.identifier.num_rows:
+            raise ValueError(
+                f"identifier {path} has {rows.shape[0]} rows but model.layerwise="
+                f"{self.hparams.layerwise} needs {self.identifier.num_rows}"
+            )
+        with torch.no_grad():
+            self.identifier.embedding.copy_(rows)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("identifier.")}
+        checkpoint["adi_identifier"] = {"layer_paths": self.identifier.layer_paths, "rows": self.identifier.num_rows}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
+        if saved is not None and saved != self.identifier.layer_paths:
+            raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            path = self.save_identifier()
+            log.info("identifier written to %s", path)
+
+    # ---------------------------------------------------------------- training
+    def _sample_timesteps(self, generator: torch.Generator) -> torch.Tensor:
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if self.hparams.timestep_sampling == "uniform":
+            return torch.randint(0, steps, (1,), generator=generator)
+        t = torch.arange(steps, dtype=torch.float64)
+        weights = 1.0 - 0.5 * torch.cos(math.pi * t / steps)
+        return torch.multinomial(weights, 1, generator=generator)
+
+    def _record_role_grads(self, batch_size: int, roles: int):
+        """Tensor hook on the per-sample identifier view: one gradient per sample, exactly."""
+        samples = batch_size * roles
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
+
+        def hook(grad: torch.Tensor) -> None:
+            # Undo the loss mean (1/samples) and Lightning's 1/accumulate; AMP scale is the callback's.
+            self._role_grads.append(grad.detach().float().reshape(batch_size, roles, *grad.shape[1:]) * (samples * accumulate))
+
+        return hook
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pixels = batch["pixel_values"]
+        batch_size, roles = pixels.shape[:2]
+        if self.masking_enabled and roles != 3:
+            raise ValueError(f"masking needs (anchor, context, action) triples, got {roles} images per item")
+        samples = batch_size * roles
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.flatten(0, 1).to(self.vae.dtype)).latent_dist.mode()
+            latents = latents.float() * self.vae.config.scaling_factor
+        noise, timesteps = [], []
+        for key in batch["key"].tolist():
+            gen = torch.Generator().manual_seed(triple_key(key, self.global_step))
+            timesteps.append(self._sample_timesteps(gen).repeat(roles))
+            noise.append(torch.randn((1, *latents.shape[1:]), generator=gen).repeat(roles, 1, 1, 1))
+        noise = torch.cat(noise).to(latents)
+        timesteps = torch.cat(timesteps).to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        prompts = [t.format(self.hparams.placeholder_token) for t in batch["template"] for _ in range(roles)]
+        ids = tokenize(self.tokenizer, prompts, latents.device)
+        table = self.identifier.embedding
+        per_sample = table.unsqueeze(0).expand(samples, *table.shape)
+        if self.masking_enabled and torch.is_grad_enabled():
+            per_sample.register_hook(self._record_role_grads(batch_size, roles))
+        context = encode_layerwise(self.text_encoder, self.overlay, ids, per_sample, self.identifier.num_layers)
+        pred = self.unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype)).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample_loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = per_sample_loss.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; the last "
+                "identifier file written is kept and no non-finite identifier is saved"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        by_role = per_sample_loss.detach().reshape(batch_size, roles).mean(0)
+        for name, value in zip(("anchor", "context", "action"), by_role):
+            self.log(f"train/loss_{name}", value, batch_size=batch_size)
+        return loss
+
+    def pop_role_grads(self) -> torch.Tensor | None:
+        """Per-triple role gradients recorded since the last optimizer step: ``[N, 3, R, D]``."""
+        if not self._role_grads:
+            return None
+        grads, self._role_grads = torch.cat(self._role_grads), []
+        return grads
+
+    # -------------------------------------------------------------- generation
+    @property
+    def generation_size(self) -> int:
+        if self.hparams.image_size:
+            return self.hparams.image_size
+        return self.unet.config.sample_size * self.info.vae_scale_factor
+
+    def pipeline(self):
+        """The stock diffusers pipeline over this module's components."""
+        if self._pipeline is None:
+            from diffusers import StableDiffusionPipeline
+
+            self._pipeline = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=self.inference_scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    @torch.no_grad()
+    def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``, for the stock pipeline."""
+        ids = tokenize(self.tokenizer, prompts, self.device)
+        table = self.identifier.embedding
+        rows = table.unsqueeze(0).expand(len(prompts), *table.shape)
+        embeds = encode_layerwise(self.text_encoder, self.overlay, ids, rows, self.identifier.num_layers)
+        negative = encode_plain(self.text_encoder, tokenize(self.tokenizer, [""] * len(prompts), self.device), self.identifier.num_layers)
+        return embeds.to(self.unet.dtype), negative.to(self.unet.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int]):
+        """One seeded image per (prompt, seed) through the stock ``StableDiffusionPipeline``."""
+        embeds, negative = self.prompt_embeddings(prompts)
+        images = []
+        for i, seed in enumerate(seeds):
+            generator = torch.Generator(self.device).manual_seed(int(seed))
+            out = self.pipeline()(
+                prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
+                num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale,
+                height=self.generation_size, width=self.generation_size, generator=generator, output_type="pil",
+            )
+            images.append(out.images[0])
+        return images
+
+    def _generation_step(self, batch: dict) -> dict:
+        prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
+        return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds)}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._generation_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return self._generation_step(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return self._generation_step(batch)
