@@ -239,7 +239,14 @@ class ADIModule(L.LightningModule):
 
         return hook
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, per-sample losses [B*R])`` for a batch of triples (R = 3) or anchors (R = 1).
+
+        All members of a triple share one prompt, timestep and noise tensor, drawn from a
+        generator keyed by (triple key, global step): only the image differs, and results do
+        not depend on how triples are spread over ranks. With masking on, a hook on the
+        per-sample view of the identifier records every sample's gradient in this one backward.
+        """
         pixels = batch["pixel_values"]
         batch_size, roles = pixels.shape[:2]
         if self.masking_enabled and roles != 3:
@@ -270,7 +277,11 @@ class ADIModule(L.LightningModule):
         else:
             target = noise
         per_sample_loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = per_sample_loss.mean()
+        return per_sample_loss.mean(), per_sample_loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, per_sample_loss = self.compute_loss(batch)
+        batch_size, roles = batch["pixel_values"].shape[:2]
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at global step {self.global_step}; the last "

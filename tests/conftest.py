@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny SD pipeline and action folder, built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``<tmp>/pipeline`` (16 attn2 layers, D=32, 32 px) and ``<tmp>/data`` (3 actions x 4 subjects)."""
+    from adi_lightning.tiny import build_tiny_action_folder, build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_pipeline(root / "pipeline")
+    build_tiny_action_folder(root / "data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_dir):
+    return str(tiny_dir / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_dir):
+    return str(tiny_dir / "data")
+
+
+@pytest.fixture()
+def make_module(tiny_pipeline):
+    """Build an ADIModule on the tiny pipeline with keyword overrides."""
+    from adi_lightning.module import ADIModule
+
+    def make(**overrides):
+        kwargs = dict(pretrained_model_name_or_path=tiny_pipeline, num_inference_steps=2, guidance_scale=2.0)
+        kwargs.update(overrides)
+        return ADIModule(**kwargs)
+
+    return make

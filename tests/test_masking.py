@@ -1,0 +1,86 @@
+"""The mask math on hand-made gradients whose invariant channels are known."""
+
+import pytest
+import torch
+
+from adi_lightning.masking import channel_mask, check_threshold, kept_fraction_per_layer, masked_update
+
+D = 8
+# Channels 0-3: the gradient survives a context change (action channels).
+# Channels 2-5: the gradient survives an action change (context channels).
+G_A = torch.arange(1.0, D + 1).reshape(1, D)
+G_C = G_A + torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 6.0, 7.0, 8.0]])
+G_D = G_A + torch.tensor([[9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 7.0, 6.0]])
+
+
+def as_set(mask: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(mask[0]).flatten().tolist())
+
+
+def test_each_combine_mode_keeps_the_expected_channels():
+    # beta = 0.5: keep_c = the 4 smallest |g_a - g_c| = {0,1,2,3};
+    # keep_d = the 4 largest |g_a - g_d| = {0,1,6,7} (context channels 2-5 are blocked).
+    assert as_set(channel_mask(G_A, G_C, G_D, 0.5, "context_only")) == {0, 1, 2, 3}
+    assert as_set(channel_mask(G_A, G_C, G_D, 0.5, "action_only")) == {0, 1, 6, 7}
+    assert as_set(channel_mask(G_A, G_C, G_D, 0.5, "and")) == {0, 1}
+    assert as_set(channel_mask(G_A, G_C, G_D, 0.5, "or")) == {0, 1, 2, 3, 6, 7}
+
+
+def test_threshold_one_keeps_every_channel():
+    for combine in ("and", "or", "context_only", "action_only"):
+        assert channel_mask(G_A, G_C, G_D, 1.0, combine).all()
+
+
+def test_quantiles_are_per_row():
+    # Row 1 is row 0 scaled by 1000: a global quantile would keep only row 0's channels.
+    g_a = torch.cat([G_A, G_A * 1000])
+    g_c = torch.cat([G_C, G_C * 1000])
+    g_d = torch.cat([G_D, G_D * 1000])
+    mask = channel_mask(g_a, g_c, g_d, 0.5, "and")
+    assert torch.equal(mask[0], mask[1])
+    assert mask.sum(-1).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01, float("nan"), "0.5", True])
+def test_threshold_out_of_range_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="mask_threshold"):
+        check_threshold(bad)
+    with pytest.raises(ValueError, match="mask_threshold"):
+        channel_mask(G_A, G_C, G_D, bad)
+
+
+def test_unknown_combine_and_update_from_are_errors():
+    grads = torch.stack([G_A, G_C, G_D]).unsqueeze(0)
+    with pytest.raises(ValueError, match="mask_combine"):
+        masked_update(grads, 0.5, "xor")
+    with pytest.raises(ValueError, match="update_from"):
+        masked_update(grads, 0.5, "and", "context")
+
+
+def test_update_is_the_mean_of_masked_anchor_gradients_per_triple():
+    # Two triples with different invariant channels: each gets its own mask.
+    t1 = torch.stack([G_A, G_C, G_D])  # [3, 1, D]
+    t2 = torch.stack([G_A.flip(-1), G_C.flip(-1), G_D.flip(-1)])
+    update, masks = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor")
+    assert as_set(masks[0]) == {0, 1}
+    assert as_set(masks[1]) == {6, 7}
+    expected = (G_A * masks[0] + G_A.flip(-1) * masks[1]) / 2
+    assert torch.equal(update, expected)
+
+    update_ac, _ = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor_and_context")
+    expected_ac = (0.5 * (G_A + G_C) * masks[0] + 0.5 * (G_A + G_C).flip(-1) * masks[1]) / 2
+    assert torch.allclose(update_ac, expected_ac)
+
+
+def test_masking_off_is_the_plain_mean_gradient():
+    grads = torch.randn(4, 3, 5, D)
+    update, masks = masked_update(grads, 1.0)
+    assert masks.all()
+    assert torch.allclose(update, grads[:, 0].mean(0))
+
+
+def test_kept_fraction_per_layer():
+    masks = torch.zeros(2, 3, 4, dtype=torch.bool)
+    masks[0, 1, :2] = True
+    masks[1, 1, :] = True
+    assert kept_fraction_per_layer(masks).tolist() == [0.0, 0.75, 0.0]
