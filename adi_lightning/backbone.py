@@ -91,7 +91,7 @@ def load_pipeline(
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     kwargs = dict(
-        torch_dtype=resolve_dtype(weight_dtype),
+        dtype=resolve_dtype(weight_dtype),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -8,10 +8,12 @@ under ``trainer.default_root_dir``; the config, run info, identifier and grids l
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -87,8 +89,18 @@ class ADICLI(LightningCLI):
             print(f"adi_lightning: run directory {run_dir}", file=sys.stderr)
 
 
+class _DropTorchvisionNotice(logging.Filter):
+    """transformers warns on import that torchvision is missing; we never use its image processors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
 def main(args=None) -> None:
     """Entry point; known input errors print one clear line instead of a traceback."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
+    # The frozen backbone is in eval mode on purpose (ADIModule.train keeps it there).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     from adi_lightning.backbone import BackboneError
     from adi_lightning.data import DataLayoutError
 

@@ -1,0 +1,305 @@
+"""End to end through the real CLI entry point (``adi_lightning.cli.main``), in-process.
+
+Every run uses the session's tiny pipeline and action folder and its own ``default_root_dir``;
+one fit is shared (module fixture) by the tests that only read its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adi_lightning.cli import ADICLI, RUN_DIR_ENV, main
+from adi_lightning.identifier import read_identifier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny.yaml"
+FIT_STEPS = 4
+RESUME_STEPS = 6
+PIXELS = 32  # the tiny pipeline's native image size
+IDENTIFIER = "identifier.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    # make_run_dir exports the run folder for DDP children; keep that out of other tests.
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv("ADI_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["adi_lightning"])  # LightningCLI warns when args and argv both exist
+
+
+def base_args(pipeline: str, root: Path, data_root: str | None) -> list[str]:
+    return [
+        "--config", str(TINY),
+        f"--model.pretrained_model_name_or_path={pipeline}",
+        f"--data.root={data_root if data_root is not None else 'null'}",
+        f"--trainer.default_root_dir={root}",
+        "--model.num_inference_steps=2",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def fit_args(pipeline: str, root: Path, data_root: str | None, steps: int = FIT_STEPS) -> list[str]:
+    return ["fit", *base_args(pipeline, root, data_root),
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={FIT_STEPS}",
+            "--trainer.callbacks.every_n_train_steps=2",
+            "--trainer.log_every_n_steps=1"]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def only_new_run(root: Path, before: list[Path]) -> Path:
+    new = [p for p in run_dirs(root) if p not in before]
+    assert len(new) == 1, f"expected exactly one new run folder under {root}, got {new}"
+    return new[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """``relative path -> (mtime_ns, sha256)`` of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def one(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {folder}, got {found}"
+    return found[0]
+
+
+def training_steps(run: Path) -> list[int]:
+    rows = []
+    for metrics in run.rglob("metrics.csv"):
+        with open(metrics, newline="") as handle:
+            rows += [int(r["step"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def first_fit(tiny_pipeline, tiny_data, tmp_path_factory):
+    """One short masked fit, shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("fit_root")
+    saved = os.environ.pop(RUN_DIR_ENV, None)
+    try:
+        main(args=fit_args(tiny_pipeline, root, tiny_data))
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+        if saved is not None:
+            os.environ[RUN_DIR_ENV] = saved
+    runs = run_dirs(root)
+    assert len(runs) == 1, f"fit must create exactly one run folder, got {runs}"
+    return root, runs[0]
+
+
+# ------------------------------------------------------------------------------------------- fit
+def test_fit_writes_one_run_folder_with_all_outputs(first_fit, make_module, tiny_pipeline):
+    root, run = first_fit
+    for name in (IDENTIFIER, "config.yaml", "run_info.json"):
+        assert (run / name).is_file(), f"{name} missing from {run}"
+    assert list(run.rglob("*.ckpt")), "no checkpoint written"
+    assert list((run / "images").glob("validation_step*.png")), "no validation grid written"
+
+    table, meta = read_identifier(run / IDENTIFIER)
+    assert tuple(table.shape) == (16, 32)
+    assert torch.isfinite(table).all()
+    for key in ("format", "layer_paths", "placeholder_token", "base_model", "git_revision", "package_versions"):
+        assert meta.get(key), f"identifier metadata lacks {key!r}: {sorted(meta)}"
+    assert len(json.loads(meta["layer_paths"])) == 16
+    assert meta["placeholder_token"] == "<A>"
+    assert meta["base_model"] == tiny_pipeline
+    assert json.loads(meta["package_versions"])["torch"] == torch.__version__
+    assert meta["global_step"] == str(FIT_STEPS)
+
+    init = make_module().identifier.embedding.detach()
+    assert init.shape == table.shape
+    assert not torch.allclose(table, init), "training did not move the identifier"
+    assert (table - init).abs().amax(dim=1).gt(0).all(), "some layer's row never moved"
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["pretrained_model_name_or_path"] == tiny_pipeline
+    assert config["trainer"]["max_steps"] == FIT_STEPS
+    assert Path(config["trainer"]["default_root_dir"]) == run
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["stage"] == "fit"
+    assert info["identifier"]["rows"] == 16 and info["identifier"]["dim"] == 32
+
+
+def test_second_fit_gets_its_own_folder_and_leaves_the_first_alone(first_fit, tiny_pipeline, tiny_data):
+    root, run = first_fit
+    before_files = snapshot(run)
+    before_runs = run_dirs(root)
+    main(args=fit_args(tiny_pipeline, root, tiny_data, steps=2))
+    second = only_new_run(root, before_runs)
+    assert second != run
+    assert (second / IDENTIFIER).is_file()
+    assert snapshot(run) == before_files, "the second fit touched the first run's files"
+
+
+def test_checkpoint_holds_only_the_identifier(first_fit):
+    _, run = first_fit
+    last = one(run, "**/last.ckpt")
+    assert last.stat().st_size < 200_000, f"{last} is {last.stat().st_size} bytes: backbone weights saved?"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(k.startswith("identifier.") for k in keys), keys
+    assert ckpt["global_step"] == FIT_STEPS
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(first_fit, tiny_pipeline, tiny_data, tmp_path):
+    _, run = first_fit
+    last = one(run, "**/last.ckpt")
+    main(args=[*fit_args(tiny_pipeline, tmp_path, tiny_data, steps=RESUME_STEPS), f"--ckpt_path={last}"])
+    resumed = only_new_run(tmp_path, [])
+    _, meta = read_identifier(resumed / IDENTIFIER)
+    assert meta["global_step"] == str(RESUME_STEPS)
+    steps = training_steps(resumed)
+    assert steps, "the resumed run logged no training loss"
+    assert min(steps) >= FIT_STEPS - 1 and max(steps) <= RESUME_STEPS, steps  # CSV steps are 0-based
+    assert len(steps) == RESUME_STEPS - FIT_STEPS, steps
+    ckpt = torch.load(one(resumed, "**/last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == RESUME_STEPS
+
+
+# ----------------------------------------------------------------------------- generation stages
+def generate(subcommand: str, identifier: Path, pipeline: str, root: Path) -> Path:
+    before = run_dirs(root)
+    main(args=[subcommand, *base_args(pipeline, root, None), f"--model.identifier_path={identifier}"])
+    run = only_new_run(root, before)
+    assert not (run / IDENTIFIER).exists(), f"{subcommand} must not write an identifier"
+    return run
+
+
+def test_predict_writes_seeded_grids_and_images(first_fit, tiny_pipeline, tmp_path):
+    _, run = first_fit
+    config = yaml.safe_load(TINY.read_text())
+    data = yaml.safe_load((TINY.parent / config["data"]).read_text())
+    prompts, seeds = data["predict_prompts"], data["predict_seeds"]
+
+    grids = []
+    for _ in range(2):
+        out = generate("predict", run / IDENTIFIER, tiny_pipeline, tmp_path)
+        grid = one(out / "images", "predict_step*.png")
+        with Image.open(grid) as img:
+            assert img.size == (len(seeds) * PIXELS, len(prompts) * PIXELS)
+        sidecar = json.loads(grid.with_suffix(".json").read_text())
+        assert sidecar["rows_prompts"] == prompts and sidecar["columns_seeds"] == seeds
+        singles = sorted((out / "images" / "predict").glob("*.png"))
+        assert len(singles) == len(prompts) * len(seeds)
+        with Image.open(singles[0]) as img:
+            assert img.size == (PIXELS, PIXELS)
+        grids.append(pixels(grid))
+    assert len(run_dirs(tmp_path)) == 2
+    np.testing.assert_array_equal(grids[0], grids[1], err_msg="same seeds must give the same pixels")
+    assert grids[0].std() > 0, "blank grid"
+
+
+@pytest.mark.parametrize("subcommand, stage", [("validate", "validation"), ("test", "test")])
+def test_validate_and_test_write_grids(first_fit, tiny_pipeline, tmp_path, subcommand, stage):
+    _, run = first_fit
+    out = generate(subcommand, run / IDENTIFIER, tiny_pipeline, tmp_path)
+    grid = one(out / "images", f"{stage}_step*.png")
+    with Image.open(grid) as img:
+        assert img.size == (2 * PIXELS, 2 * PIXELS)  # tiny.yaml: 2 validation prompts x 2 seeds
+    assert (out / "config.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------ error paths
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("--model.pretrained_model_name_or_path={tmp}/no_such_pipeline", "model.pretrained_model_name_or_path"),
+        ("--model.mask_threshold=1.5", "mask_threshold"),
+        ("--model.placeholder_token=photo", "model.placeholder_token 'photo' already exists"),
+        ("--data.root=null", "data.root"),
+    ],
+    ids=["unknown_model", "mask_threshold", "placeholder_in_vocab", "no_data_root"],
+)
+def test_input_errors_exit_with_a_message_naming_the_key(override, expected, tiny_pipeline, tiny_data, tmp_path, capsys):
+    root = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exc:
+        main(args=[*fit_args(tiny_pipeline, root, tiny_data), override.format(tmp=tmp_path)])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert expected in err, err[-2000:]
+    assert "Traceback" not in err
+    assert not list(tmp_path.rglob(IDENTIFIER)), "a failed run wrote an identifier"
+    assert not list(tmp_path.rglob("*.ckpt")), "a failed run wrote a checkpoint"
+
+
+# ------------------------------------------------------------------- linked keys, P+ without partners
+def print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        main(args=[*args, "--print_config"])
+    assert exc.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_mask_threshold_one_links_with_partners_off(tiny_pipeline, tiny_data, tmp_path, capsys):
+    args = base_args(tiny_pipeline, tmp_path, tiny_data)
+    printed = print_config(["fit", *args, "--model.mask_threshold=1.0"], capsys)
+    assert printed["model"]["mask_threshold"] == 1.0
+    # jsonargparse strips link targets from every dump: the link is not a settable key.
+    assert "with_partners" not in printed["data"]
+    for beta, partners in ((1.0, False), (0.5, True)):
+        cli = ADICLI(args=[*args, f"--model.mask_threshold={beta}"], run=False)
+        assert cli.datamodule.with_partners is partners
+        assert cli.model.masking_enabled is partners
+
+
+def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_path):
+    source = Path(tiny_data)
+    only = tmp_path / "jumping_only"
+    only.mkdir()
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["action"] == "jumping"]
+    assert 0 < len(kept) < len(rows)
+    for row in kept:
+        (only / row["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / row["file_name"], only / row["file_name"])
+    (only / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    root = tmp_path / "runs"
+    main(args=[*fit_args(tiny_pipeline, root, str(only), steps=2), "--model.mask_threshold=1.0"])
+    run = only_new_run(root, [])
+    table, meta = read_identifier(run / IDENTIFIER)
+    assert meta["mask_threshold"] == "1.0" and meta["global_step"] == "2"
+    assert torch.isfinite(table).all()
+
+
+# ------------------------------------------------------------------------ omegaconf+ interpolation
+def test_command_line_override_reaches_interpolated_keys(tiny_pipeline, tiny_data, tmp_path, capsys):
+    config = tmp_path / "interp.yaml"
+    config.write_text(
+        f"trainer: {REPO / 'configs' / 'trainer' / 'cpu.yaml'}\n"
+        f"data: {REPO / 'configs' / 'data' / 'tiny.yaml'}\n"
+        "model:\n"
+        f"  pretrained_model_name_or_path: {tiny_pipeline}\n"
+        "  learning_rate: 0.01\n"
+        "  guidance_scale: ${model.learning_rate}\n"
+    )
+    args = ["fit", "--config", str(config), f"--data.root={tiny_data}", f"--trainer.default_root_dir={tmp_path}"]
+    printed = print_config(args, capsys)
+    assert printed["model"]["guidance_scale"] == 0.01
+    printed = print_config([*args, "--model.learning_rate=0.25"], capsys)
+    assert printed["model"]["learning_rate"] == 0.25
+    assert printed["model"]["guidance_scale"] == 0.25
