@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -99,13 +98,10 @@ def training_steps(run: Path) -> list[int]:
 def first_fit(tiny_pipeline, tiny_data, tmp_path_factory):
     """One short masked fit, shared by the tests that only read its outputs."""
     root = tmp_path_factory.mktemp("fit_root")
-    saved = os.environ.pop(RUN_DIR_ENV, None)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(RUN_DIR_ENV, raising=False)
+        mp.setattr("sys.argv", ["adi_lightning"])
         main(args=fit_args(tiny_pipeline, root, tiny_data))
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
-        if saved is not None:
-            os.environ[RUN_DIR_ENV] = saved
     runs = run_dirs(root)
     assert len(runs) == 1, f"fit must create exactly one run folder, got {runs}"
     return root, runs[0]

@@ -6,14 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
 
-import pytest  # noqa: E402
+import pytest
+
+from adi_lightning.conditioning import cross_attention_layers  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import CLIPTokenizer  # noqa: E402
 
 from adi_lightning.tiny import (  # noqa: E402
     DEFAULT_WORDS,
-    attn2_paths,
     build_clip_tokenizer,
     build_tiny_action_folder,
     build_tiny_pipeline,
@@ -57,7 +58,7 @@ def test_tokenizer_repairs_conflicting_merges(tmp_path):
 
 
 def test_pipeline_structure(pipe):
-    paths = attn2_paths(pipe.unet)
+    paths = list(cross_attention_layers(pipe.unet))
     assert len(paths) == 16
     assert sum(p.startswith("down_blocks.") for p in paths) == 6
     assert sum(p.startswith("mid_block.") for p in paths) == 1
@@ -98,7 +99,7 @@ def test_fewer_layers_variant(tmp_path):
 
     out = build_tiny_pipeline(tmp_path, layers_per_block=1, words=["a", "photo"])
     unet = UNet2DConditionModel.from_pretrained(out / "unet", low_cpu_mem_usage=False)
-    assert len(attn2_paths(unet)) == 10  # 3 down + 1 mid + 3 x 2 up
+    assert len(list(cross_attention_layers(unet))) == 10  # 3 down + 1 mid + 3 x 2 up
     with pytest.raises(ValueError, match="divisible by 8"):
         build_tiny_pipeline(tmp_path / "bad", sample_size=24)
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .dataset import build_tiny_action_folder
-from .pipeline import attn2_paths, build_tiny_pipeline
+from ..conditioning import cross_attention_layers
+from .pipeline import build_tiny_pipeline
 
 PIPELINE_FILES = (
     "model_index.json",
@@ -100,7 +101,7 @@ def _describe_pipeline(path: Path) -> str:
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
     text = json.loads((path / "text_encoder/config.json").read_text())
     return (
-        f"attn2 layers L={len(attn2_paths(unet))}, text width D={text['hidden_size']}, "
+        f"attn2 layers L={len(cross_attention_layers(unet))}, text width D={text['hidden_size']}, "
         f"vocab {text['vocab_size']}, image {_pipeline_resolution(path)} px, "
         f"latent {unet.config.sample_size}, {_dir_mb(path):.1f} MB"
     )

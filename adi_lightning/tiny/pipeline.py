@@ -119,10 +119,6 @@ def _unet(
     ).eval()
 
 
-def attn2_paths(unet: torch.nn.Module) -> list[str]:
-    """Module paths of the cross-attention layers, in module (named_modules) order."""
-    return [name for name, _ in unet.named_modules() if name.endswith(".attn2")]
-
 
 def build_tiny_pipeline(
     out_dir: str | os.PathLike,
