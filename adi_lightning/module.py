@@ -206,6 +206,10 @@ class ADIModule(L.LightningModule):
             self.identifier.embedding.copy_(rows)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the identifier (the backbone is frozen and reloadable), and refresh the
+        identifier file, so a crash later leaves the last good identifier on disk."""
+        if self.trainer.is_global_zero and self.trainer.training:
+            self.save_identifier()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("identifier.")}
         checkpoint["adi_identifier"] = {"layer_paths": self.identifier.layer_paths, "rows": self.identifier.num_rows}
 

@@ -95,3 +95,23 @@ def test_masked_channels_are_bit_identical_after_an_adamw_step(make_module, tiny
         assert moved.float().mean() > 0.9
         assert vocab_same
     assert (tmp_path / "identifier.safetensors").is_file()
+
+
+def test_amp_scale_is_divided_out_and_inf_skips_the_step(make_module):
+    from adi_lightning.masking import masked_update
+
+    module = make_module(mask_threshold=0.5)
+    grads = torch.randn(3, 3, 16, 32, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([module.identifier.embedding], lr=0.1)
+    callback = GradientMaskCallback()
+    masks = callback.apply(module, grads * 1024.0, optimizer, scale=1024.0)
+    expected, expected_masks = masked_update(grads, 0.5)
+    assert torch.equal(masks, expected_masks)
+    assert torch.allclose(module.identifier.embedding.grad, expected)
+
+    module.identifier.embedding.grad = torch.full((16, 32), float("inf"))
+    grads[1, 0, 3, 3] = float("inf")
+    assert callback.apply(module, grads, optimizer, scale=1024.0) is None  # the scaler will skip
+    assert torch.isinf(module.identifier.embedding.grad).all()
+    with pytest.raises(FloatingPointError, match="global step 7"):
+        callback.apply(module, grads, optimizer, scale=None, step=7)

@@ -39,12 +39,30 @@ class GradientMaskCallback(L.Callback):
         if trainer.world_size > 1:
             role_grads = role_grads.flatten(0, 1)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            role_grads = role_grads / scaler.get_scale()
+        scale = scaler.get_scale() if scaler is not None else None
+        masks = self.apply(pl_module, role_grads, optimizer, scale, trainer.global_step)
+        if masks is None:
+            return
+        kept = kept_fraction_per_layer(masks)
+        never_kept = ~masks.any(dim=0)
+        pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
+        pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
+        if kept.numel() > 1:
+            pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])
+
+    def apply(self, pl_module, role_grads: torch.Tensor, optimizer, scale: float | None = None, step: int = 0):
+        """Write the masked update into ``E.grad`` and arm the post-step restore.
+
+        ``role_grads`` ``[N, 3, R, D]`` are every rank's triples; ``scale`` is the AMP loss scale
+        they still carry (Lightning unscales ``.grad``, not our recorded copies). Returns the
+        masks, or None when the step is to be skipped by the AMP scaler (non-finite gradients).
+        """
+        if scale is not None:
+            role_grads = role_grads / scale
         if not torch.isfinite(role_grads).all():
-            if scaler is not None:
-                return  # the scaler saw the same inf in E.grad and skips this step
-            raise FloatingPointError(f"non-finite identifier gradient at global step {trainer.global_step}")
+            if scale is not None:
+                return None  # the scaler saw the same inf in E.grad and skips this step
+            raise FloatingPointError(f"non-finite identifier gradient at global step {step}")
 
         hp = pl_module.hparams
         update, masks = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from)
@@ -64,8 +82,4 @@ class GradientMaskCallback(L.Callback):
 
             self._restore_handle = optimizer.register_step_post_hook(restore)
 
-        kept = kept_fraction_per_layer(masks)
-        pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
-        pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
-        if kept.numel() > 1:
-            pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])
+        return masks
