@@ -105,9 +105,11 @@ def load_pipeline(
     try:
         pipe = StableDiffusionPipeline.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
     except Exception as err:
+        local = Path(os.path.expanduser(name_or_path))
+        hint = "" if local.exists() else f"; there is no local folder {str(local.absolute())!r} either"
         raise BackboneError(
-            f"model.pretrained_model_name_or_path={name_or_path!r} could not be loaded "
-            f"(local_files_only={local_files_only}): {type(err).__name__}: {err}"
+            f"model.pretrained_model_name_or_path={name_or_path!r} could not be loaded as a hub id "
+            f"(local_files_only={local_files_only}){hint}: {type(err).__name__}: {err}"
         ) from err
     for part in (pipe.unet, pipe.vae, pipe.text_encoder):
         part.requires_grad_(False)

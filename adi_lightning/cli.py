@@ -104,6 +104,8 @@ def main(args=None) -> None:
     from adi_lightning.backbone import BackboneError
     from adi_lightning.data import DataLayoutError
 
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        os.environ.pop(RUN_DIR_ENV, None)  # a fresh command never joins an earlier run's folder
     known = (BackboneError, DataLayoutError, FileNotFoundError, PermissionError, FloatingPointError, ValueError)
     try:
         ADICLI(args=args)
@@ -111,4 +113,11 @@ def main(args=None) -> None:
         if os.environ.get("ADI_DEBUG"):
             raise
         print(f"adi_lightning: error: {err}", file=sys.stderr)
+        _remove_if_empty(os.environ.get(RUN_DIR_ENV))
         raise SystemExit(1) from err
+
+
+def _remove_if_empty(run_dir: str | None) -> None:
+    """A run that failed before writing anything leaves no empty folder behind."""
+    if run_dir and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+        Path(run_dir).rmdir()

@@ -262,7 +262,7 @@ def test_mask_threshold_one_links_with_partners_off(tiny_pipeline, tiny_data, tm
         assert cli.model.masking_enabled is partners
 
 
-def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_path):
+def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_path, capsys):
     source = Path(tiny_data)
     only = tmp_path / "jumping_only"
     only.mkdir()
@@ -274,12 +274,22 @@ def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_p
         shutil.copy2(source / row["file_name"], only / row["file_name"])
     (only / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
-    root = tmp_path / "runs"
-    main(args=[*fit_args(tiny_pipeline, root, str(only), steps=2), "--model.mask_threshold=1.0"])
-    run = only_new_run(root, [])
-    table, meta = read_identifier(run / IDENTIFIER)
-    assert meta["mask_threshold"] == "1.0" and meta["global_step"] == "2"
-    assert torch.isfinite(table).all()
+    # With masking on, the same folder lacks action-different partners: a clear error, no identifier.
+    with pytest.raises(SystemExit):
+        main(args=[*fit_args(tiny_pipeline, tmp_path / "runs_masked", str(only), steps=2), "--model.mask_threshold=0.5"])
+    assert "other than 'jumping'" in capsys.readouterr().err
+    assert not list((tmp_path / "runs_masked").rglob(IDENTIFIER))
+
+    # The method presets (configs/model/pplus.yaml, ti.yaml) switch masking off the same way.
+    for preset, rows in ((None, 16), ("pplus", 16), ("ti", 1)):
+        root = tmp_path / f"runs_{preset}"
+        extra = ["--model.mask_threshold=1.0"] if preset is None else ["--model", str(REPO / "configs" / "model" / f"{preset}.yaml")]
+        main(args=[*fit_args(tiny_pipeline, root, str(only), steps=2), *extra])
+        run = only_new_run(root, [])
+        table, meta = read_identifier(run / IDENTIFIER)
+        assert meta["mask_threshold"] == "1.0" and meta["global_step"] == "2"
+        assert tuple(table.shape) == (rows, 32)
+        assert torch.isfinite(table).all()
 
 
 # ------------------------------------------------------------------------ omegaconf+ interpolation

@@ -180,8 +180,8 @@ class ActionTripleDataset(Dataset):
         if not others:
             raise DataLayoutError(
                 f"{target[0].path_of_metadata}: no image of an action other than {self.action!r}; "
-                f"action-different partners need images of another action (or set "
-                f"with_partners=False)")
+                f"action-different partners need images of another action (or train without "
+                f"masking: model.mask_threshold=1.0)")
         result, missing = [], []
         for anchor in target:
             cands = _strict_action_partners(anchor, others)
