@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,14 @@ from adi_lightning.masking import MASK_COMBINES, UPDATE_FROMS, MaskCombine, Upda
 
 log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
+
+
+def _rng_states_for_checkpoint() -> dict:
+    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    states = _collect_rng_states()
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    return states
 
 
 class ADIModule(L.LightningModule):
@@ -148,9 +157,9 @@ class ADIModule(L.LightningModule):
         return self
 
     def configure_callbacks(self):
-        from adi_lightning.callbacks import GradientMaskCallback, ImageGridCallback
+        from adi_lightning.callbacks import GradientMaskCallback, ImageGridCallback, RankConsistencyCallback
 
-        return [GradientMaskCallback(), ImageGridCallback()]
+        return [GradientMaskCallback(), ImageGridCallback(), RankConsistencyCallback()]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -212,11 +221,14 @@ class ADIModule(L.LightningModule):
             self.save_identifier()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("identifier.")}
         checkpoint["adi_identifier"] = {"layer_paths": self.identifier.layer_paths, "rows": self.identifier.num_rows}
+        checkpoint["adi_rng_states"] = _rng_states_for_checkpoint()  # Lightning does not save them itself
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
         if saved is not None and saved != self.identifier.layer_paths:
             raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
+        if "adi_rng_states" in checkpoint:
+            _set_rng_states(checkpoint["adi_rng_states"])
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -2,5 +2,6 @@
 
 from adi_lightning.callbacks.gradient_mask import GradientMaskCallback
 from adi_lightning.callbacks.image_log import ImageGridCallback, image_grid
+from adi_lightning.callbacks.rank_consistency import RankConsistencyCallback
 
-__all__ = ["GradientMaskCallback", "ImageGridCallback", "image_grid"]
+__all__ = ["GradientMaskCallback", "ImageGridCallback", "RankConsistencyCallback", "image_grid"]

@@ -9,6 +9,7 @@ from .layout import (
     records_of_action,
     verify_images,
 )
+from .sampler import GlobalBatchSampler
 from .triples import ROLES, ActionTripleDataset, PromptSeedDataset, TriplePlan, load_image, triple_key
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ActionTripleDataModule",
     "ActionTripleDataset",
     "DataLayoutError",
+    "GlobalBatchSampler",
     "ImageRecord",
     "PromptSeedDataset",
     "TriplePlan",

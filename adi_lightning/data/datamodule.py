@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from .layout import read_action_folder
+from .sampler import GlobalBatchSampler
 from .triples import ActionTripleDataset, PromptSeedDataset
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATES", "ActionTripleDataModule"]
@@ -59,7 +59,8 @@ class ActionTripleDataModule(L.LightningDataModule):
         repeats: Passes over the anchors per epoch (epoch length = anchors * repeats).
         flip_p: Probability of a horizontal flip, one decision for all images of a triple.
         seed: Seeds the shuffle and, with the item index, each item's partner/flip/template
-            choice, so a run is reproducible.
+            choice, so a run is reproducible. The shuffle is cut into global batches (batch_size
+            x devices) so the same triples meet in a step whatever the number of devices.
         with_partners: Load the two partners with each anchor. Normally linked from the
             model's masking switch; False gives anchor-only batches (no partner images needed).
         prompt_templates: Training prompt templates, each with exactly one ``{}`` where the
@@ -151,12 +152,22 @@ class ActionTripleDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=self._train_sampler(),
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _train_sampler(self) -> GlobalBatchSampler:
+        """Global-batch-aligned shuffling; on a mid-epoch resume, skip the consumed batches."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = GlobalBatchSampler(len(self.train_dataset), self.batch_size, world, rank, self.seed)
+        if trainer is not None:
+            consumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            if 0 < consumed < sampler.num_batches:
+                sampler.start_batch = consumed
+        return sampler
 
     def _prompt_loader(self, prompts: list[str], seeds: list[int]) -> DataLoader:
         return DataLoader(PromptSeedDataset(prompts, seeds), batch_size=1, shuffle=False)
