@@ -106,7 +106,7 @@ def main(args=None) -> None:
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         os.environ.pop(RUN_DIR_ENV, None)  # a fresh command never joins an earlier run's folder
-    known = (BackboneError, DataLayoutError, FileNotFoundError, PermissionError, FloatingPointError, ValueError)
+    known = (BackboneError, DataLayoutError, OSError, FloatingPointError, ValueError)
     try:
         ADICLI(args=args)
     except known as err:

@@ -1,0 +1,144 @@
+"""The troubleshooting table, run: each bad input gives one clear error and leaves no file.
+
+Every case goes through the real CLI entry point; the README's troubleshooting table lists
+the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from adi_lightning.cli import RUN_DIR_ENV, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv("ADI_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["adi_lightning"])
+
+
+def _copy_data(tiny_data: str, dest: Path) -> Path:
+    shutil.copytree(tiny_data, dest)
+    return dest
+
+
+def _rewrite(folder: Path, edit) -> None:
+    meta = folder / "metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    meta.write_text("".join(line + "\n" for line in edit(rows)))
+
+
+def _dumps(rows):
+    return [json.dumps(r) for r in rows]
+
+
+def missing_image(data: Path, tmp: Path):
+    (data / "red_jumping.png").unlink()
+    return {}, "red_jumping.png"
+
+
+def corrupt_image(data: Path, tmp: Path):
+    (data / "green_jumping.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    return {}, "green_jumping.png"
+
+
+def empty_folder(data: Path, tmp: Path):
+    shutil.rmtree(data)
+    data.mkdir()
+    return {}, "metadata.jsonl"
+
+
+def no_metadata(data: Path, tmp: Path):
+    (data / "metadata.jsonl").unlink()
+    return {}, "metadata.jsonl"
+
+
+def bad_json_line(data: Path, tmp: Path):
+    _rewrite(data, lambda rows: _dumps(rows[:1]) + ['{"file_name": "x.png", "action": '] + _dumps(rows[1:]))
+    return {}, "metadata.jsonl:2"
+
+
+def action_not_present(data: Path, tmp: Path):
+    return {"data.action": "moonwalking"}, "moonwalking"
+
+
+def anchor_without_partner(data: Path, tmp: Path):
+    _rewrite(data, lambda rows: _dumps(r for r in rows if not (r["subject"] == "blue" and r["action"] != "jumping")))
+    return {}, "blue_jumping.png"
+
+
+def unknown_model_path(data: Path, tmp: Path):
+    return {"model.pretrained_model_name_or_path": str(tmp / "no" / "such" / "pipeline")}, "model.pretrained_model_name_or_path"
+
+
+def unknown_hub_id_offline(data: Path, tmp: Path):
+    return {"model.pretrained_model_name_or_path": "nobody-here/no-such-model"}, "nobody-here/no-such-model"
+
+
+def not_a_pipeline(data: Path, tmp: Path):
+    folder = tmp / "not_a_pipeline"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"0")
+    return {"model.pretrained_model_name_or_path": str(folder)}, "model_index.json"
+
+
+def placeholder_in_vocab(data: Path, tmp: Path):
+    return {"model.placeholder_token": "photo"}, "model.placeholder_token"
+
+
+def multi_token_initializer(data: Path, tmp: Path):
+    return {"model.initializer_token": "dogcat"}, "model.initializer_token"
+
+
+def threshold_out_of_range(data: Path, tmp: Path):
+    return {"model.mask_threshold": "0"}, "model.mask_threshold"
+
+
+def identifier_mismatch(data: Path, tmp: Path):
+    path = tmp / "sd2_identifier.safetensors"
+    meta = {"format": "adi-lightning-identifier", "layer_paths": json.dumps([f"l{i}" for i in range(16)])}
+    save_file({"identifier": torch.zeros(16, 1024), "layer_to_row": torch.arange(16)}, str(path), meta)
+    return {"model.identifier_path": str(path), "subcommand": "predict"}, "sd2_identifier.safetensors"
+
+
+def output_not_writable(data: Path, tmp: Path):
+    blocker = tmp / "a_file"
+    blocker.write_text("not a folder")
+    return {"trainer.default_root_dir": str(blocker / "outputs")}, "trainer.default_root_dir"
+
+
+CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
+         anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
+         placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
+         output_not_writable]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_gives_one_clear_error_and_no_files(case, tiny_pipeline, tiny_data, tmp_path, capsys):
+    data = _copy_data(tiny_data, tmp_path / "data")
+    overrides, expected = case(data, tmp_path)
+    subcommand = overrides.pop("subcommand", "fit")
+    root = Path(overrides.pop("trainer.default_root_dir", tmp_path / "outputs"))
+    args = [subcommand, "--config", str(REPO / "experiments" / "tiny.yaml"),
+            f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--data.root={data}",
+            f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
+    args += [f"--{key}={value}" for key, value in overrides.items()]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args=args)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("adi_lightning: error:")]
+    assert len(message) == 1, err[-2000:]
+    assert expected in message[0]
+    assert "Traceback" not in err
+    leftovers = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    assert leftovers == []
