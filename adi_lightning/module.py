@@ -363,7 +363,9 @@ class ADIModule(L.LightningModule):
 
     def _generation_step(self, batch: dict) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
-        return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds)}
+        return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
+                "prompt_index": [int(i) for i in batch["prompt_index"]],
+                "seed_index": [int(i) for i in batch["seed_index"]]}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         return self._generation_step(batch)

@@ -1,20 +1,32 @@
 """ImageGridCallback: seeded image grids from validation, test and predict, written atomically.
 
 Rows are prompts, columns are seeds. Each grid is a PNG in ``<run dir>/images/`` with a JSON
-sidecar naming its rows and columns, and goes to W&B when a ``WandbLogger`` is attached.
+sidecar naming its rows and columns, and goes to W&B when a ``WandbLogger`` is attached. Under
+DDP each rank generates its share of the (prompt, seed) pairs; rank zero gathers them all.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
+import torch
 from PIL import Image
 
 from adi_lightning.io import atomic_save_image, atomic_write_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    prompt_index: int
+    seed_index: int
+    prompt: str
+    seed: int
+    image: Image.Image
 
 
 def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
@@ -28,15 +40,38 @@ def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
     return grid
 
 
+def _gather(pl_module, items: list[GeneratedImage], prompts: list[str], seeds: list[int]) -> list[GeneratedImage]:
+    """All ranks' images on every rank; ranks may hold different counts (padded for the gather)."""
+    count = pl_module.all_gather(torch.tensor(len(items))).max().item()
+    if count == 0:
+        return []
+    size = items[0].image.size if items else None
+    size = pl_module.all_gather(torch.tensor(size or (0, 0))).max(dim=0).values.tolist()
+    pixels = torch.zeros(count, size[1], size[0], 3, dtype=torch.uint8)
+    keys = torch.full((count, 2), -1, dtype=torch.int64)
+    for i, item in enumerate(items):
+        pixels[i] = torch.from_numpy(np.asarray(item.image.convert("RGB")))
+        keys[i] = torch.tensor([item.prompt_index, item.seed_index])
+    all_pixels = pl_module.all_gather(pixels.to(pl_module.device)).reshape(-1, size[1], size[0], 3).cpu()
+    all_keys = pl_module.all_gather(keys.to(pl_module.device)).reshape(-1, 2).cpu()
+    gathered = {}
+    for key, image in zip(all_keys.tolist(), all_pixels):
+        if key[0] >= 0:  # skip padding; duplicates from padded samplers collapse by key
+            p, s = key
+            gathered[(p, s)] = GeneratedImage(p, s, prompts[p], seeds[s], Image.fromarray(image.numpy()))
+    return list(gathered.values())
+
+
 class ImageGridCallback(L.Callback):
-    """Collects generated images per stage and writes one labelled grid per epoch."""
+    """Collects generated images per stage and writes one grid per epoch on rank zero."""
 
     def __init__(self) -> None:
-        self._items: list[tuple[str, int, Image.Image]] = []
+        self._items: list[GeneratedImage] = []
 
     def _collect(self, outputs) -> None:
         if outputs:
-            self._items.extend(zip(outputs["prompt"], outputs["seed"], outputs["image"]))
+            keys = ("prompt_index", "seed_index", "prompt", "seed", "image")
+            self._items.extend(GeneratedImage(*row) for row in zip(*(outputs[k] for k in keys)))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._collect(outputs)
@@ -56,25 +91,34 @@ class ImageGridCallback(L.Callback):
     def on_predict_epoch_end(self, trainer, pl_module):
         self._write(trainer, pl_module, "predict")
 
-    def _write(self, trainer, pl_module, stage: str) -> Path | None:
+    def _write(self, trainer, pl_module, stage: str):
         items, self._items = self._items, []
-        if not items or not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return None
-        prompts = list(dict.fromkeys(p for p, _, _ in items))
-        seeds = list(dict.fromkeys(s for _, s, _ in items))
-        by_key = {(p, s): img for p, s, img in items}
-        blank = Image.new("RGB", items[0][2].size, "white")
-        cells = [by_key.get((p, s), blank) for p in prompts for s in seeds]
-        grid = image_grid(cells, len(prompts), len(seeds))
+        if trainer.world_size > 1:
+            datamodule = trainer.datamodule
+            prompts = datamodule.predict_prompts if stage == "predict" else datamodule.validation_prompts
+            seeds = datamodule.predict_seeds if stage == "predict" else datamodule.validation_seeds
+            items = _gather(pl_module, items, prompts, seeds)
+        if not items or not trainer.is_global_zero:
+            return None
+        items.sort(key=lambda it: (it.prompt_index, it.seed_index))
+        prompts = list(dict.fromkeys(it.prompt for it in items))
+        seeds = list(dict.fromkeys(it.seed for it in sorted(items, key=lambda it: it.seed_index)))
+        by_key = {(it.prompt, it.seed): it.image for it in items}
+        blank = Image.new("RGB", items[0].image.size, "white")
+        grid = image_grid([by_key.get((p, s), blank) for p in prompts for s in seeds], len(prompts), len(seeds))
         name = f"{stage}_step{trainer.global_step:06d}"
         folder = pl_module.run_dir / "images"
         path = atomic_save_image(grid, folder / f"{name}.png")
-        atomic_write_json(folder / f"{name}.json", {"rows_prompts": prompts, "columns_seeds": seeds,
-                                                    "guidance_scale": pl_module.hparams.guidance_scale,
-                                                    "num_inference_steps": pl_module.hparams.num_inference_steps})
+        atomic_write_json(folder / f"{name}.json", {
+            "rows_prompts": prompts, "columns_seeds": seeds,
+            "guidance_scale": pl_module.hparams.guidance_scale,
+            "num_inference_steps": pl_module.hparams.num_inference_steps,
+        })
         if stage == "predict":
-            for prompt, seed, image in items:
-                atomic_save_image(image, folder / stage / f"{prompts.index(prompt):03d}_seed{seed}.png")
+            for it in items:
+                atomic_save_image(it.image, folder / stage / f"{it.prompt_index:03d}_seed{it.seed}.png")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key=f"{stage}/grid", images=[grid], caption=[" | ".join(prompts)], step=trainer.global_step)
