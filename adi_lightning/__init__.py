@@ -1,3 +1,20 @@
 """adi-lightning: ADI action customization of Stable Diffusion with PyTorch Lightning."""
 
 __version__ = "0.1.0"
+
+
+def install_identifier(pipe, identifier_path, token=None):
+    """Make a stock diffusers pipeline accept prompts with the identifier (see adi_lightning.generation)."""
+    from adi_lightning.generation import install_identifier as install
+
+    return install(pipe, identifier_path, token)
+
+
+def remove_identifier(pipe):
+    """Restore a pipeline changed by :func:`install_identifier`."""
+    from adi_lightning.generation import remove_identifier as remove
+
+    return remove(pipe)
+
+
+__all__ = ["install_identifier", "remove_identifier", "__version__"]

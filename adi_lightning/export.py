@@ -1,0 +1,77 @@
+"""``python -m adi_lightning.export --identifier F --format ti --out F2``: one-vector exports.
+
+Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui) know single-token
+textual-inversion embeddings only, so an L-row layer-wise identifier must be squeezed into one
+vector. That is lossy: every cross-attention layer then sees the same vector, which is exactly
+what ADI's layer-wise tokens avoid. The default keeps the mean of the rows; ``--row N`` keeps one
+row (e.g. a mid-block row). A Textual-Inversion identifier (one shared row) exports losslessly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from adi_lightning.identifier import read_identifier
+from adi_lightning.io import atomic_path, atomic_save_safetensors
+
+
+def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
+    """``[1, D]``: the mean of the rows, or one row."""
+    if row is None:
+        return table.mean(dim=0, keepdim=True)
+    if not -table.shape[0] <= row < table.shape[0]:
+        raise ValueError(f"--row {row} out of range for an identifier with {table.shape[0]} rows")
+    return table[row : row + 1]
+
+
+def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None, token: str | None = None) -> Path:
+    """Write a one-vector embedding file; returns its path."""
+    table, meta = read_identifier(identifier)
+    token = token or meta.get("placeholder_token") or "<A>"
+    vector = single_vector(table, row).float().contiguous()
+    paths = json.loads(meta.get("layer_paths", "[]"))
+    if table.shape[0] == 1:
+        kept = "the single shared row (lossless)"
+    elif row is None:
+        kept = f"mean of {table.shape[0]} layer-wise rows (lossy)"
+    else:
+        kept = f"row {row}, layer {paths[row] if len(paths) == table.shape[0] else row} (lossy)"
+    if fmt == "ti":
+        # diffusers format: one tensor, keyed by its token.
+        return atomic_save_safetensors({token: vector}, out, {"source": str(identifier), "kept": kept})
+    if fmt == "webui":
+        # AUTOMATIC1111 embedding .pt layout.
+        payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
+                   "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None}
+        with atomic_path(out) as tmp:
+            torch.save(payload, tmp)
+        return Path(out)
+    raise ValueError(f"--format must be 'ti' or 'webui', got {fmt!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adi_lightning.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--identifier", required=True, help="identifier.safetensors written by adi-lightning")
+    parser.add_argument("--format", default="ti", choices=["ti", "webui"],
+                        help="ti: diffusers load_textual_inversion (.safetensors); webui: AUTOMATIC1111 (.pt)")
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--row", type=int, default=None, help="keep this row instead of the mean of all rows")
+    parser.add_argument("--token", default=None, help="token name stored in the file (default: the identifier's)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_identifier(args.identifier, args.out, args.format, args.row, args.token)
+    except (OSError, ValueError) as err:
+        print(f"adi_lightning.export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({args.format}; lossy one-vector export unless the identifier has one row)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
