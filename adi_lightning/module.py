@@ -361,6 +361,30 @@ class ADIModule(L.LightningModule):
             images.append(out.images[0])
         return images
 
+    @torch.no_grad()
+    def img2img(self, images, prompts: list[str], seeds: list[int], strength: float = 0.6,
+                steps: int = 30, guidance: float = 7.5):
+        """Image-to-image with the frozen backbone and plain prompts (no identifier): used to
+        make action-different partners that keep the anchor's context."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        if self._trainer is not None:
+            self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
+        pipe = StableDiffusionImg2ImgPipeline(**self.pipeline().components, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        ids = tokenize(self.tokenizer, prompts, self.device)
+        embeds = encode_plain(self.text_encoder, ids, self.identifier.num_layers).to(self.unet.dtype)
+        negative = encode_plain(self.text_encoder, tokenize(self.tokenizer, [""] * len(prompts), self.device),
+                                self.identifier.num_layers).to(self.unet.dtype)
+        outputs = []
+        for i, (image, seed) in enumerate(zip(images, seeds)):
+            generator = torch.Generator(self.device).manual_seed(int(seed))
+            out = pipe(image=image, prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
+                       strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generator, output_type="pil")
+            outputs.append(out.images[0])
+        return outputs
+
     def _generation_step(self, batch: dict) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
         return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),

@@ -3,12 +3,16 @@ validation, test and predict (which need no data folder)."""
 
 from __future__ import annotations
 
+import logging
+from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from .layout import read_action_folder
+from .layout import DataLayoutError, read_action_folder, records_of_action
+from .partners import MANIFEST, PartnerSettings, ensure_partners, partner_folder
 from .sampler import GlobalBatchSampler
 from .triples import ActionTripleDataset, PromptSeedDataset
 
@@ -26,6 +30,8 @@ DEFAULT_VALIDATION_PROMPTS: tuple[str, ...] = ("a photo of a person <A>",)
 DEFAULT_VALIDATION_SEEDS: tuple[int, ...] = (0, 1)
 DEFAULT_PREDICT_PROMPTS: tuple[str, ...] = ("a photo of a person <A>",)
 DEFAULT_PREDICT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
+DEFAULT_GENERATE_ACTIONS: tuple[str, ...] = ("standing", "sitting")
+log = logging.getLogger(__name__)
 
 
 def _check_templates(templates: list[str]) -> None:
@@ -54,6 +60,9 @@ class ActionTripleDataModule(L.LightningDataModule):
             subject (and pair_id, else context, when the anchor has them) doing another
             action, as in the paper. ``other_action``: prefer those, else any image of another
             action (weaker: the partner's appearance differs, so less appearance is masked).
+            ``generate``: the frozen backbone makes them once before training by
+            image-to-image from each anchor with another action word (cached, see
+            ``generate_*`` and ``cache_dir``); for exemplar-only folders.
         batch_size: Triples per training step per device (each triple is 3 images).
         num_workers: DataLoader worker processes (0 loads in the main process).
         repeats: Passes over the anchors per epoch (epoch length = anchors * repeats).
@@ -70,6 +79,15 @@ class ActionTripleDataModule(L.LightningDataModule):
         validation_seeds: Seeds for each validation/test prompt (one image per pair).
         predict_prompts: Prompts rendered by ``predict``.
         predict_seeds: Seeds for each predict prompt.
+        generate_actions: Action words for generated partners (``action_different: generate``),
+            used in turn; none may be the target action.
+        generate_per_anchor: Generated partners per anchor.
+        generate_strength: Image-to-image strength in (0, 1]: higher changes the pose more but
+            keeps less of the anchor's context.
+        generate_steps: Denoising steps of the image-to-image run (times strength are run).
+        generate_guidance: Classifier-free guidance of the image-to-image run.
+        cache_dir: Where generated partners are cached (default ``<root>/.adi_cache``); reused
+            while its manifest matches the settings, regenerated when it does not.
     """
 
     def __init__(
@@ -77,7 +95,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         root: str | None = None,
         action: str | None = None,
         resolution: int = 512,
-        action_different: Literal["require", "other_action"] = "require",
+        action_different: Literal["require", "other_action", "generate"] = "require",
         batch_size: int = 1,
         num_workers: int = 0,
         repeats: int = 100,
@@ -89,6 +107,12 @@ class ActionTripleDataModule(L.LightningDataModule):
         validation_seeds: list[int] = list(DEFAULT_VALIDATION_SEEDS),
         predict_prompts: list[str] = list(DEFAULT_PREDICT_PROMPTS),
         predict_seeds: list[int] = list(DEFAULT_PREDICT_SEEDS),
+        generate_actions: list[str] = list(DEFAULT_GENERATE_ACTIONS),
+        generate_per_anchor: int = 2,
+        generate_strength: float = 0.6,
+        generate_steps: int = 30,
+        generate_guidance: float = 7.5,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         # Copy every list: the defaults above are shared objects and must never be mutated.
@@ -107,9 +131,13 @@ class ActionTripleDataModule(L.LightningDataModule):
             raise ValueError(f"data.repeats must be >= 1, got {repeats}")
         if not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"data.flip_p must be in [0, 1], got {flip_p}")
-        if action_different not in ("require", "other_action"):
-            raise ValueError(f"data.action_different must be 'require' or 'other_action', "
+        if action_different not in ("require", "other_action", "generate"):
+            raise ValueError(f"data.action_different must be 'require', 'other_action' or 'generate', "
                              f"got {action_different!r}")
+        if generate_per_anchor < 1 or generate_steps < 1 or not 0.0 < generate_strength <= 1.0:
+            raise ValueError("data.generate_per_anchor and data.generate_steps must be >= 1 and "
+                             f"data.generate_strength in (0, 1], got {generate_per_anchor}, "
+                             f"{generate_steps}, {generate_strength}")
         _check_templates(prompt_templates)
         self.root = root
         self.action = action
@@ -126,22 +154,64 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.validation_seeds = validation_seeds
         self.predict_prompts = predict_prompts
         self.predict_seeds = predict_seeds
+        self.generate_actions = list(generate_actions)
+        self.generate_per_anchor = generate_per_anchor
+        self.generate_strength = float(generate_strength)
+        self.generate_steps = generate_steps
+        self.generate_guidance = float(generate_guidance)
+        self.cache_dir = cache_dir
         self.train_dataset: ActionTripleDataset | None = None
         self.save_hyperparameters()
+
+    @property
+    def generates_partners(self) -> bool:
+        return self.action_different == "generate" and self.with_partners
+
+    def _partner_settings(self, backbone: str) -> PartnerSettings:
+        return PartnerSettings(tuple(self.generate_actions), self.generate_per_anchor, self.generate_strength,
+                               self.generate_steps, self.generate_guidance, self.resolution, self.seed, backbone)
+
+    def _cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.root) / ".adi_cache"
+
+    def _check_fit_keys(self) -> None:
+        if self.root is None:
+            raise ValueError("data.root must be set for fit: the action folder with "
+                             "images and metadata.jsonl")
+        if self.action is None:
+            raise ValueError("data.action must be set for fit: the action name as written "
+                             "in metadata.jsonl")
+
+    def prepare_data(self) -> None:
+        """Generate the action-different partners once (local rank zero) when asked to."""
+        if not self.generates_partners:
+            return
+        self._check_fit_keys()
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "img2img"):
+            raise ValueError("data.action_different=generate needs the ADI model's backbone (run it through fit)")
+        anchors = records_of_action(read_action_folder(self.root), self.action)
+        settings = self._partner_settings(str(module.hparams.pretrained_model_name_or_path))
+        generate = partial(module.img2img, strength=self.generate_strength, steps=self.generate_steps,
+                           guidance=self.generate_guidance)
+        folder, made = ensure_partners(anchors, self.action, settings, self._cache_dir(), generate)
+        log.info("%s generated partners in %s", "made" if made else "reusing", folder)
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the folder for ``fit`` (all errors surface here, not mid-epoch)."""
         if stage in ("fit", None) and self.train_dataset is None:
-            if self.root is None:
-                raise ValueError("data.root must be set for fit: the action folder with "
-                                 "images and metadata.jsonl")
-            if self.action is None:
-                raise ValueError("data.action must be set for fit: the action name as written "
-                                 "in metadata.jsonl")
+            self._check_fit_keys()
             records = read_action_folder(self.root)
+            if self.generates_partners:
+                folder = partner_folder(self._cache_dir(), self.action)
+                if not (folder / MANIFEST).is_file():
+                    raise DataLayoutError(f"{folder}: no generated partners yet; they are made by "
+                                          "prepare_data at the start of fit")
+                records = records + read_action_folder(folder)
             self.train_dataset = ActionTripleDataset(
                 records, action=self.action, resolution=self.resolution,
-                action_different=self.action_different, with_partners=self.with_partners,
+                action_different="require" if self.generates_partners else self.action_different,
+                with_partners=self.with_partners,
                 repeats=self.repeats, flip_p=self.flip_p,
                 prompt_templates=self.prompt_templates, seed=self.seed,
             )

@@ -1,0 +1,88 @@
+"""Generated action-different partners: cached with a manifest, reused, regenerated on change."""
+
+import json
+import shutil
+
+import lightning as L
+import pytest
+from PIL import Image
+
+from adi_lightning.data import ActionTripleDataModule, read_action_folder, records_of_action
+from adi_lightning.data.partners import MANIFEST, PartnerSettings, ensure_partners, partner_prompt
+
+
+def exemplar_only(tiny_data, dest):
+    """The tiny folder's jumping images only, without pair ids: what a researcher brings."""
+    dest.mkdir()
+    rows = [json.loads(line) for line in (tiny_data / "metadata.jsonl").read_text().splitlines()]
+    kept = []
+    for row in rows:
+        if row["action"] == "jumping":
+            shutil.copy(tiny_data / row["file_name"], dest)
+            row.pop("pair_id")
+            kept.append(row)
+    (dest / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return dest
+
+
+class CountingGenerator:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images, prompts, seeds):
+        self.calls += len(images)
+        return [Image.new("RGB", img.size, (seed % 256, 0, 0)) for img, seed in zip(images, seeds)]
+
+
+def settings(**overrides):
+    values = dict(actions=("standing", "sitting"), per_anchor=2, strength=0.6, steps=4, guidance=3.0,
+                  resolution=32, seed=0, backbone="tiny")
+    values.update(overrides)
+    return PartnerSettings(**values)
+
+
+def test_partners_are_cached_reused_and_regenerated_on_change(tiny_dir, tmp_path):
+    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    anchors = records_of_action(read_action_folder(folder), "jumping")
+    gen = CountingGenerator()
+    out, made = ensure_partners(anchors, "jumping", settings(), tmp_path / "cache", gen)
+    assert made and gen.calls == 8
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["settings"]["strength"] == 0.6 and len(manifest["images"]) == 8
+    assert {"anchor", "prompt", "seed", "anchor_sha256"} <= set(manifest["images"][0])
+    partners = read_action_folder(out)
+    assert {r.action for r in partners} == {"standing", "sitting"}
+    assert all(r.subject == next(a.subject for a in anchors if r.file_name.startswith(a.file_name[:-4])) for r in partners)
+
+    _, made = ensure_partners(anchors, "jumping", settings(), tmp_path / "cache", gen)
+    assert not made and gen.calls == 8  # reused
+
+    _, made = ensure_partners(anchors, "jumping", settings(strength=0.8), tmp_path / "cache", gen)
+    assert made and gen.calls == 16  # regenerated
+    assert json.loads((out / MANIFEST).read_text())["settings"]["strength"] == 0.8
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["partners-jumping"]  # no temp folders left
+
+
+def test_bad_generate_settings_are_clear_errors(tiny_dir, tmp_path):
+    anchors = records_of_action(read_action_folder(tiny_dir / "data"), "jumping")
+    with pytest.raises(ValueError, match="target action"):
+        ensure_partners(anchors, "jumping", settings(actions=("jumping",)), tmp_path, CountingGenerator())
+
+
+def test_prompt_swaps_the_action_word_in_the_caption(tiny_dir):
+    anchor = records_of_action(read_action_folder(tiny_dir / "data"), "jumping")[0]
+    assert partner_prompt(anchor, "sitting") == anchor.caption.replace("jumping", "sitting")
+
+
+def test_exemplar_only_folder_trains_with_masking_on(make_module, tiny_dir, tmp_path):
+    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    module = make_module(mask_threshold=0.5)
+    dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, batch_size=2, repeats=2,
+                                action_different="generate", generate_steps=2, generate_per_anchor=1)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
+    assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
+    assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
