@@ -75,6 +75,14 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
     }
 
 
+def grid_cells(size: tuple[int, int], cols: int) -> tuple[int, int]:
+    """(columns, rows) of a labelled grid: 32 px images shown as 128 px cells under an 18 px
+    header, right of a prompt-label column at most 480 px wide."""
+    width, height = size
+    assert (height - 18) % 128 == 0 and 0 < width - cols * 128 <= 480
+    return cols, (height - 18) // 128
+
+
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB")).copy()
@@ -196,7 +204,7 @@ def test_predict_writes_seeded_grids_and_images(first_fit, tiny_pipeline, tmp_pa
         out = generate("predict", run / IDENTIFIER, tiny_pipeline, tmp_path)
         grid = one(out / "images", "predict_step*.png")
         with Image.open(grid) as img:
-            assert img.size == (len(seeds) * PIXELS, len(prompts) * PIXELS)
+            assert grid_cells(img.size, len(seeds)) == (len(seeds), len(prompts))
         sidecar = json.loads(grid.with_suffix(".json").read_text())
         assert sidecar["rows_prompts"] == prompts and sidecar["columns_seeds"] == seeds
         singles = sorted((out / "images" / "predict").glob("*.png"))
@@ -215,7 +223,7 @@ def test_validate_and_test_write_grids(first_fit, tiny_pipeline, tmp_path, subco
     out = generate(subcommand, run / IDENTIFIER, tiny_pipeline, tmp_path)
     grid = one(out / "images", f"{stage}_step*.png")
     with Image.open(grid) as img:
-        assert img.size == (2 * PIXELS, 2 * PIXELS)  # tiny.yaml: 2 validation prompts x 2 seeds
+        assert grid_cells(img.size, 2) == (2, 2)  # tiny.yaml: 2 validation prompts x 2 seeds
     assert (out / "config.yaml").is_file()
 
 

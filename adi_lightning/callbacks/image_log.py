@@ -40,6 +40,31 @@ def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
     return grid
 
 
+def labelled_grid(images: list[Image.Image], row_labels: list[str], col_labels: list[str], min_cell: int = 128) -> Image.Image:
+    """A grid with the prompt left of each row and the seed above each column.
+
+    Small images (the toy world's 32 px) are scaled up (nearest) so a person can see them.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    width, height = images[0].size
+    scale = max(1, -(-min_cell // width))
+    cell = (width * scale, height * scale)
+    font = ImageFont.load_default()
+    label_w = min(480, 8 + 6 * max(len(r) for r in row_labels))
+    header = 18
+    grid = Image.new("RGB", (label_w + cell[0] * len(col_labels), header + cell[1] * len(row_labels)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels):
+        draw.text((label_w + c * cell[0] + 4, 3), text, fill="black", font=font)
+    for r, text in enumerate(row_labels):
+        draw.text((4, header + r * cell[1] + cell[1] // 2 - 6), text[: label_w // 6], fill="black", font=font)
+    for i, image in enumerate(images):
+        r, c = divmod(i, len(col_labels))
+        grid.paste(image.convert("RGB").resize(cell, Image.Resampling.NEAREST), (label_w + c * cell[0], header + r * cell[1]))
+    return grid
+
+
 def _gather(pl_module, items: list[GeneratedImage], prompts: list[str], seeds: list[int]) -> list[GeneratedImage]:
     """All ranks' images on every rank; ranks may hold different counts (padded for the gather)."""
     count = pl_module.all_gather(torch.tensor(len(items))).max().item()
@@ -107,7 +132,8 @@ class ImageGridCallback(L.Callback):
         seeds = list(dict.fromkeys(it.seed for it in sorted(items, key=lambda it: it.seed_index)))
         by_key = {(it.prompt, it.seed): it.image for it in items}
         blank = Image.new("RGB", items[0].image.size, "white")
-        grid = image_grid([by_key.get((p, s), blank) for p in prompts for s in seeds], len(prompts), len(seeds))
+        grid = labelled_grid([by_key.get((p, s), blank) for p in prompts for s in seeds], prompts,
+                             [f"seed {s}" for s in seeds])
         name = f"{stage}_step{trainer.global_step:06d}"
         folder = pl_module.run_dir / "images"
         path = atomic_save_image(grid, folder / f"{name}.png")

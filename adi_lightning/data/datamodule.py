@@ -86,6 +86,12 @@ class ActionTripleDataModule(L.LightningDataModule):
             keeps less of the anchor's context.
         generate_steps: Denoising steps of the image-to-image run (times strength are run).
         generate_guidance: Classifier-free guidance of the image-to-image run.
+        eval_subjects: Subjects never in the exemplars (human-like and animal-like) that
+            validation and test prompt with the identifier; with a ``model.judge`` their images
+            are judged (action / subject accuracy, leaks). Empty: ``validation_prompts`` as given.
+        eval_template: The evaluation prompt, ``{}`` standing for the subject.
+        test_seeds: Seeds per evaluation subject at ``test`` (None: ``validation_seeds``); keep
+            validation during fit small and test larger.
         cache_dir: Where generated partners are cached (default ``<root>/.adi_cache``); reused
             while its manifest matches the settings, regenerated when it does not.
     """
@@ -113,6 +119,9 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_steps: int = 30,
         generate_guidance: float = 7.5,
         cache_dir: str | None = None,
+        eval_subjects: list[str] = [],
+        eval_template: str = "a photo of a {} <A>",
+        test_seeds: list[int] | None = None,
     ) -> None:
         super().__init__()
         # Copy every list: the defaults above are shared objects and must never be mutated.
@@ -160,6 +169,13 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.generate_steps = generate_steps
         self.generate_guidance = float(generate_guidance)
         self.cache_dir = cache_dir
+        if eval_subjects and eval_template.count("{}") != 1:
+            raise ValueError(f"data.eval_template needs exactly one '{{}}' for the subject, got {eval_template!r}")
+        self.eval_subjects = list(eval_subjects)
+        self.eval_template = eval_template
+        self.test_seeds = [int(s) for s in test_seeds] if test_seeds is not None else None
+        self.exemplar_subjects: set[str] = set()
+        self.exemplar_contexts: set[str] = set()
         self.train_dataset: ActionTripleDataset | None = None
         self.save_hyperparameters()
 
@@ -199,6 +215,10 @@ class ActionTripleDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the folder for ``fit`` (all errors surface here, not mid-epoch)."""
+        if self.root is not None and self.action is not None and stage in ("fit", "validate", "test", None):
+            anchors = records_of_action(read_action_folder(self.root), self.action)
+            self.exemplar_subjects = {a.subject for a in anchors}
+            self.exemplar_contexts = {a.context for a in anchors if a.context}
         if stage in ("fit", None) and self.train_dataset is None:
             self._check_fit_keys()
             records = read_action_folder(self.root)
@@ -242,11 +262,18 @@ class ActionTripleDataModule(L.LightningDataModule):
     def _prompt_loader(self, prompts: list[str], seeds: list[int]) -> DataLoader:
         return DataLoader(PromptSeedDataset(prompts, seeds), batch_size=1, shuffle=False)
 
+    def _eval_loader(self, seeds: list[int]) -> DataLoader:
+        if not self.eval_subjects:
+            return self._prompt_loader(self.validation_prompts, seeds)
+        dataset = PromptSeedDataset([self.eval_template.format(s) for s in self.eval_subjects], seeds,
+                                    subjects=self.eval_subjects)
+        return DataLoader(dataset, batch_size=1, shuffle=False)
+
     def val_dataloader(self) -> DataLoader:
-        return self._prompt_loader(self.validation_prompts, self.validation_seeds)
+        return self._eval_loader(self.validation_seeds)
 
     def test_dataloader(self) -> DataLoader:
-        return self._prompt_loader(self.validation_prompts, self.validation_seeds)
+        return self._eval_loader(self.test_seeds if self.test_seeds is not None else self.validation_seeds)
 
     def predict_dataloader(self) -> DataLoader:
         return self._prompt_loader(self.predict_prompts, self.predict_seeds)

@@ -10,6 +10,7 @@ the per-item choice is random but a pure function of ``(seed, index)``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,7 @@ __all__ = [
     "ActionTripleDataset",
     "PromptSeedDataset",
     "TriplePlan",
+    "image_key",
     "load_image",
     "triple_key",
 ]
@@ -50,6 +52,13 @@ def triple_key(seed: int, index: int) -> int:
     is reproducible on any rank or worker regardless of sampling order.
     """
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 2
+
+
+def image_key(path: str, resolution: int) -> int:
+    """A stable 63-bit key of one image file at one resolution, the same in every process
+    (Python's ``hash`` is salted per process; DataLoader workers and DDP ranks need one key)."""
+    digest = hashlib.blake2b(f"{path}\0{int(resolution)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def load_image(path, resolution: int) -> torch.Tensor:
@@ -236,15 +245,25 @@ class ActionTripleDataset(Dataset):
             "template": self.prompt_templates[plan.template_index],
             "index": plan.index,
             "key": plan.key,
+            # For the model's latent cache: which image each role is (stable across processes)
+            # and whether it was flipped.
+            "image_key": torch.tensor([image_key(str(r.path), self.resolution) for r in plan.records]),
+            "flip": plan.flip,
         }
 
 
 class PromptSeedDataset(Dataset):
-    """Cartesian product of prompts and seeds (prompt-major) for seeded image generation."""
+    """Cartesian product of prompts and seeds (prompt-major) for seeded image generation.
 
-    def __init__(self, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    With ``subjects`` (one per prompt), items also carry the prompted subject for the judges.
+    """
+
+    def __init__(self, prompts: Sequence[str], seeds: Sequence[int], subjects: Sequence[str] | None = None) -> None:
         self.prompts = list(prompts)
         self.seeds = [int(s) for s in seeds]
+        if subjects is not None and len(subjects) != len(self.prompts):
+            raise ValueError("one subject per prompt")
+        self.subjects = list(subjects) if subjects is not None else None
 
     def __len__(self) -> int:
         return len(self.prompts) * len(self.seeds)
@@ -253,4 +272,7 @@ class PromptSeedDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         p, s = divmod(int(index), len(self.seeds))
-        return {"prompt": self.prompts[p], "seed": self.seeds[s], "prompt_index": p, "seed_index": s}
+        item = {"prompt": self.prompts[p], "seed": self.seeds[s], "prompt_index": p, "seed_index": s}
+        if self.subjects is not None:
+            item["subject"] = self.subjects[p]
+        return item

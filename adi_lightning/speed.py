@@ -1,0 +1,158 @@
+"""Speed switches of :class:`~adi_lightning.module.ADIModule`, each exact by construction.
+
+- :class:`LatentCache`: the VAE latents of the exemplars, encoded once per (image, flip).
+  ``latent_dist.mode()`` is deterministic, so a cached latent is the latent the uncached path
+  would compute; a cache hit only skips the VAE encoder.
+- :func:`encode_layerwise_shared`: the three members of a triple share one prompt and (by value)
+  one identifier table, so their L layer-wise encodings are equal. The encoder runs ONCE per
+  triple (B*L prompts instead of 3B*L), and the backward pass runs one vector-Jacobian product per
+  role through that single forward graph: each sample's identifier gradient is exactly the one the
+  unshared path computes (same Jacobian, its own cotangent), so the per-sample hook that ADI's
+  masking reads stays exact. It saves the 2/3 of the text-encoder forward passes (and their
+  activation memory) that the unshared path spends on identical inputs.
+- :func:`enable_gradient_checkpointing`: diffusers' / transformers' own checkpointing switches
+  (non-reentrant), so the recomputed forward routes by module exactly as the first one.
+- :func:`compile_unet`: ``torch.compile`` of the UNet for the training forward only; the per-layer
+  processors route by module, so a compiled graph feeds every layer its own row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from adi_lightning.conditioning import encode_layerwise
+
+
+class LatentCache:
+    """VAE latents keyed by ``(image key, flipped)``, kept on the device they were made on.
+
+    One entry is ``C x H/f x W/f`` fp32 (64 KiB per image for SD 1.x at 512 px). It lives in the
+    module (each DDP rank fills its own from the keys in its batches), not in the data workers.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[int, bool], torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.hits = self.misses = 0
+
+    def latents(
+        self,
+        pixels: torch.Tensor,
+        keys: torch.Tensor,
+        flips: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Latents ``[N, C, h, w]`` of ``pixels`` ``[N, 3, H, W]``; ``keys`` ``[N]``, ``flips`` ``[N]``.
+
+        Images not in the cache are encoded in one ``encode`` call (each distinct image once).
+        """
+        ids = list(zip((int(k) for k in keys.reshape(-1).tolist()), (bool(f) for f in flips.reshape(-1).tolist())))
+        if len(ids) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(ids)} latent-cache keys")
+        first = {}
+        for position, ident in enumerate(ids):
+            first.setdefault(ident, position)
+        missing = [ident for ident in first if ident not in self._store]
+        if missing:
+            encoded = encode(pixels[[first[ident] for ident in missing]])
+            for ident, latent in zip(missing, encoded):
+                self._store[ident] = latent.detach().clone()
+        self.misses += len(missing)
+        self.hits += len(ids) - len(missing)
+        return torch.stack([self._store[ident] for ident in ids]).to(pixels.device)
+
+
+class _SharedEncoding(torch.autograd.Function):
+    """Encode each triple's prompt once; backward: one VJP per role through that one graph.
+
+    Input ``rows`` is the per-sample identifier view ``[B*roles, R, D]`` (the tensor ADI's hook
+    watches); members of a triple hold the same values, so the encoding of member 0 is the
+    encoding of all. The returned gradient for sample ``(b, r)`` is ``J_b^T g_{b,r}``: exactly what
+    the unshared path computes for that sample.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, text_encoder, overlay, input_ids, num_layers, roles):
+        batch = rows.shape[0] // roles
+        with torch.enable_grad():
+            leaf = rows.detach()[::roles].clone().requires_grad_(True)
+            hidden = encode_layerwise(text_encoder, overlay, input_ids[::roles], leaf, num_layers)
+        ctx.leaf, ctx.hidden, ctx.roles, ctx.batch = leaf, hidden, roles, batch
+        return hidden.detach().repeat_interleave(roles, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        roles, batch = ctx.roles, ctx.batch
+        grad_out = grad_out.reshape(batch, roles, *grad_out.shape[1:])
+        grads = []
+        # The inner graph is retained: the outer graph may be walked again (retain_graph=True, as in
+        # per-sample autograd.grad checks); it is freed with this node when the step's graph goes.
+        for role in range(roles):
+            (grad,) = torch.autograd.grad(ctx.hidden, ctx.leaf, grad_out[:, role].to(ctx.hidden.dtype), retain_graph=True)
+            grads.append(grad)
+        return torch.stack(grads, dim=1).flatten(0, 1), None, None, None, None, None
+
+
+def encode_layerwise_shared(
+    text_encoder: nn.Module,
+    overlay: nn.Module,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    num_layers: int,
+    roles: int,
+) -> torch.Tensor:
+    """Like :func:`~adi_lightning.conditioning.encode_layerwise` for ``B*roles`` prompts whose
+    consecutive groups of ``roles`` are identical (ids and row values), with one encoder forward
+    per group. Without gradients, or with ``roles == 1``, it is the plain call."""
+    if roles == 1 or not (torch.is_grad_enabled() and rows.requires_grad):
+        if roles > 1:
+            hidden = encode_layerwise(text_encoder, overlay, input_ids[::roles], rows[::roles], num_layers)
+            return hidden.repeat_interleave(roles, dim=0)
+        return encode_layerwise(text_encoder, overlay, input_ids, rows, num_layers)
+    if rows.shape[0] % roles or input_ids.shape[0] != rows.shape[0]:
+        raise ValueError(f"{input_ids.shape[0]} prompts / {rows.shape[0]} row sets are not groups of {roles}")
+    return _SharedEncoding.apply(rows, text_encoder, overlay, input_ids, num_layers, roles)
+
+
+def enable_gradient_checkpointing(unet: nn.Module, text_encoder: nn.Module) -> None:
+    """Non-reentrant activation checkpointing through the libraries' own switches.
+
+    diffusers checkpoints whenever gradients are on; transformers only in ``training`` mode, so
+    the caller puts the checkpointed text-encoder layers in training mode (see
+    :func:`checkpointed_text_layers`); that requires attention dropout 0 (CLIP's default), so the
+    frozen encoder computes exactly what it computes in eval mode.
+    """
+    unet.enable_gradient_checkpointing()
+    dropout = float(getattr(getattr(text_encoder, "config", None), "attention_dropout", 0.0) or 0.0)
+    if dropout:
+        raise ValueError(
+            f"model.gradient_checkpointing needs the text encoder's attention_dropout to be 0 (got {dropout}): "
+            "transformers checkpoints only layers in training mode, where dropout would change the encoding"
+        )
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def checkpointed_text_layers(text_encoder: nn.Module) -> list[nn.Module]:
+    """The text-encoder layers transformers checkpoints (its ``GradientCheckpointingLayer`` s, switched on)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in text_encoder.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def compile_unet(unet: nn.Module, **kwargs) -> Callable:
+    """``torch.compile`` of the UNet's forward, for training calls (the module itself is untouched)."""
+    return torch.compile(unet, **kwargs)

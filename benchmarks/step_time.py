@@ -1,0 +1,343 @@
+"""Optimizer-step time of TI, P+ and ADI on the same pipeline and the same images per step.
+
+Each method trains through the real path: ``ADIModule`` (+ its ``GradientMaskCallback``) and
+AdamW, driven by a ``lightning.Trainer`` on an ``ActionTripleDataModule``; a timing callback
+takes the time from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, mask,
+optimizer step; the batch is already loaded) after ``--warmup`` steps. Every method runs in its
+own subprocess, so peak memory is its own (CPU: peak RSS of that process; CUDA: max allocated).
+
+Images per step are equal: ADI with ``--batch B`` triples sees 3B images; TI and P+ see 3B
+anchor images. The text-encoder share is measured beside the step: the text-encoder forward and
+backward of the same batch shape, timed alone.
+
+    python benchmarks/step_time.py                       # tiny test pipeline (built in a temp dir)
+    python benchmarks/step_time.py --pipeline .cache/toy/pipeline --resolution 64
+    python benchmarks/step_time.py --sd15-shaped --resolution 64 --steps 3
+    python benchmarks/step_time.py --device cuda --sd15-shaped --resolution 512 --precision bf16-mixed
+
+The last line is machine readable: ``adi_over_pplus_step_time=<ratio>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+METHODS = {
+    # name: (model overrides, images per item)
+    "ti": (dict(layerwise=False, mask_threshold=1.0), 1),
+    "pplus": (dict(layerwise=True, mask_threshold=1.0), 1),
+    "adi": (dict(layerwise=True, mask_threshold=0.5), 3),
+    "adi_unshared": (dict(layerwise=True, mask_threshold=0.5, share_text_encoding=False), 3),
+}
+LABELS = {"ti": "TI", "pplus": "P+", "adi": "ADI", "adi_unshared": "ADI (unshared text enc.)"}
+
+# Stable Diffusion 1.5 config values (runwayml/stable-diffusion-v1-5: unet, vae, text_encoder).
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    norm_num_groups=32, act_fn="silu", center_input_sample=False, downsample_padding=1,
+    flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
+)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+# FLOPs per 512 px sample (UNet forward+backward-to-inputs) and per 77-token prompt (text encoder
+# forward+backward), as stated in issue 7; used for the MFU estimate on GPU.
+SD15_UNET_TFLOP_512 = 1.73
+SD15_TEXT_TFLOP_PROMPT = 0.027
+
+
+def build_sd15_shaped(out: Path) -> Path:
+    """An SD-1.5-shaped pipeline folder with random weights (tiny vocabulary tokenizer)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from adi_lightning.tiny import DEFAULT_WORDS, build_clip_tokenizer
+    from adi_lightning.tiny.pipeline import SD_SCHEDULER
+
+    if (out / "model_index.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_clip_tokenizer(DEFAULT_WORDS, out / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **SD15_TEXT)).eval()
+        vae = AutoencoderKL(**SD15_VAE).eval()
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ worker
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _text_encoder_time(module, items: int, roles: int, precision: str, device: str, reps: int = 3) -> float:
+    """Median seconds of the text-encoder forward+backward for this batch shape, alone."""
+    import torch
+
+    from adi_lightning import speed
+    from adi_lightning.conditioning import encode_layerwise, tokenize
+
+    prompts = [f"a photo of a person {module.hparams.placeholder_token}"] * (items * roles)
+    ids = tokenize(module.tokenizer, prompts, module.device)
+    table = module.identifier.embedding
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    times = []
+    for _ in range(reps + 1):
+        table.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            rows = table.unsqueeze(0).expand(len(prompts), *table.shape)
+            if module.masking_enabled:
+                rows.register_hook(lambda g: None)
+            if module.hparams.share_text_encoding and roles > 1:
+                context = speed.encode_layerwise_shared(module.text_encoder, module.overlay, ids, rows,
+                                                        module.identifier.num_layers, roles)
+            else:
+                context = encode_layerwise(module.text_encoder, module.overlay, ids, rows, module.identifier.num_layers)
+        context.float().square().mean().backward()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    table.grad = None
+    return statistics.median(times[1:])
+
+
+def worker(args) -> dict:
+    import lightning as L
+    import torch
+
+    from adi_lightning.data import ActionTripleDataModule
+    from adi_lightning.module import ADIModule
+
+    overrides, roles = METHODS[args.worker]
+    items = args.batch if roles == 3 else 3 * args.batch  # the same images per step for every method
+    torch.manual_seed(0)
+    module = ADIModule(
+        args.pipeline, cache_latents=not args.no_cache_latents, channels_last=args.channels_last,
+        compile_unet=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+        weight_dtype=args.weight_dtype, **overrides,
+    )
+    data = ActionTripleDataModule(root=args.data, action=args.action, resolution=args.resolution, batch_size=items,
+                                  with_partners=roles == 3, repeats=1000, num_workers=args.num_workers,
+                                  action_different="other_action")
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.step, self.wall, self._start, self._last = [], [], None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            _sync(args.device)
+            now = time.perf_counter()
+            if self._last is not None:
+                self.wall.append(now - self._last)
+            self._start = self._last = now
+            if args.device == "cuda" and batch_idx == args.warmup:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(args.device)
+            self.step.append(time.perf_counter() - self._start)
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
+            max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+            num_sanity_val_steps=0, default_root_dir=root, callbacks=[timer],
+        )
+        trainer.fit(module, data)
+    steps = timer.step[args.warmup:]
+    walls = timer.wall[args.warmup:]
+    text = _text_encoder_time(module, items, roles, args.precision, args.device, args.text_reps)
+    result = {
+        "method": args.worker, "items_per_step": items, "images_per_step": items * roles,
+        "step_s": steps, "wall_s": walls, "text_encoder_s": text,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_max_alloc_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+        "latent_cache": {"entries": len(module.latent_cache), "hits": module.latent_cache.hits,
+                         "misses": module.latent_cache.misses},
+        "threads": torch.get_num_threads(),
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------ driver
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def _prepare(args, work: Path) -> None:
+    if args.sd15_shaped:
+        if args.pipeline:
+            raise SystemExit("--sd15-shaped builds its own pipeline; give --pipeline or --sd15-shaped, not both")
+        print(f"# building an SD-1.5-shaped random-weight pipeline in {args.sd15_dir or work / 'sd15'} ...", flush=True)
+        args.pipeline = str(build_sd15_shaped(Path(args.sd15_dir) if args.sd15_dir else work / "sd15"))
+    elif not args.pipeline:
+        from adi_lightning.tiny import build_tiny_pipeline
+
+        args.pipeline = str(build_tiny_pipeline(work / "tiny"))
+    if not args.data:
+        from adi_lightning.tiny import build_tiny_action_folder
+
+        args.data = str(build_tiny_action_folder(work / "data"))
+    if args.resolution is None:
+        from diffusers import UNet2DConditionModel, AutoencoderKL
+
+        unet = UNet2DConditionModel.load_config(args.pipeline, subfolder="unet")
+        vae = AutoencoderKL.load_config(args.pipeline, subfolder="vae")
+        args.resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", help="diffusers pipeline folder (default: the tiny test pipeline, built in a temp dir)")
+    parser.add_argument("--sd15-shaped", action="store_true", help="build an SD-1.5-shaped UNet/VAE/text encoder with random weights")
+    parser.add_argument("--sd15-dir", help="where --sd15-shaped builds (reused when it exists; default: a temp dir)")
+    parser.add_argument("--data", help="action folder (default: the tiny action folder, built in a temp dir)")
+    parser.add_argument("--action", default="jumping")
+    parser.add_argument("--resolution", type=int, help="pixels (default: the pipeline's native size)")
+    parser.add_argument("--batch", type=int, default=1, help="ADI triples per step; TI/P+ get 3x this many anchors")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision: 32-true, bf16-mixed, ...")
+    parser.add_argument("--weight-dtype", default="float32", help="model.weight_dtype of the frozen backbone")
+    parser.add_argument("--compile", action="store_true", help="model.compile_unet")
+    parser.add_argument("--channels-last", action="store_true", help="model.channels_last")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing")
+    parser.add_argument("--no-cache-latents", action="store_true", help="model.cache_latents=false")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (compile, caches)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run the methods this many times in alternating order (ABC CBA ...) and pool the "
+                             "timed steps, so drifting machine load hits every method alike")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--text-reps", type=int, default=3, help="timed text-encoder-alone passes (for its share)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--methods", default="ti,pplus,adi,adi_unshared", help=f"comma list of {list(METHODS)}")
+    parser.add_argument("--json", help="also write all results to this file")
+    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = worker(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+
+    import torch
+
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    unknown = set(methods) - set(METHODS)
+    if unknown or not {"adi", "pplus"} <= set(methods):
+        raise SystemExit(f"--methods must name adi and pplus (and may name {list(METHODS)}); got {methods}")
+    with tempfile.TemporaryDirectory(prefix="adi-bench-") as tmp:
+        work = Path(tmp)
+        _prepare(args, work)
+        results: dict[str, dict] = {}
+        order = []
+        for round_index in range(args.rounds):
+            order += methods if round_index % 2 == 0 else methods[::-1]
+        for run_index, method in enumerate(order):
+            out = work / f"{method}-{run_index}.json"
+            cmd = [sys.executable, __file__, "--worker", method, "--worker-out", str(out)]
+            for key in ("pipeline", "data", "action", "resolution", "batch", "precision", "weight_dtype", "steps",
+                        "warmup", "num_workers", "device", "text_reps"):
+                cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            for flag in ("compile", "channels_last", "gradient_checkpointing", "no_cache_latents"):
+                if getattr(args, flag):
+                    cmd.append(f"--{flag.replace('_', '-')}")
+            print(f"# {LABELS[method]} (run {run_index + 1}/{len(order)}) ...", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
+                raise SystemExit(f"{method} failed (exit {done.returncode})")
+            result = json.loads(out.read_text())
+            if method in results:  # pool the steps of every round; memory: the largest
+                pooled = results[method]
+                for key in ("step_s", "wall_s"):
+                    pooled[key] += result[key]
+                pooled["text_encoder_s"] = statistics.median([pooled["text_encoder_s"], result["text_encoder_s"]])
+                for key in ("peak_rss_mib", "cuda_max_alloc_mib"):
+                    if result[key] is not None:
+                        pooled[key] = max(pooled[key], result[key])
+            else:
+                results[method] = result
+
+    threads = results[methods[0]]["threads"]
+    print()
+    print(f"pipeline={args.pipeline if not args.sd15_shaped else 'SD-1.5-shaped (random weights)'} "
+          f"resolution={args.resolution} batch={args.batch} triples (= {3 * args.batch} images/step) "
+          f"precision={args.precision} compile={args.compile} channels_last={args.channels_last} "
+          f"grad_ckpt={args.gradient_checkpointing} cache_latents={not args.no_cache_latents}")
+    print(f"device={args.device} ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{threads} torch threads, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}) "
+          f"load average={os.getloadavg()[0]:.2f} date={time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+          f"steps={args.steps} after {args.warmup} warm-up, x{args.rounds} rounds")
+    memory_label = "CUDA max alloc MiB" if args.device == "cuda" else "peak RSS MiB"
+    header = f"{'method':<26}{'step median s':>14}{'min':>9}{'max':>9}{'images/s':>10}{'text enc share':>16}{memory_label:>20}"
+    print(header)
+    print("-" * len(header))
+    medians = {}
+    for method in methods:
+        r = results[method]
+        median, low, high = _stats(r["step_s"])
+        medians[method] = median
+        memory = r["cuda_max_alloc_mib"] if args.device == "cuda" else r["peak_rss_mib"]
+        share = r["text_encoder_s"] / median
+        print(f"{LABELS[method]:<26}{median:>14.4f}{low:>9.4f}{high:>9.4f}{r['images_per_step'] / median:>10.2f}"
+              f"{share:>15.0%} {memory:>19.0f}")
+    print()
+    if args.device == "cuda" and args.sd15_shaped:
+        scale = (args.resolution / 512) ** 2
+        for method in methods:
+            r = results[method]
+            prompts = r["images_per_step"] * (1 if method == "ti" else 16)
+            if method == "adi":
+                prompts = prompts // 3 * 2  # shared: 1/3 of the forwards (fwd ~ 1/2 of fwd+bwd)
+            tflop = r["images_per_step"] * SD15_UNET_TFLOP_512 * scale + prompts * SD15_TEXT_TFLOP_PROMPT
+            mfu = tflop / medians[method] / 989.0  # H100 SXM dense bf16 peak, TFLOP/s
+            print(f"MFU estimate {LABELS[method]}: {tflop:.3f} TFLOP/step -> {mfu:.1%} of 989 TFLOP/s (H100 bf16 dense)")
+    if "ti" in medians:
+        print(f"ADI/TI step time = {medians['adi'] / medians['ti']:.3f}")
+    if "adi_unshared" in medians:
+        print(f"ADI (unshared text encoder)/P+ step time = {medians['adi_unshared'] / medians['pplus']:.3f}")
+    ratio = medians["adi"] / medians["pplus"]
+    print(f"ADI/P+ step time = {ratio:.3f} (target <= 1.15)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(f"adi_over_pplus_step_time={ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()
