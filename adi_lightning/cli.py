@@ -37,6 +37,15 @@ def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
     if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
         return Path(inherited)
     root = Path(root)
+    shared = _launch_id()
+    if shared:  # torchrun / SLURM start every rank at once: they agree on the name instead
+        run_dir = root / f"{subcommand}-{shared}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"trainer.default_root_dir={str(root)!r} cannot be created: {err.strerror or err}") from err
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        return run_dir
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -52,6 +61,18 @@ def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
         os.environ[RUN_DIR_ENV] = str(run_dir)
         return run_dir
     raise RuntimeError(f"could not create a fresh run folder under {root}")
+
+
+def _launch_id() -> str | None:
+    """An id that every process of one multi-process launch shares, when a launcher other than
+    Lightning's own started them (torchrun, SLURM with several tasks); None otherwise."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID", "0")
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{step}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"torchrun-{run_id}"
+    return None
 
 
 class RunDirConfigCallback(SaveConfigCallback):

@@ -65,6 +65,8 @@ class StepProbe(L.Callback):
         self.steps = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # The restore hook of the previous step is gone: nothing is left on the optimizer.
+        assert len(trainer.optimizers[0]._optimizer_step_post_hooks) == 0
         self.before = pl_module.identifier.embedding.detach().clone()
         self.vocab = pl_module.overlay.base.weight.detach().clone()
 

@@ -14,6 +14,7 @@ import math
 
 import lightning as L
 
+from adi_lightning.callbacks.image_log import gather_objects
 from adi_lightning.evaluation import METRIC_NAMES, ActionBenchMetric
 from adi_lightning.io import atomic_write_json, atomic_write_text
 
@@ -23,18 +24,15 @@ STAGE_NAMES = {"validation": "val", "test": "test"}
 
 class EvaluationCallback(L.Callback):
     def __init__(self) -> None:
-        self.metric = ActionBenchMetric()
+        # Used as a calculator on the gathered rows: no cross-rank sync of its own.
+        self.metric = ActionBenchMetric(sync_on_compute=False)
         self.rows: list[dict] = []
 
-    def _reset(self) -> None:
-        self.metric.reset()
+    def on_validation_epoch_start(self, trainer, pl_module):
         self.rows = []
 
-    def on_validation_epoch_start(self, trainer, pl_module):
-        self._reset()
-
     def on_test_epoch_start(self, trainer, pl_module):
-        self._reset()
+        self.rows = []
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._judge(trainer, pl_module, outputs)
@@ -52,28 +50,37 @@ class EvaluationCallback(L.Callback):
         judge = getattr(pl_module, "judge", None)
         if judge is None or not outputs or not outputs.get("subject"):
             return
-        dm = trainer.datamodule
         verdict = judge.judge(outputs["image"])
-        exemplar_subjects, exemplar_contexts = dm.exemplar_subjects, dm.exemplar_contexts
-        self.metric.update(verdict.action, verdict.subject, dm.action, outputs["subject"],
-                           exemplar_subjects, verdict.context, exemplar_contexts)
         for i, prompt in enumerate(outputs["prompt"]):
-            subject = outputs["subject"][i]
             self.rows.append({
-                "prompt": prompt, "seed": outputs["seed"][i], "subject": subject,
+                "prompt_index": outputs["prompt_index"][i], "seed_index": outputs["seed_index"][i],
+                "prompt": prompt, "seed": outputs["seed"][i], "subject": outputs["subject"][i],
                 "pred_action": verdict.action[i], "pred_subject": verdict.subject[i],
-                "pred_context": verdict.context[i] if verdict.context else "",
-                "action_correct": verdict.action[i] == dm.action,
-                "subject_correct": verdict.subject[i] == subject,
-                "leak": verdict.subject[i] in exemplar_subjects and verdict.subject[i] != subject,
+                "pred_context": verdict.context[i] if verdict.context else None,
             })
 
     def _report(self, trainer, pl_module, stage: str) -> None:
         if trainer.sanity_checking or getattr(pl_module, "judge", None) is None or not trainer.datamodule.eval_subjects:
             return
+        # Judged rows from every rank, once each (padded samplers repeat some (prompt, seed)),
+        # scored identically on every rank.
+        rows = gather_objects(self.rows, key=lambda r: (r["prompt_index"], r["seed_index"]))
+        rows.sort(key=lambda r: (r["prompt_index"], r["seed_index"]))
+        dm = trainer.datamodule
+        self.metric.reset()
+        if rows:
+            contexts = [r["pred_context"] for r in rows]
+            self.metric.update([r["pred_action"] for r in rows], [r["pred_subject"] for r in rows], dm.action,
+                               [r["subject"] for r in rows], dm.exemplar_subjects,
+                               None if None in contexts else contexts, dm.exemplar_contexts)
         values = {k: float(v) for k, v in self.metric.compute().items()}
+        for r in rows:
+            r["action_correct"] = r["pred_action"] == dm.action
+            r["subject_correct"] = r["pred_subject"] == r["subject"]
+            r["leak"] = r["pred_subject"] in dm.exemplar_subjects and r["pred_subject"] != r["subject"]
+        self.rows = rows
         prefix = STAGE_NAMES[stage]
-        # compute() already summed the counts over ranks: every rank logs the same values.
+        # Every rank scored the same gathered rows: every rank logs the same values.
         pl_module.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
         if not trainer.is_global_zero:
             return

@@ -26,10 +26,16 @@ class GradientMaskCallback(L.Callback):
         self._restore_handle = None
         self.last_masks: torch.Tensor | None = None
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
-        if self._restore_handle is not None:  # a step skipped by the AMP scaler leaves its hook
+    def _disarm(self) -> None:
+        if self._restore_handle is not None:
             self._restore_handle.remove()
             self._restore_handle = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._disarm()  # removed here, never from inside the optimizer's own hook loop
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        self._disarm()  # a step skipped by the AMP scaler leaves its hook armed
         if not pl_module.masking_enabled:
             return
         local = pl_module.pop_role_grads()
@@ -74,11 +80,13 @@ class GradientMaskCallback(L.Callback):
         if bool(never_kept.any()):
             snapshot = param.detach().clone()
 
+            done = []
+
             def restore(_optimizer, _args, _kwargs) -> None:
-                with torch.no_grad():
-                    param.copy_(torch.where(never_kept.to(param.device), snapshot, param))
-                self._restore_handle.remove()
-                self._restore_handle = None
+                if not done:  # one-shot: a second step before the batch ends must not restore again
+                    with torch.no_grad():
+                        param.copy_(torch.where(never_kept.to(param.device), snapshot, param))
+                    done.append(True)
 
             self._restore_handle = optimizer.register_step_post_hook(restore)
 

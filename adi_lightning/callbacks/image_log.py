@@ -11,8 +11,6 @@ import logging
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
-import torch
 from PIL import Image
 
 from adi_lightning.io import atomic_save_image, atomic_write_json
@@ -65,26 +63,18 @@ def labelled_grid(images: list[Image.Image], row_labels: list[str], col_labels: 
     return grid
 
 
-def _gather(pl_module, items: list[GeneratedImage], prompts: list[str], seeds: list[int]) -> list[GeneratedImage]:
-    """All ranks' images on every rank; ranks may hold different counts (padded for the gather)."""
-    count = pl_module.all_gather(torch.tensor(len(items))).max().item()
-    if count == 0:
-        return []
-    size = items[0].image.size if items else None
-    size = pl_module.all_gather(torch.tensor(size or (0, 0))).max(dim=0).values.tolist()
-    pixels = torch.zeros(count, size[1], size[0], 3, dtype=torch.uint8)
-    keys = torch.full((count, 2), -1, dtype=torch.int64)
-    for i, item in enumerate(items):
-        pixels[i] = torch.from_numpy(np.asarray(item.image.convert("RGB")))
-        keys[i] = torch.tensor([item.prompt_index, item.seed_index])
-    all_pixels = pl_module.all_gather(pixels.to(pl_module.device)).reshape(-1, size[1], size[0], 3).cpu()
-    all_keys = pl_module.all_gather(keys.to(pl_module.device)).reshape(-1, 2).cpu()
-    gathered = {}
-    for key, image in zip(all_keys.tolist(), all_pixels):
-        if key[0] >= 0:  # skip padding; duplicates from padded samplers collapse by key
-            p, s = key
-            gathered[(p, s)] = GeneratedImage(p, s, prompts[p], seeds[s], Image.fromarray(image.numpy()))
-    return list(gathered.values())
+def gather_objects(items: list, key) -> list:
+    """Every rank's items on every rank, without the duplicates a padded sampler adds.
+
+    ``all_gather_object`` works on gloo and NCCL alike; generation outputs are small.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        items = [item for part in parts for item in part]
+    return list({key(item): item for item in items}.values())
 
 
 class ImageGridCallback(L.Callback):
@@ -121,10 +111,7 @@ class ImageGridCallback(L.Callback):
         if trainer.sanity_checking:
             return None
         if trainer.world_size > 1:
-            datamodule = trainer.datamodule
-            prompts = datamodule.predict_prompts if stage == "predict" else datamodule.validation_prompts
-            seeds = datamodule.predict_seeds if stage == "predict" else datamodule.validation_seeds
-            items = _gather(pl_module, items, prompts, seeds)
+            items = gather_objects(items, key=lambda it: (it.prompt_index, it.seed_index))
         if not items or not trainer.is_global_zero:
             return None
         items.sort(key=lambda it: (it.prompt_index, it.seed_index))

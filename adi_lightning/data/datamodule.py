@@ -92,6 +92,9 @@ class ActionTripleDataModule(L.LightningDataModule):
         eval_template: The evaluation prompt, ``{}`` standing for the subject.
         test_seeds: Seeds per evaluation subject at ``test`` (None: ``validation_seeds``); keep
             validation during fit small and test larger.
+        export_toy_if_missing: When ``root`` has no ``metadata.jsonl``, export the ToyActionWorld
+            folder for ``action`` there first (the toy experiments use this, so they run on a
+            fresh checkout; never set it for real data).
         cache_dir: Where generated partners are cached (default ``<root>/.adi_cache``); reused
             while its manifest matches the settings, regenerated when it does not.
     """
@@ -119,6 +122,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_steps: int = 30,
         generate_guidance: float = 7.5,
         cache_dir: str | None = None,
+        export_toy_if_missing: bool = False,
         eval_subjects: list[str] = [],
         eval_template: str = "a photo of a {} <A>",
         test_seeds: list[int] | None = None,
@@ -171,6 +175,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         if eval_subjects and eval_template.count("{}") != 1:
             raise ValueError(f"data.eval_template needs exactly one '{{}}' for the subject, got {eval_template!r}")
+        self.export_toy_if_missing = bool(export_toy_if_missing)
         self.eval_subjects = list(eval_subjects)
         self.eval_template = eval_template
         self.test_seeds = [int(s) for s in test_seeds] if test_seeds is not None else None
@@ -199,7 +204,13 @@ class ActionTripleDataModule(L.LightningDataModule):
                              "in metadata.jsonl")
 
     def prepare_data(self) -> None:
-        """Generate the action-different partners once (local rank zero) when asked to."""
+        """Export the toy folder and generate partners once (local rank zero), when asked to."""
+        if self.export_toy_if_missing and self.root and not (Path(self.root) / "metadata.jsonl").is_file():
+            from adi_lightning.toy.export import ensure_action_folder
+
+            self._check_fit_keys()
+            ensure_action_folder(self.root, self.action)
+            log.info("exported the toy %r folder to %s", self.action, self.root)
         if not self.generates_partners:
             return
         self._check_fit_keys()
@@ -254,9 +265,12 @@ class ActionTripleDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = GlobalBatchSampler(len(self.train_dataset), self.batch_size, world, rank, self.seed)
         if trainer is not None:
-            consumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            if 0 < consumed < sampler.num_batches:
-                sampler.start_batch = consumed
+            # With workers, the loader draws indices before Lightning calls set_epoch.
+            sampler.set_epoch(trainer.current_epoch)
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            consumed = progress.current.ready
+            if trainer.fit_loop.restarting and not progress.is_last_batch and 0 < consumed < sampler.num_batches:
+                sampler.start_batch = consumed  # only a resume skips; a reload starts the epoch afresh
         return sampler
 
     def _prompt_loader(self, prompts: list[str], seeds: list[int]) -> DataLoader:

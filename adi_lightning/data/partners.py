@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -46,8 +47,9 @@ class PartnerSettings:
 
 def partner_prompt(anchor: ImageRecord, action_word: str) -> str:
     """The anchor's caption with its action swapped, else ``a photo of a <subject> <action>``."""
-    if anchor.caption and anchor.action in anchor.caption:
-        return anchor.caption.replace(anchor.action, action_word)
+    word = re.compile(rf"\b{re.escape(anchor.action)}\b")
+    if anchor.caption and word.search(anchor.caption):
+        return word.sub(action_word, anchor.caption)
     if anchor.caption:
         return f"{anchor.caption}, {action_word}"
     return f"a photo of a {anchor.subject} {action_word}"
