@@ -41,6 +41,8 @@ IDENTIFIER_FILE = "identifier.safetensors"
 def _rng_states_for_checkpoint() -> dict:
     """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
     states = _collect_rng_states()
+    # Training randomness is keyed per triple; CUDA states would only break a resume on fewer GPUs.
+    states.pop("torch.cuda", None)
     kind, keys, pos, has_gauss, cached = states["numpy"]
     states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
     return states
@@ -264,13 +266,15 @@ class ADIModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the identifier (the backbone is frozen and reloadable), and refresh the
         identifier file, so a crash later leaves the last good identifier on disk."""
-        if self.trainer.is_global_zero and self.trainer.training:
+        if self.trainer.is_global_zero and self.trainer.state.fn == "fit":
             self.save_identifier()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("identifier.")}
         checkpoint["adi_identifier"] = {"layer_paths": self.identifier.layer_paths, "rows": self.identifier.num_rows}
         checkpoint["adi_rng_states"] = _rng_states_for_checkpoint()  # Lightning does not save them itself
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "identifier.embedding" not in checkpoint.get("state_dict", {}):
+            raise ValueError("the checkpoint holds no identifier ('identifier.embedding'): not an adi-lightning checkpoint")
         saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
         if saved is not None and saved != self.identifier.layer_paths:
             raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
@@ -339,7 +343,9 @@ class ADIModule(L.LightningModule):
             )
         else:
             context = encode_layerwise(self.text_encoder, self.overlay, ids, per_sample, self.identifier.num_layers)
-        pred = self._train_unet(noisy.to(self.unet.dtype), timesteps, context.to(self.unet.dtype)).sample
+        # Not self.unet.dtype: diffusers' dtype property walks every submodule (about 3 ms a call).
+        unet_dtype = next(self.unet.parameters()).dtype
+        pred = self._train_unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -375,11 +381,10 @@ class ADIModule(L.LightningModule):
             self.log(f"train/loss_{name}", value, batch_size=batch_size)
         return loss
 
-    def pop_role_grads(self) -> torch.Tensor | None:
-        """Per-triple role gradients recorded since the last optimizer step: ``[N, 3, R, D]``."""
-        if not self._role_grads:
-            return None
-        grads, self._role_grads = torch.cat(self._role_grads), []
+    def pop_role_grads(self) -> list[torch.Tensor]:
+        """Per-triple role gradients recorded since the last optimizer step, one ``[b, 3, R, D]``
+        tensor per micro-batch (the callback orders them across ranks)."""
+        grads, self._role_grads = self._role_grads, []
         return grads
 
     # -------------------------------------------------------------- generation

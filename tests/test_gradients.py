@@ -23,7 +23,7 @@ def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_dat
     expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
     module.pop_role_grads()  # the hook also saw those six autograd.grad calls
     loss.backward()
-    recorded = module.pop_role_grads()
+    recorded = torch.cat(module.pop_role_grads())
     assert recorded.shape == (2, 3, 16, 32)
     scale = expected.abs().max()
     assert (recorded.flatten(0, 1) - expected).abs().max() <= 1e-5 * scale
@@ -37,7 +37,7 @@ def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_da
     module = make_module(mask_threshold=0.5)
     loss, _ = module.compute_loss(batch)
     loss.backward()
-    recorded = module.pop_role_grads()
+    recorded = torch.cat(module.pop_role_grads())
 
     separate = make_module(mask_threshold=1.0)  # masking off: plain autograd on E
     for role in range(3):
@@ -54,7 +54,7 @@ def test_masking_off_leaves_the_plain_gradient_alone(make_module, tiny_data):
     batch = _batch(tiny_data, with_partners=False)
     loss, _ = module.compute_loss(batch)
     loss.backward()
-    assert module.pop_role_grads() is None  # no per-sample bookkeeping for TI / P+
+    assert module.pop_role_grads() == []  # no per-sample bookkeeping for TI / P+
     grad = module.identifier.embedding.grad.clone()
     GradientMaskCallback().on_before_optimizer_step(None, module, None)
     assert torch.equal(module.identifier.embedding.grad, grad)
@@ -117,3 +117,41 @@ def test_amp_scale_is_divided_out_and_inf_skips_the_step(make_module):
     assert torch.isinf(module.identifier.embedding.grad).all()
     with pytest.raises(FloatingPointError, match="global step 7"):
         callback.apply(module, grads, optimizer, scale=None, step=7)
+
+
+def test_gradient_accumulation_masks_every_triple_of_the_global_step(tiny_pipeline, tiny_data, tmp_path):
+    """E.grad at the first step (2 micro-batches) equals the masked mean over both micro-batches'
+    per-sample gradients, computed independently with autograd.grad."""
+    from adi_lightning.masking import masked_update
+    from adi_lightning.module import ADIModule
+
+    class Capturing(ADIModule):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 0:
+                self.seen = [*getattr(self, "seen", []), batch]
+            return super().training_step(batch, batch_idx)
+
+        def on_before_optimizer_step(self, optimizer):  # runs after the callbacks' hook
+            if self.global_step == 0:
+                self.first_grad = self.identifier.embedding.grad.clone()
+
+    module = Capturing(tiny_pipeline, mask_threshold=0.4, learning_rate=0.01)
+    start = module.identifier.embedding.detach().clone()
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=4)
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, dm)
+    assert len(module.seen) == 2
+
+    reference = ADIModule(tiny_pipeline, mask_threshold=0.4)
+    with torch.no_grad():
+        reference.identifier.embedding.copy_(start)
+    table = reference.identifier.embedding
+    per_triple = []
+    for batch in module.seen:
+        _, per_sample = reference.compute_loss(batch)
+        grads = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
+        per_triple.append(grads.reshape(2, 3, *table.shape))
+    expected, _ = masked_update(torch.cat(per_triple), 0.4)
+    assert (module.first_grad - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -9,11 +9,12 @@ from adi_lightning.data import ActionTripleDataModule, GlobalBatchSampler
 from adi_lightning.module import ADIModule
 
 
-def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None):
+def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None, num_workers=0):
     L.seed_everything(0)
     module = ADIModule(tiny_pipeline, mask_threshold=0.5, weight_decay=0.01, learning_rate=0.05)
     # 4 anchors x 2 repeats = 8 items, batch 2: 4 batches per epoch, so 6 steps cross an epoch.
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=5)
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=5,
+                                num_workers=num_workers)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
                         callbacks=[ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)])
@@ -29,11 +30,13 @@ def straight_run(tiny_pipeline, tiny_data, tmp_path_factory):
     return table, root / "ckpt"
 
 
-@pytest.mark.parametrize("stop_at", [3, 4])  # mid-epoch, and exactly at an epoch boundary
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_data, tmp_path, stop_at, straight_run):
+# Mid-epoch 0, exactly at the epoch boundary, and mid-epoch 1 with loader workers (which draw
+# indices before Lightning sets the sampler's epoch).
+@pytest.mark.parametrize("stop_at,workers", [(3, 0), (4, 0), (5, 2)])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_data, tmp_path, stop_at, workers, straight_run):
     straight, checkpoints = straight_run
     ckpt = next(checkpoints.glob(f"*step={stop_at}.ckpt"))
-    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path, 6, ckpt_path=str(ckpt))
+    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path, 6, ckpt_path=str(ckpt), num_workers=workers)
     assert trainer.global_step == 6
     assert torch.equal(resumed, straight)
 

@@ -19,6 +19,17 @@ from adi_lightning.masking import kept_fraction_per_layer, masked_update
 log = logging.getLogger(__name__)
 
 
+def gather_in_batch_order(pl_module, records: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """Every rank's triples, ``[N, 3, R, D]``, in the order one rank with the whole global batch
+    would have recorded them: micro-batch by micro-batch, rank by rank within each."""
+    if world_size == 1:
+        return torch.cat(records)
+    if len({r.shape for r in records}) == 1:
+        gathered = pl_module.all_gather(torch.stack(records))  # [W, M, b, 3, R, D]
+        return gathered.transpose(0, 1).flatten(0, 2)
+    return pl_module.all_gather(torch.cat(records)).flatten(0, 1)
+
+
 class GradientMaskCallback(L.Callback):
     """Masks the identifier's update; configured by the model's ``mask_*`` / ``update_from`` keys."""
 
@@ -38,12 +49,10 @@ class GradientMaskCallback(L.Callback):
         self._disarm()  # a step skipped by the AMP scaler leaves its hook armed
         if not pl_module.masking_enabled:
             return
-        local = pl_module.pop_role_grads()
-        if local is None:
+        records = pl_module.pop_role_grads()
+        if not records:
             raise RuntimeError("masking is on but no per-sample identifier gradients were recorded this step")
-        role_grads = pl_module.all_gather(local)
-        if trainer.world_size > 1:
-            role_grads = role_grads.flatten(0, 1)
+        role_grads = gather_in_batch_order(pl_module, records, trainer.world_size)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else None
         masks = self.apply(pl_module, role_grads, optimizer, scale, trainer.global_step)
