@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 import warnings
@@ -139,6 +140,10 @@ def main(args=None) -> None:
 
 
 def _remove_if_empty(run_dir: str | None) -> None:
-    """A run that failed before writing anything leaves no empty folder behind."""
-    if run_dir and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
-        Path(run_dir).rmdir()
+    """A run that failed before producing anything (at most its config and run info) leaves no
+    folder behind."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return
+    files = [p for p in Path(run_dir).rglob("*") if p.is_file()]
+    if all(p.parent == Path(run_dir) and p.name in ("config.yaml", "run_info.json") for p in files):
+        shutil.rmtree(run_dir)

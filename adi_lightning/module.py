@@ -38,6 +38,20 @@ log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
 
 
+def check_generation_prompts(datamodule, stage: str, token: str) -> None:
+    """The prompts images are generated from must spell the model's placeholder: with another
+    spelling (``<A>`` vs ``<jump>``) the images would silently show the base model."""
+    if getattr(datamodule, "eval_subjects", None) and stage in ("fit", "validate", "test"):
+        if token not in datamodule.eval_template:
+            raise ValueError(f"data.eval_template {datamodule.eval_template!r} does not contain "
+                             f"model.placeholder_token {token!r}")
+        return
+    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
+    prompts = getattr(datamodule, key.split(".")[1], None) or []
+    if prompts and not any(token in p for p in prompts):
+        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
+
+
 def _rng_states_for_checkpoint() -> dict:
     """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
     states = _collect_rng_states()
@@ -217,6 +231,8 @@ class ADIModule(L.LightningModule):
                 f"{self.hparams.mask_threshold} (masking {'on' if self.masking_enabled else 'off'}): "
                 "masking needs triples, and only masking needs them"
             )
+        if datamodule is not None:
+            check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
         if self.trainer.is_global_zero:
             atomic_write_json(self.run_dir / "run_info.json", {
                 "stage": stage,

@@ -110,6 +110,10 @@ def identifier_mismatch(data: Path, tmp: Path):
     return {"model.identifier_path": str(path), "subcommand": "predict"}, "sd2_identifier.safetensors"
 
 
+def prompts_without_the_placeholder(data: Path, tmp: Path):
+    return {"model.placeholder_token": "<jump>"}, "model.placeholder_token '<jump>'"
+
+
 def output_not_writable(data: Path, tmp: Path):
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
@@ -119,7 +123,7 @@ def output_not_writable(data: Path, tmp: Path):
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
-         output_not_writable]
+         prompts_without_the_placeholder, output_not_writable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

@@ -234,7 +234,10 @@ def test_item_shape_range_and_fields(tmp_path):
     assert item["template"] in ("a photo of {}", "a picture of {}")
     assert item["index"] == 4 and item["key"] == triple_key(0, 4)
     with pytest.raises(IndexError):
-        ds[len(ds)]
+        ds[-1]
+    # Index len + i is item i in the next epoch: the same anchor, its own key.
+    later = ds.plan(len(ds) + 4)
+    assert later.records[0] == ds.plan(4).records[0] and later.key == triple_key(0, len(ds) + 4)
 
 
 def test_triple_key():

@@ -58,9 +58,9 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     assert len(single) == 12 and all(len(p) == 6 for p in per_rank)  # padded by wrapping, not dropped
     for step in range(3):
         assert single[4 * step : 4 * step + 4] == per_rank[0][2 * step : 2 * step + 2] + per_rank[1][2 * step : 2 * step + 2]
-    assert sorted(set(single)) == list(range(10))
+    assert sorted(set(single)) == list(range(10, 20))  # epoch 1 emits 10 + i
     one.set_epoch(2)
-    assert list(one) != single  # a new permutation each epoch
+    assert [i - 20 for i in one] != [i - 10 for i in single]  # a new permutation each epoch
 
 
 def test_sampler_skips_consumed_batches_once():

@@ -6,7 +6,8 @@ epoch's permutation (keyed by seed and epoch) is cut into global batches of ``ba
 world_size`` items, and rank r takes its contiguous slice of each: the global batch is the same
 for every rank count. Lightning cannot resume a plain loader mid-epoch, so the sampler can also
 start at a given batch of the epoch (set from the restored loop progress) and skip what the
-interrupted run already consumed.
+interrupted run already consumed. Items of a padded last global batch appear twice in it (with
+the same noise, since randomness is keyed by item and step): a negligible over-weighting.
 
 It subclasses ``DistributedSampler`` only so that Lightning leaves it in place (and calls
 ``set_epoch``) instead of wrapping it.
@@ -61,7 +62,9 @@ class GlobalBatchSampler(DistributedSampler):
         start, self.start_batch = self.start_batch, 0  # a resume offset applies to one pass only
         lo = self.rank * self.batch_size
         mine = self.global_batches()[start:, lo : lo + self.batch_size]
-        return iter(mine.flatten().tolist())
+        # Item i of epoch e is emitted as e * num_items + i: the dataset keys an item's flip,
+        # template and partner choice on it, so they change from epoch to epoch.
+        return iter((mine.flatten() + self.epoch * self.num_items).tolist())
 
     def __len__(self) -> int:
         # The full epoch length even when resuming: Lightning counts the consumed batches itself.

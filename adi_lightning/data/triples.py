@@ -220,15 +220,19 @@ class ActionTripleDataset(Dataset):
         return self.num_anchors * self.repeats
 
     def plan(self, index: int) -> TriplePlan:
-        """The deterministic choices for item ``index`` (no image loading)."""
-        if not 0 <= index < len(self):
+        """The deterministic choices for item ``index`` (no image loading).
+
+        Indices past ``len(self)`` are the same items in later epochs (the training sampler
+        emits ``epoch * len + i``): same anchor, fresh flip, template and partners.
+        """
+        if index < 0:
             raise IndexError(f"index {index} out of range for {len(self)} items")
         key = triple_key(self.seed, index)
         g = torch.Generator().manual_seed(key)
         # Flip and template first, so they do not depend on with_partners.
         flip = bool(torch.rand((), generator=g).item() < self.flip_p)
         template_index = int(torch.randint(len(self.prompt_templates), (), generator=g))
-        a = index % self.num_anchors
+        a = index % len(self) % self.num_anchors
         chosen = [self.anchors[a]]
         if self.with_partners:
             for cands in (self.context_candidates[a], self.action_candidates[a]):
