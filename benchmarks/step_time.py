@@ -181,12 +181,14 @@ def worker(args) -> dict:
         trainer.fit(module, data)
     steps = timer.step[args.warmup:]
     walls = timer.wall[args.warmup:]
+    cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    module.to("cuda" if args.device == "cuda" else "cpu")  # Lightning's teardown moved it to the CPU
     text = _text_encoder_time(module, items, roles, args.precision, args.device, args.text_reps)
     result = {
         "method": args.worker, "items_per_step": items, "images_per_step": items * roles,
         "step_s": steps, "wall_s": walls, "text_encoder_s": text,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cuda_max_alloc_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+        "cuda_max_alloc_mib": cuda_peak,
         "latent_cache": {"entries": len(module.latent_cache), "hits": module.latent_cache.hits,
                          "misses": module.latent_cache.misses},
         "threads": torch.get_num_threads(),
@@ -322,10 +324,11 @@ def main(argv=None) -> None:
         scale = (args.resolution / 512) ** 2
         for method in methods:
             r = results[method]
-            prompts = r["images_per_step"] * (1 if method == "ti" else 16)
-            if method == "adi":
-                prompts = prompts // 3 * 2  # shared: 1/3 of the forwards (fwd ~ 1/2 of fwd+bwd)
-            tflop = r["images_per_step"] * SD15_UNET_TFLOP_512 * scale + prompts * SD15_TEXT_TFLOP_PROMPT
+            images = r["images_per_step"]
+            prompts = images * (1 if method == "ti" else 16)  # 16 layer-wise prompts per image (SD 1.5)
+            forwards = prompts // 3 if method == "adi" else prompts  # shared: one forward per triple
+            # 0.027 TFLOP per prompt is forward + backward, about half each.
+            tflop = images * SD15_UNET_TFLOP_512 * scale + (forwards + prompts) / 2 * SD15_TEXT_TFLOP_PROMPT
             mfu = tflop / medians[method] / 989.0  # H100 SXM dense bf16 peak, TFLOP/s
             print(f"MFU estimate {LABELS[method]}: {tflop:.3f} TFLOP/step -> {mfu:.1%} of 989 TFLOP/s (H100 bf16 dense)")
     if "ti" in medians:

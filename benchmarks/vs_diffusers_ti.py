@@ -125,6 +125,8 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", choices=("no", "bf16"), default="no",
                         help="diffusers --mixed_precision; ours: 32-true / bf16-mixed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run both this many times in alternating order and pool the timed steps")
     parser.add_argument("--keep", help="keep logs and outputs in this folder")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,7 +174,6 @@ def main(argv=None) -> None:
         never = str(10**9)
 
         # diffusers
-        env["ADI_BENCH_STAMPS"] = str(work / "diffusers_stamps.json")
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                   "--mixed_precision", args.precision, "--dynamo_backend", "no"]
         if args.device == "cpu":
@@ -187,11 +188,8 @@ def main(argv=None) -> None:
             "--validation_steps", never, "--output_dir", str(work / "diffusers_out"), "--seed", "0",
             "--report_to", "tensorboard",
         ]
-        diffusers_wall = _run(diffusers_cmd, env, "diffusers textual_inversion.py", work / "diffusers.log")
-        diffusers_steps, diffusers_threads = _step_times(work / "diffusers_stamps.json", args.warmup)
 
         # ours
-        env["ADI_BENCH_STAMPS"] = str(work / "ours_stamps.json")
         ours_cmd = [
             sys.executable, str(runner), "-m", "adi_lightning", "fit",
             f"--model.pretrained_model_name_or_path={args.pipeline}", "--model.layerwise=false",
@@ -205,8 +203,22 @@ def main(argv=None) -> None:
             "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={work / 'ours_out'}",
         ]
-        ours_wall = _run(ours_cmd, env, "adi_lightning TI", work / "ours.log")
-        ours_steps, ours_threads = _step_times(work / "ours_stamps.json", args.warmup)
+        runs = {"diffusers": ("diffusers textual_inversion.py", diffusers_cmd),
+                "ours": ("adi_lightning TI", ours_cmd)}
+        steps = {name: [] for name in runs}
+        walls = {name: [] for name in runs}
+        threads = {}
+        for round_index in range(args.rounds):  # alternating order: drifting load hits both alike
+            for name in (("diffusers", "ours") if round_index % 2 == 0 else ("ours", "diffusers")):
+                label, cmd = runs[name]
+                stamps = work / f"{name}-{round_index}-stamps.json"
+                env["ADI_BENCH_STAMPS"] = str(stamps)
+                walls[name].append(_run(cmd, env, f"{label} (round {round_index + 1})", work / f"{name}-{round_index}.log"))
+                intervals, threads[name] = _step_times(stamps, args.warmup)
+                steps[name] += intervals
+        diffusers_steps, ours_steps = steps["diffusers"], steps["ours"]
+        diffusers_wall, ours_wall = statistics.median(walls["diffusers"]), statistics.median(walls["ours"])
+        diffusers_threads, ours_threads = threads["diffusers"], threads["ours"]
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -217,7 +229,8 @@ def main(argv=None) -> None:
         raise SystemExit("too few steps to time; raise --steps above --warmup + 1")
     print()
     print(f"pipeline={args.pipeline} images={len(anchors)} anchors of {args.action!r} resolution={args.resolution} "
-          f"batch={args.batch} steps={args.steps} (timed: intervals after {args.warmup}) precision={args.precision} "
+          f"batch={args.batch} steps={args.steps} (timed: intervals after {args.warmup}, x{args.rounds} rounds) "
+          f"precision={args.precision} "
           f"device={args.device}")
     print(f"torch {torch.__version__}, torch threads diffusers={diffusers_threads} ours={ours_threads}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average={os.getloadavg()[0]:.2f}, "

@@ -62,7 +62,7 @@ class GradientMaskCallback(L.Callback):
         never_kept = ~masks.any(dim=0)
         pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
         pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
-        if kept.numel() > 1:
+        if kept.numel() > 1 and (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])
 
     def apply(self, pl_module, role_grads: torch.Tensor, optimizer, scale: float | None = None, step: int = 0):
