@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from adi_lightning.conditioning import (
     cross_attention_layers,
+    tokenize,
     encode_layerwise,
     encode_plain,
     install_layerwise_processors,
@@ -76,6 +77,58 @@ class LayerwiseTextEncoder(nn.Module):
         else:
             hidden = encode_plain(self.text_encoder, input_ids, self.num_layers)
         return BaseModelOutputWithPooling(last_hidden_state=hidden)
+
+
+def check_generation_prompts(datamodule, stage: str, token: str) -> None:
+    """The prompts images are generated from must spell the model's placeholder: with another
+    spelling (``<A>`` vs ``<jump>``) the images would silently show the base model."""
+    if getattr(datamodule, "eval_subjects", None) and stage in ("fit", "validate", "test"):
+        if token not in datamodule.eval_template:
+            raise ValueError(f"data.eval_template {datamodule.eval_template!r} does not contain "
+                             f"model.placeholder_token {token!r}")
+        return
+    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
+    prompts = getattr(datamodule, key.split(".")[1], None) or []
+    if prompts and not any(token in p for p in prompts):
+        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
+
+
+def stock_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    """A ``StableDiffusionPipeline`` over already loaded components (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_embeddings(text_encoder, tokenizer, prompts: list[str], num_layers: int,
+                      rows: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``: the prompts with the
+    identifier ``rows`` ``[N, R, D]`` (None: plain prompts) and the empty negative prompt."""
+    device = text_encoder.device
+    ids = tokenize(tokenizer, prompts, device)
+    if rows is None:
+        embeds = encode_plain(text_encoder, ids, num_layers)
+    else:
+        embeds = encode_layerwise(text_encoder, text_encoder.embeddings.token_embedding, ids, rows, num_layers)
+    negative = encode_plain(text_encoder, tokenize(tokenizer, [""] * len(prompts), device), num_layers)
+    return embeds.to(dtype), negative.to(dtype)
+
+
+def run_seeded(pipe, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int], image=None, **kwargs) -> list:
+    """One image per (embedding, seed), each from its own seeded generator (so a grid cell does
+    not depend on the batch it was generated in)."""
+    outputs = []
+    for i, seed in enumerate(seeds):
+        generator = torch.Generator(pipe.device).manual_seed(int(seed))
+        extra = {} if image is None else {"image": image[i]}
+        out = pipe(prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
+                   generator=generator, output_type="pil", **extra, **kwargs)
+        outputs.append(out.images[0])
+    return outputs
 
 
 @dataclass

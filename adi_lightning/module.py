@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from adi_lightning import backbone as bb
-from adi_lightning.conditioning import cross_attention_layers, encode_layerwise, encode_plain, install_layerwise_processors, tokenize
+from adi_lightning import generation
+from adi_lightning.conditioning import cross_attention_layers, encode_layerwise, install_layerwise_processors, tokenize
 from adi_lightning.identifier import (
     LayerwiseIdentifier,
     add_placeholder_token,
@@ -36,20 +37,6 @@ from adi_lightning import speed
 
 log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
-
-
-def check_generation_prompts(datamodule, stage: str, token: str) -> None:
-    """The prompts images are generated from must spell the model's placeholder: with another
-    spelling (``<A>`` vs ``<jump>``) the images would silently show the base model."""
-    if getattr(datamodule, "eval_subjects", None) and stage in ("fit", "validate", "test"):
-        if token not in datamodule.eval_template:
-            raise ValueError(f"data.eval_template {datamodule.eval_template!r} does not contain "
-                             f"model.placeholder_token {token!r}")
-        return
-    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
-    prompts = getattr(datamodule, key.split(".")[1], None) or []
-    if prompts and not any(token in p for p in prompts):
-        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
 
 
 def _rng_states_for_checkpoint() -> dict:
@@ -232,7 +219,7 @@ class ADIModule(L.LightningModule):
                 "masking needs triples, and only masking needs them"
             )
         if datamodule is not None:
-            check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
+            generation.check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
         if self.trainer.is_global_zero:
             atomic_write_json(self.run_dir / "run_info.json", {
                 "stage": stage,
@@ -411,42 +398,27 @@ class ADIModule(L.LightningModule):
         return self.unet.config.sample_size * self.info.vae_scale_factor
 
     def pipeline(self):
-        """The stock diffusers pipeline over this module's components."""
+        """The stock diffusers pipeline over this module's components (built once)."""
         if self._pipeline is None:
-            from diffusers import StableDiffusionPipeline
-
-            self._pipeline = StableDiffusionPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                scheduler=self.inference_scheduler, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            self._pipeline.set_progress_bar_config(disable=True)
+            self._pipeline = generation.stock_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet,
+                                                       self.inference_scheduler)
         return self._pipeline
 
     @torch.no_grad()
     def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``, for the stock pipeline."""
-        ids = tokenize(self.tokenizer, prompts, self.device)
         table = self.identifier.embedding
-        rows = table.unsqueeze(0).expand(len(prompts), *table.shape)
-        embeds = encode_layerwise(self.text_encoder, self.overlay, ids, rows, self.identifier.num_layers)
-        negative = encode_plain(self.text_encoder, tokenize(self.tokenizer, [""] * len(prompts), self.device), self.identifier.num_layers)
-        return embeds.to(self.unet.dtype), negative.to(self.unet.dtype)
+        return generation.prompt_embeddings(self.text_encoder, self.tokenizer, prompts, self.identifier.num_layers,
+                                            table.unsqueeze(0).expand(len(prompts), *table.shape), self.unet.dtype)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int]):
         """One seeded image per (prompt, seed) through the stock ``StableDiffusionPipeline``."""
         embeds, negative = self.prompt_embeddings(prompts)
-        images = []
-        for i, seed in enumerate(seeds):
-            generator = torch.Generator(self.device).manual_seed(int(seed))
-            out = self.pipeline()(
-                prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
-                num_inference_steps=self.hparams.num_inference_steps, guidance_scale=self.hparams.guidance_scale,
-                height=self.generation_size, width=self.generation_size, generator=generator, output_type="pil",
-            )
-            images.append(out.images[0])
-        return images
+        return generation.run_seeded(self.pipeline(), embeds, negative, seeds,
+                                     num_inference_steps=self.hparams.num_inference_steps,
+                                     guidance_scale=self.hparams.guidance_scale,
+                                     height=self.generation_size, width=self.generation_size)
 
     @torch.no_grad()
     def img2img(self, images, prompts: list[str], seeds: list[int], strength: float = 0.6,
@@ -459,18 +431,10 @@ class ADIModule(L.LightningModule):
             self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
         pipe = StableDiffusionImg2ImgPipeline(**self.pipeline().components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        ids = tokenize(self.tokenizer, prompts, self.device)
-        embeds = encode_plain(self.text_encoder, ids, self.identifier.num_layers).to(self.unet.dtype)
-        negative = encode_plain(self.text_encoder, tokenize(self.tokenizer, [""] * len(prompts), self.device),
-                                self.identifier.num_layers).to(self.unet.dtype)
-        outputs = []
-        for i, (image, seed) in enumerate(zip(images, seeds)):
-            generator = torch.Generator(self.device).manual_seed(int(seed))
-            out = pipe(image=image, prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
-                       strength=strength, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generator, output_type="pil")
-            outputs.append(out.images[0])
-        return outputs
+        embeds, negative = generation.prompt_embeddings(self.text_encoder, self.tokenizer, prompts,
+                                                        self.identifier.num_layers, None, self.unet.dtype)
+        return generation.run_seeded(pipe, embeds, negative, seeds, image=images, strength=strength,
+                                     num_inference_steps=steps, guidance_scale=guidance)
 
     def _generation_step(self, batch: dict) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
