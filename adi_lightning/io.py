@@ -24,6 +24,9 @@ def atomic_path(target: str | Path):
     except OSError as err:
         raise OSError(f"cannot write {target}: {err.strerror or err}") from err
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:

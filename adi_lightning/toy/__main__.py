@@ -1,0 +1,117 @@
+"""``python -m adi_lightning.toy {pretrain,train-judges,evaluate-backbone,make-data} ...``.
+
+Why one entry point: the shipped assets (pipeline, judges) are reproducible by documented
+commands, and the evaluation and data export that use them live beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+
+def _pretrain(args) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)
+                            if getattr(args, f.name, None) is not None and f.name != "held_out"})
+    if args.unet_channels:
+        cfg.unet_channels = tuple(args.unet_channels)
+    t0 = time.time()
+    pretrain(args.out, cfg)
+    print(f"pretrain done in {(time.time() - t0) / 60:.1f} min -> {args.out}")
+
+
+def _train_judges(args) -> None:
+    from .judges import train_judges
+
+    train_judges(args.out, pipeline=args.pipeline, steps=args.steps, seed=args.seed, minutes=args.minutes)
+
+
+def _evaluate(args) -> None:
+    from .evaluate import evaluate_backbone
+
+    evaluate_backbone(args.pipeline, args.judges, args.out, seeds=args.seeds,
+                      steps=args.num_inference_steps, guidance_scale=args.guidance_scale, batch=args.batch)
+
+
+def _make_data(args) -> None:
+    from .export import make_action_folder
+
+    out = make_action_folder(args.out, action=args.action, num_exemplars=args.num_exemplars,
+                             subjects=args.subjects, seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from . import DEFAULT_GUIDANCE_SCALE, DEFAULT_INFERENCE_STEPS, toy_judges_path, toy_pipeline_path
+
+    parser = argparse.ArgumentParser(prog="python -m adi_lightning.toy", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain the toy SD pipeline on world renders")
+    p.add_argument("--out", default=str(toy_pipeline_path()))
+    p.add_argument("--minutes", type=float, help="wall-time budget of the UNet phase (default 45)")
+    p.add_argument("--steps", type=int, help="max UNet steps (default 100000: the time budget decides)")
+    p.add_argument("--vae-steps", dest="vae_steps", type=int)
+    p.add_argument("--num-images", dest="num_images", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--text-dim", dest="text_dim", type=int)
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int)
+    p.add_argument("--unet-channels", dest="unet_channels", type=int, nargs=4)
+    p.add_argument("--init", help="continue from this pipeline folder (--vae-steps 0 keeps its VAE)")
+    p.add_argument("--ranks", type=int, help="data-parallel processes, one thread each (default 1; 2 on a 2-core CPU)")
+    p.add_argument("--minutes-checkpoint", dest="checkpoint_minutes", type=float)
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("train-judges", help="train the action / subject / context classifiers")
+    p.add_argument("--out", default=str(toy_judges_path()))
+    p.add_argument("--pipeline", default=str(toy_pipeline_path()), help="its VAE gives the round-trip augmentation")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--minutes", type=float, default=15.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_judges)
+
+    p = sub.add_parser("evaluate-backbone", help="judge the pipeline's images of every subject x action")
+    p.add_argument("--pipeline", default=str(toy_pipeline_path()))
+    p.add_argument("--judges", default=str(toy_judges_path()))
+    p.add_argument("--out", default="outputs/toy_backbone")
+    p.add_argument("--seeds", type=int, default=8, help="images per prompt")
+    p.add_argument("--num-inference-steps", dest="num_inference_steps", type=int, default=DEFAULT_INFERENCE_STEPS)
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    p.add_argument("--batch", type=int, default=80)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("make-data", help="write an action folder (exemplars + action-different partners)")
+    p.add_argument("--action", default="jumping")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-exemplars", dest="num_exemplars", type=int, default=6)
+    p.add_argument("--subjects", nargs="+", default=None, help="human-like subjects of the exemplars")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_make_data)
+
+    for name, p in sub.choices.items():
+        p.add_argument("--threads", type=int, default=int(os.environ.get("ADI_TOY_THREADS", "1")),
+                       help="torch CPU threads (default 1, or $ADI_TOY_THREADS)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    # One thread by default: on a small shared CPU, 2 OpenMP threads stall at every op's barrier
+    # whenever another process holds a core (measured 0.5 s/step at best, 10 s at worst; 1 thread 0.8 s).
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # denormal floats can slow CPU training many-fold
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
