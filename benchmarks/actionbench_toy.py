@@ -37,11 +37,11 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
         f"--seed_everything={seed}", f"--data.seed={seed}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.num_sanity_val_steps=0",
+        "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger=false",
         f"--trainer.default_root_dir={root}", f"--data.test_seeds={list(range(test_seeds))}",
         "--trainer.limit_val_batches=0", *extra,
     ]
-    cli = ADICLI(args=["fit", *args], run=False)
+    cli = ADICLI(args=args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     return {k: metrics.get(f"test/{k}", float("nan")) for k in METRICS}
