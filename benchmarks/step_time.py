@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _inputs import fill_default_inputs  # noqa: E402  (benchmarks/ is the script's folder)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -207,20 +209,7 @@ def _prepare(args, work: Path) -> None:
             raise SystemExit("--sd15-shaped builds its own pipeline; give --pipeline or --sd15-shaped, not both")
         print(f"# building an SD-1.5-shaped random-weight pipeline in {args.sd15_dir or work / 'sd15'} ...", flush=True)
         args.pipeline = str(build_sd15_shaped(Path(args.sd15_dir) if args.sd15_dir else work / "sd15"))
-    elif not args.pipeline:
-        from adi_lightning.tiny import build_tiny_pipeline
-
-        args.pipeline = str(build_tiny_pipeline(work / "tiny"))
-    if not args.data:
-        from adi_lightning.tiny import build_tiny_action_folder
-
-        args.data = str(build_tiny_action_folder(work / "data"))
-    if args.resolution is None:
-        from diffusers import UNet2DConditionModel, AutoencoderKL
-
-        unet = UNet2DConditionModel.load_config(args.pipeline, subfolder="unet")
-        vae = AutoencoderKL.load_config(args.pipeline, subfolder="vae")
-        args.resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    fill_default_inputs(args, work)
 
 
 def main(argv=None) -> None:

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _inputs import fill_default_inputs  # noqa: E402  (benchmarks/ is the script's folder)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs a script or module with a global optimizer-step post-hook that timestamps every step.
@@ -142,20 +144,7 @@ def main(argv=None) -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="adi-vs-diffusers-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        if not args.pipeline:
-            from adi_lightning.tiny import build_tiny_pipeline
-
-            args.pipeline = str(build_tiny_pipeline(work / "pipeline"))
-        if not args.data:
-            from adi_lightning.tiny import build_tiny_action_folder
-
-            args.data = str(build_tiny_action_folder(work / "data"))
-        if args.resolution is None:
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-
-            unet = UNet2DConditionModel.load_config(args.pipeline, subfolder="unet")
-            vae = AutoencoderKL.load_config(args.pipeline, subfolder="vae")
-            args.resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        fill_default_inputs(args, work)
 
         from adi_lightning.data.layout import read_action_folder, records_of_action
 

@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6
 
 
+def _run_cli(args: list[str], devices: int) -> None:
+    """Run the CLI in a fresh process (DDP re-launches the command line), one thread per rank."""
+    if devices > 1:
+        args = [*args, "--trainer.strategy=ddp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("ADI_RUN_DIR", None)
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int) -> torch.Tensor:
     args = [
         sys.executable, "-m", "adi_lightning", "fit", "--config", "experiments/tiny.yaml",
@@ -27,12 +37,7 @@ def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int) ->
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--data.batch_size={batch_size}",
         "--data.repeats=4", "--model.weight_decay=0.01",
     ]
-    if devices > 1:
-        args.append("--trainer.strategy=ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("ADI_RUN_DIR", None)
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_cli(args, devices)
     (run,) = [p for p in root.iterdir() if p.is_dir()]  # one run folder, shared by both ranks
     return read_identifier(run / "identifier.safetensors")[0]
 
@@ -72,12 +77,7 @@ def test_predict_on_two_ranks_writes_the_whole_grid(tiny_pipeline, tmp_path):
                 f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--model.identifier_path={identifier}",
                 "--data.root=null", "--model.num_inference_steps=2", f"--trainer.default_root_dir={root}",
                 "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
-        if devices > 1:
-            args.append("--trainer.strategy=ddp")
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        env.pop("ADI_RUN_DIR", None)
-        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        _run_cli(args, devices)
         (grid,) = root.glob("*/images/predict_step*.png")
         assert len(list(root.glob("*/images/predict/*.png"))) == 6  # 2 prompts x 3 seeds
         grids.append(Image.open(grid).tobytes())
