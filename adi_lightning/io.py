@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -24,9 +25,7 @@ def atomic_path(target: str | Path):
     except OSError as err:
         raise OSError(f"cannot write {target}: {err.strerror or err}") from err
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
@@ -38,6 +37,38 @@ def atomic_path(target: str | Path):
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a temp folder beside ``target``; on success swap it into place (replacing any old
+    folder), on failure remove it. A crash never leaves a half-built folder at ``target``.
+
+    Files get the usual modes (mkdtemp makes 0700 and safetensors writes 0600).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        umask = _umask()
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def atomic_write_text(target: str | Path, text: str) -> Path:

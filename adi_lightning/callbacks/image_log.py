@@ -27,17 +27,6 @@ class GeneratedImage:
     image: Image.Image
 
 
-def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Tile equally sized images row by row (the last row may be short)."""
-    if not images:
-        raise ValueError("no images to tile")
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.convert("RGB"), ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
 def labelled_grid(images: list[Image.Image], row_labels: list[str], col_labels: list[str], min_cell: int = 128) -> Image.Image:
     """A grid with the prompt left of each row and the seed above each column.
 

@@ -226,13 +226,14 @@ class ActionTripleDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read and validate the folder for ``fit`` (all errors surface here, not mid-epoch)."""
+        records = None
         if self.root is not None and self.action is not None and stage in ("fit", "validate", "test", None):
-            anchors = records_of_action(read_action_folder(self.root), self.action)
+            records = read_action_folder(self.root)
+            anchors = records_of_action(records, self.action)
             self.exemplar_subjects = {a.subject for a in anchors}
             self.exemplar_contexts = {a.context for a in anchors if a.context}
         if stage in ("fit", None) and self.train_dataset is None:
-            self._check_fit_keys()
-            records = read_action_folder(self.root)
+            self._check_fit_keys()  # root and action are set past this line, so records were read above
             if self.generates_partners:
                 folder = partner_folder(self._cache_dir(), self.action)
                 if not (folder / MANIFEST).is_file():

@@ -13,15 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from adi_lightning.io import atomic_write_json, package_versions
+from adi_lightning.io import atomic_dir, atomic_write_json, package_versions
 
 from .layout import ImageRecord
 from .triples import load_image, triple_key
@@ -106,9 +104,7 @@ def ensure_partners(
 
     from tqdm.auto import tqdm
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         by_file = {a.file_name: a for a in anchors}
         rows = []
         with tqdm(total=len(plan), desc="generating action-different partners", unit="img") as bar:
@@ -125,12 +121,6 @@ def ensure_partners(
                 bar.update(len(chunk))
         (tmp / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
         atomic_write_json(tmp / MANIFEST, manifest)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder, True
 
 

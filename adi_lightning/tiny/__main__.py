@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..io import atomic_dir
 from .dataset import build_tiny_action_folder
 from ..conditioning import cross_attention_layers
 from .pipeline import build_tiny_pipeline
@@ -64,24 +62,8 @@ def _data_mismatch(path: Path, args: argparse.Namespace) -> str | None:
 
 def build_atomically(target: Path, build: Callable[[Path], object]) -> None:
     """Run ``build(tmp)`` in a temp dir next to ``target``, then swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
-    try:
+    with atomic_dir(target) as tmp:
         build(tmp)
-        # mkdtemp makes 0700 and the hub's safetensors writer 0600: give the tree ordinary modes.
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in [tmp, *tmp.rglob("*")]:
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _dir_mb(path: Path) -> float:

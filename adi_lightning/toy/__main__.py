@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from dataclasses import fields
-from pathlib import Path
 
 
 def _pretrain(args) -> None:

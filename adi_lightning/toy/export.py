@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import time
 from pathlib import Path
 
-from ..io import atomic_save_image
+from ..io import atomic_dir, atomic_save_image
 from .world import ACTIONS, BACKGROUNDS, COLOURS, HUMANS, PATTERNS, Spec, caption, render
 
 DEFAULT_EXEMPLAR_SUBJECTS = ("man", "woman", "child")
@@ -62,10 +60,8 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{time.time_ns()}")
-    tmp.mkdir(parents=True)
     rows = []
-    try:
+    with atomic_dir(out) as tmp:
         for i, pair in enumerate(exemplar_specs(action, num_exemplars, subjects, seed, background, pattern, colour)):
             for role, spec in zip(("exemplar", "action_different"), pair):
                 name = f"{i:02d}_{spec.subject}_{spec.action}.png"
@@ -74,11 +70,6 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
                                  pair_id=f"{spec.subject}-{i:02d}", caption=caption(spec), role=role,
                                  spec=spec.as_dict()))
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_dir
 from ..tiny.pipeline import DEFAULT_WORDS, SD_SCHEDULER, build_tiny_pipeline
 from .world import HELD_OUT, WORDS, ToyActionWorld, caption, render
 
@@ -83,17 +84,9 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
 
 def save_pipeline_atomic(pipe, out: Path, info: dict) -> None:
     """``save_pretrained`` into a temp sibling, then swap it into place (never a half folder)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{time.time_ns()}")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "toy_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
-    for f in tmp.rglob("*"):  # safetensors are written 0600; shipped assets must be world-readable
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "toy_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _build_parts(cfg: PretrainConfig, scratch: Path):
@@ -151,7 +144,7 @@ class _EMA:
 
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None) -> Path:
     """Run the whole recipe and write a diffusers pipeline folder at ``out``; returns it."""
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     cfg = cfg or PretrainConfig()
     out = Path(out)
