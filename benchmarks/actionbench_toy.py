@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -26,8 +27,9 @@ METHODS = ("ti", "pplus", "adi", "adi_no_layerwise", "adi_context_only", "adi_ac
 METRICS = ("action_acc", "subject_acc", "both_correct", "leak", "context_leak")
 
 
-def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str]) -> dict:
-    """fit then test one identifier; returns the test metrics."""
+def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
+            grid_to: Path | None = None) -> dict:
+    """fit then test one identifier; returns the test metrics (and copies the test grid to ``grid_to``)."""
     from adi_lightning.cli import RUN_DIR_ENV, ADICLI
 
     os.environ.pop(RUN_DIR_ENV, None)
@@ -44,6 +46,12 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
     cli = ADICLI(args=args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+    if grid_to is not None:
+        from adi_lightning.io import atomic_path
+
+        (grid,) = (Path(cli.model.run_dir) / "images").glob("test_step*.png")
+        with atomic_path(grid_to) as tmp:
+            shutil.copyfile(grid, tmp)
     return {k: metrics.get(f"test/{k}", float("nan")) for k in METRICS}
 
 
@@ -81,6 +89,8 @@ def main() -> int:
                         help="betas of the threshold curve (ADI, first action, first seed); empty to skip")
     parser.add_argument("--quick", action="store_true", help="smoke size: 1 action, 1 seed, few steps, 3 methods")
     parser.add_argument("--out", default=None, help="also write the results JSON here")
+    parser.add_argument("--grids", default=None,
+                        help="folder for one labelled test grid per method (first action, first seed, same prompts)")
     args = parser.parse_args()
     if args.quick:
         args.actions, args.seeds, args.steps, args.test_seeds = args.actions[:1], args.seeds[:1], 10, 1
@@ -96,7 +106,9 @@ def main() -> int:
             for seed in args.seeds:
                 for method in args.methods:
                     t0 = time.time()
-                    metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), [])
+                    first = action == args.actions[0] and seed == args.seeds[0]
+                    grid_to = Path(args.grids) / f"{method}.png" if args.grids and first else None
+                    metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), [], grid_to)
                     results[method].append(metrics)
                     print(f"[{time.time() - started:7.0f}s] {action:<9} seed {seed} {method:<17} "
                           + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()) + f"  ({time.time() - t0:.0f}s)", flush=True)
