@@ -1,8 +1,8 @@
 """ActionBench-toy: does ADI's <A> carry the action to unseen subjects better than TI and P+?
 
-Trains every method on several toy actions and seeds through the real experiment config
-(``experiments/toy_jump.yaml`` with ``--data.action``, whose data root follows the action, plus a
-``configs/model/<method>.yaml`` preset, via the CLI parser), tests each identifier with the exact toy judges, and prints one table (method x metric,
+Trains every method on several toy actions and seeds through the real experiment configs
+(``experiments/toy_<action>.yaml`` plus a ``configs/model/<method>.yaml`` preset, via the CLI
+parser), tests each identifier with the exact toy judges, and prints one table (method x metric,
 mean and spread over actions and seeds), then the threshold curve (beta 0.1 ... 1.0) for ADI on
 one action and one seed. The last line is the table as one JSON object keyed by method.
 
@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ti", "pplus", "adi", "adi_no_layerwise", "adi_context_only", "adi_action_only")
 METRICS = ("action_acc", "subject_acc", "both_correct", "leak", "context_leak")
@@ -34,7 +36,7 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
 
     os.environ.pop(RUN_DIR_ENV, None)
     args = [
-        "--config", str(REPO / "experiments" / "toy_jump.yaml"), f"--data.action={action}",
+        "--config", str(REPO / "experiments" / f"toy_{action}.yaml"),
         "--model", str(REPO / "configs" / "model" / f"{method}.yaml"),
         f"--seed_everything={seed}", f"--data.seed={seed}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
@@ -80,7 +82,8 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--actions", nargs="+", default=["jumping", "raising", "kicking"])
+    parser.add_argument("--actions", nargs="+", default=["jumping", "raising", "kicking"], choices=ACTIONS,
+                        help="toy actions, each trained with experiments/toy_<action>.yaml")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per identifier")

@@ -25,7 +25,19 @@ SWAPPED = {"pretrained_model_name_or_path", "root"}  # replaced by the tiny fixt
 
 def test_there_are_experiments():
     names = {p.name for p in EXPERIMENTS}
-    assert {"tiny.yaml", "sd15_jump.yaml", "sd21_jump.yaml"} <= names, names
+    assert {"tiny.yaml", "toy_jumping.yaml", "sd15_jump.yaml", "sd21_jump.yaml"} <= names, names
+
+
+def test_one_toy_experiment_per_action_differing_only_in_the_action():
+    """ActionBench-toy compares methods across actions: every toy_<action>.yaml is the same run."""
+    from adi_lightning.toy.world import ACTIONS
+
+    reference = yaml.safe_load((REPO / "experiments" / "toy_jumping.yaml").read_text())
+    for action in ACTIONS:
+        config = yaml.safe_load((REPO / "experiments" / f"toy_{action}.yaml").read_text())
+        assert config["data"]["action"] == action
+        config["data"]["action"] = "jumping"
+        assert config == reference, f"toy_{action}.yaml differs from toy_jumping.yaml beyond data.action"
 
 
 def section(config: dict, key: str, config_path: Path) -> dict:
