@@ -104,6 +104,7 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     started = time.time()
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="actionbench-") as tmp:
         for action in args.actions:
             for seed in args.seeds:
@@ -113,6 +114,7 @@ def main() -> int:
                     grid_to = Path(args.grids) / f"{method}.png" if args.grids and first else None
                     metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), [], grid_to)
                     results[method].append(metrics)
+                    runs.append({"action": action, "seed": seed, "method": method, **metrics})
                     print(f"[{time.time() - started:7.0f}s] {action:<9} seed {seed} {method:<17} "
                           + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()) + f"  ({time.time() - t0:.0f}s)", flush=True)
         curve = {}
@@ -126,6 +128,11 @@ def main() -> int:
     print(f"\nActionBench-toy: {len(args.actions)} actions x {len(args.seeds)} seeds, {args.steps} steps, "
           f"{args.test_seeds} test seeds per subject; wall {time.time() - started:.0f} s\n")
     print_table(table)
+    for baseline in ("ti", "pplus"):
+        if "adi" in results and baseline in results:
+            diffs = [a["both_correct"] - b["both_correct"] for a, b in zip(results["adi"], results[baseline])]
+            print(f"ADI - {baseline} both_correct, paired by (action, seed): mean {statistics.fmean(diffs):+.3f}, "
+                  f"min {min(diffs):+.3f}, max {max(diffs):+.3f} over {len(diffs)} pairs")
     if curve:
         print(f"\nthreshold curve (ADI, {args.actions[0]}, seed {args.seeds[0]}):")
         print(f"{'beta':>6}" + "".join(f"{m:>14}" for m in METRICS))
@@ -134,7 +141,8 @@ def main() -> int:
     if args.out:
         from adi_lightning.io import atomic_write_json
 
-        atomic_write_json(args.out, {"table": table, "curve": {str(b): m for b, m in curve.items()}, "args": vars(args)})
+        atomic_write_json(args.out, {"table": table, "runs": runs, "curve": {str(b): m for b, m in curve.items()},
+                                     "args": vars(args), "wall_s": round(time.time() - started)})
     print(json.dumps(table, sort_keys=True))
     return 0
 

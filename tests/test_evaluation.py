@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -97,3 +98,29 @@ def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, t
     (logged,) = trainer.test(module, dm)
     assert json.loads(next(tmp_path.glob("metrics/test_step*.json")).read_text())["images"] == 6
     assert (tmp_path / "images").is_dir()
+
+
+def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatch):
+    """The shipped toy backbone and exact ToyJudge, through the CLI: fit a trained identifier, then
+    ``test`` it; the metrics file covers every (unseen subject, seed) and the grid is written."""
+    from adi_lightning.cli import RUN_DIR_ENV, main
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("sys.argv", ["adi_lightning"])
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "toy_kicking.yaml"
+    common = ["--config", str(experiment), f"--data.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.num_inference_steps=3",
+              "--data.eval_subjects=[cat, robot]", "--data.test_seeds=[0, 1, 2]"]
+    main(args=["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]"])
+    (identifier,) = tmp_path.glob("*/identifier.safetensors")
+    main(args=["test", *common, f"--model.identifier_path={identifier}"])
+    (report,) = tmp_path.glob("*/metrics/test_step*.json")
+    data = json.loads(report.read_text())
+    assert data["judge"] == "ToyJudge" and data["action"] == "kicking" and data["images"] == 6
+    assert set(data["metrics"]) == {"action_acc", "subject_acc", "both_correct", "leak", "context_leak"}
+    assert all(0.0 <= v <= 1.0 for v in data["metrics"].values())
+    rows = list(csv.DictReader(open(report.with_suffix(".csv"))))
+    assert [(r["subject"], r["seed"]) for r in rows] == [(s, str(i)) for s in ("cat", "robot") for i in range(3)]
+    (grid,) = report.parent.parent.glob("images/test_step*.png")
+    assert Image.open(grid).size[0] > 3 * 32  # three seed columns of 32 px images plus the label column
