@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per identifier")
     parser.add_argument("--test-seeds", type=int, default=4, help="images per unseen subject at test")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="mask threshold for the masked methods (adi*); default: each preset's (0.5)")
     parser.add_argument("--curve", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
                         help="betas of the threshold curve (ADI, first action, first seed); empty to skip")
     parser.add_argument("--quick", action="store_true", help="smoke size: 1 action, 1 seed, few steps, 3 methods")
@@ -112,7 +114,8 @@ def main() -> int:
                     t0 = time.time()
                     first = action == args.actions[0] and seed == args.seeds[0]
                     grid_to = Path(args.grids) / f"{method}.png" if args.grids and first else None
-                    metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), [], grid_to)
+                    extra = [f"--model.mask_threshold={args.beta}"] if args.beta is not None and method.startswith("adi") else []
+                    metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), extra, grid_to)
                     results[method].append(metrics)
                     runs.append({"action": action, "seed": seed, "method": method, **metrics})
                     print(f"[{time.time() - started:7.0f}s] {action:<9} seed {seed} {method:<17} "
