@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
 
@@ -45,7 +46,8 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
         f"--trainer.default_root_dir={root}", f"--data.test_seeds={list(range(test_seeds))}",
         "--trainer.limit_val_batches=0", *extra,
     ]
-    cli = ADICLI(args=args, run=False)
+    with mock.patch.object(sys, "argv", sys.argv[:1]):  # the benchmark's own flags are not the CLI's
+        cli = ADICLI(args=args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     if grid_to is not None:
