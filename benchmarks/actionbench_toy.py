@@ -26,19 +26,22 @@ from unittest import mock
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ti", "pplus", "adi", "adi_no_layerwise", "adi_context_only", "adi_action_only")
+# "init": the untrained identifier (every row = the initializer word, "person"), tested without
+# fit: what the backbone already does with "a photo of a cat person". A method must beat it.
+METHODS = ("init", "ti", "pplus", "adi", "adi_no_layerwise", "adi_context_only", "adi_action_only")
 METRICS = ("action_acc", "subject_acc", "both_correct", "leak", "context_leak")
 
 
 def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
             grid_to: Path | None = None) -> dict:
-    """fit then test one identifier; returns the test metrics (and copies the test grid to ``grid_to``)."""
+    """fit (except for ``init``) then test one identifier; returns the test metrics (and copies the test
+    grid to ``grid_to``)."""
     from adi_lightning.cli import RUN_DIR_ENV, ADICLI
 
     os.environ.pop(RUN_DIR_ENV, None)
     args = [
         "--config", str(REPO / "experiments" / f"toy_{action}.yaml"),
-        "--model", str(REPO / "configs" / "model" / f"{method}.yaml"),
+        "--model", str(REPO / "configs" / "model" / f"{'ti' if method == 'init' else method}.yaml"),
         f"--seed_everything={seed}", f"--data.seed={seed}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -48,7 +51,8 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
     ]
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the benchmark's own flags are not the CLI's
         cli = ADICLI(args=args, run=False)
-    cli.trainer.fit(cli.model, cli.datamodule)
+    if method != "init":
+        cli.trainer.fit(cli.model, cli.datamodule)
     (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
     if grid_to is not None:
         from adi_lightning.io import atomic_path
@@ -101,7 +105,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.actions, args.seeds, args.steps, args.test_seeds = args.actions[:1], args.seeds[:1], 10, 1
-        args.methods, args.curve = ["ti", "pplus", "adi"], [0.5, 1.0]
+        args.methods, args.curve = ["init", "ti", "pplus", "adi"], [0.5, 1.0]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -133,7 +137,7 @@ def main() -> int:
     print(f"\nActionBench-toy: {len(args.actions)} actions x {len(args.seeds)} seeds, {args.steps} steps, "
           f"{args.test_seeds} test seeds per subject; wall {time.time() - started:.0f} s\n")
     print_table(table)
-    for baseline in ("ti", "pplus"):
+    for baseline in ("init", "ti", "pplus"):
         if "adi" in results and baseline in results:
             diffs = [a["both_correct"] - b["both_correct"] for a, b in zip(results["adi"], results[baseline])]
             print(f"ADI - {baseline} both_correct, paired by (action, seed): mean {statistics.fmean(diffs):+.3f}, "
