@@ -146,6 +146,7 @@ def main(argv=None) -> None:
     try:
         fill_default_inputs(args, work)
 
+        from adi_lightning.cli import RUN_DIR_ENV
         from adi_lightning.data.layout import read_action_folder, records_of_action
 
         anchors = records_of_action(read_action_folder(args.data), args.action)
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
         copy = patched_script(script, work / "textual_inversion_notorchvision.py")
 
         env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-        env.pop("ADI_RUN_DIR", None)
+        env.pop(RUN_DIR_ENV, None)
         never = str(10**9)
 
         # diffusers

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adi_lightning.callbacks import RankConsistencyCallback
+from adi_lightning.cli import RUN_DIR_ENV
 from adi_lightning.identifier import read_identifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def _run_cli(args: list[str], devices: int) -> None:
     if devices > 1:
         args = [*args, "--trainer.strategy=ddp"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("ADI_RUN_DIR", None)
+    env.pop(RUN_DIR_ENV, None)
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -143,9 +143,9 @@ def test_compiled_unet_keeps_the_gradient(make_module, reference, monkeypatch):
         pytest.skip(f"torch.compile of the UNet does not run on this CPU build: {type(err).__name__}: {err}")
     finally:
         torch._dynamo.reset()
+    _assert_close(grads, ref_grads)  # checked whatever the compile time
     if time.perf_counter() - start > 120:
-        pytest.skip("torch.compile took over two minutes on this CPU")
-    _assert_close(grads, ref_grads)
+        pytest.skip("torch.compile took over two minutes on this CPU (the gradients matched)")
 
 
 def test_bf16_mixed_keeps_the_identifier_and_its_gradients_fp32(make_module, reference):

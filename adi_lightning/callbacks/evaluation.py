@@ -48,7 +48,7 @@ class EvaluationCallback(L.Callback):
 
     def _judge(self, trainer, pl_module, outputs) -> None:
         judge = getattr(pl_module, "judge", None)
-        if judge is None or not outputs or not outputs.get("subject"):
+        if trainer.sanity_checking or judge is None or not outputs or not outputs.get("subject"):
             return
         verdict = judge.judge(outputs["image"])
         for i, prompt in enumerate(outputs["prompt"]):
