@@ -10,6 +10,7 @@ optimizer ever sees the vocabulary.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -135,6 +136,33 @@ def initializer_embedding(tokenizer, token_embedding: nn.Module, word: str) -> t
     return token_embedding.weight[ids[0]].detach().float().clone()
 
 
+_FUNCTION_WORDS = {"a", "an", "the", "of", "one", "in", "on", "at", "with", "and", "to", "up"}
+
+
+def check_initializer_word(word: str, templates=(), subjects=()) -> list[str]:
+    """Warn (and return where) when the initializer is a subject word of the run.
+
+    A noun of the prompt templates ("person" in "a photo of a person {}"), a subject of the data
+    or of the judge in the action slot makes the untrained "a cat <A>" read "a cat person": the
+    identifier starts as a subject, and training drifts toward subjects and colours. Choose an
+    action-neutral word instead (e.g. "standing"). Returns the sources that contain ``word``.
+    """
+    target = word.strip().lower()
+    found = []
+    template_words = {w for t in templates for w in re.findall(r"[a-z]+", t.lower())} - _FUNCTION_WORDS
+    if target in template_words:
+        found.append("a word of data.prompt_templates")
+    if target in {str(s).lower() for s in subjects}:
+        found.append("a subject of the data or the judge")
+    if found:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"model.initializer_token={word!r} is {' and '.join(found)}: the identifier starts as a "
+                       "subject, not an action. Prefer an action-neutral word such as 'standing' (README: "
+                       "'Choosing the initializer').")
+    return found
+
+
 class LayerwiseIdentifier(nn.Module):
     """The ``[R, D]`` fp32 identifier table, with the ``attn2`` path of each layer it feeds.
 
@@ -148,6 +176,8 @@ class LayerwiseIdentifier(nn.Module):
         self.layer_paths = list(layer_paths)
         self.layerwise = layerwise
         self.embedding = nn.Parameter(init.detach().float().reshape(1, -1).repeat(rows, 1).contiguous())
+        # The untrained table, for "what does the initializer alone draw" baselines (not saved).
+        self.register_buffer("initial", self.embedding.detach().clone(), persistent=False)
 
     @property
     def num_layers(self) -> int:

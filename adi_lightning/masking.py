@@ -13,8 +13,11 @@ from typing import Literal
 import torch
 
 MaskCombine = Literal["and", "or", "context_only", "action_only"]
+MaskStatistic = Literal["absolute", "relative", "sign"]
 UpdateFrom = Literal["anchor", "anchor_and_context"]
 MASK_COMBINES: tuple[str, ...] = ("and", "or", "context_only", "action_only")
+MASK_STATISTICS: tuple[str, ...] = ("absolute", "relative", "sign")
+EPS = 1e-12
 UPDATE_FROMS: tuple[str, ...] = ("anchor", "anchor_and_context")
 
 
@@ -32,23 +35,62 @@ def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return torch.quantile(x.float(), q, dim=-1, keepdim=True)
 
 
+def absolute_difference(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
+    """``|g - g_other|`` per channel (the paper read literally), same shape as ``g``.
+
+    Scales with the gradients themselves (on the toy world Spearman +0.5 with ``|g_a|``), so a
+    quantile test on it selects channels by gradient size as much as by invariance.
+    """
+    return (g - g_other).abs()
+
+
+def relative_difference(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
+    """``|g - g_other| / (|g| + |g_other|)`` per channel, in [0, 1], same shape as ``g``.
+
+    Scale-free: 0 when the two gradients agree exactly, 1 when they have opposite signs (or one is
+    zero), whatever their size. A channel with ``g = 10, g_other = 9`` scores 0.05, one with
+    ``g = 0.1, g_other = -0.1`` scores 1 (the absolute difference ranks them the other way).
+    """
+    return (g - g_other).abs() / (g.abs() + g_other.abs() + EPS)
+
+
+def sign_disagreement(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``g`` and ``g_other`` point in opposite directions (or either is 0), else 0.0.
+
+    A sign test: "invariant" means only "pushes the channel the same way". Its tests ignore β
+    (a quantile of a 0/1 score is not a threshold): the context test keeps channels whose
+    anchor and context gradients agree in sign, the action test those whose anchor and
+    action-different gradients disagree.
+    """
+    return ((g * g_other) <= 0).to(g.dtype)
+
+
+STATISTICS = {"absolute": absolute_difference, "relative": relative_difference, "sign": sign_disagreement}
+
+
 def channel_mask(
     g_anchor: torch.Tensor,
     g_context: torch.Tensor,
     g_action: torch.Tensor,
     threshold: float,
     combine: MaskCombine = "and",
+    statistic: MaskStatistic = "absolute",
 ) -> torch.Tensor:
-    """Boolean keep-mask of the identifier channels for each triple.
+    """Boolean keep-mask ``[..., L, D]`` of the identifier channels for each triple.
 
-    ``Δc = |g_a - g_c|`` is small on action channels (the gradient survives a context
-    change): keep ``Δc <= quantile_β(Δc)``. ``Δd = |g_a - g_d|`` is small on context
+    ``Δc = diff(g_a, g_c)`` is small on action channels (the gradient survives a context
+    change): keep ``Δc <= quantile_β(Δc)``. ``Δd = diff(g_a, g_d)`` is small on context
     channels (the gradient survives an action change): keep ``Δd >= quantile_{1-β}(Δd)``.
-    With β = 1 both tests keep every channel.
+    ``diff`` is the ``statistic``: :func:`absolute_difference` (the paper read literally),
+    :func:`relative_difference` (scale-free) or :func:`sign_disagreement` (keep ``Δc == 0``
+    and ``Δd == 1``, no quantile). With β = 1 every channel is kept, whatever the statistic.
+    Source of the two tests: Huang et al., CVPR 2024 ("gradient invariance from sample triples").
     """
     check_threshold(threshold)
     if combine not in MASK_COMBINES:
         raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {combine!r}")
+    if statistic not in MASK_STATISTICS:
+        raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {statistic!r}")
     if not (g_anchor.shape == g_context.shape == g_action.shape):
         raise ValueError(
             "role gradients must share one shape, got "
@@ -56,10 +98,13 @@ def channel_mask(
         )
     if threshold >= 1.0:
         return torch.ones_like(g_anchor, dtype=torch.bool)
-    delta_c = (g_anchor - g_context).abs()
-    delta_d = (g_anchor - g_action).abs()
-    keep_c = delta_c <= _row_quantile(delta_c, threshold)
-    keep_d = delta_d >= _row_quantile(delta_d, 1.0 - threshold)
+    diff = STATISTICS[statistic]
+    delta_c, delta_d = diff(g_anchor, g_context), diff(g_anchor, g_action)
+    if statistic == "sign":
+        keep_c, keep_d = delta_c == 0, delta_d == 1
+    else:
+        keep_c = delta_c <= _row_quantile(delta_c, threshold)
+        keep_d = delta_d >= _row_quantile(delta_d, 1.0 - threshold)
     if combine == "and":
         return keep_c & keep_d
     if combine == "or":
@@ -74,13 +119,14 @@ def masked_update(
     threshold: float,
     combine: MaskCombine = "and",
     update_from: UpdateFrom = "anchor",
+    statistic: MaskStatistic = "absolute",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The identifier's update gradient from per-triple role gradients.
 
     Args:
         role_grads: ``[N, 3, L, D]``: for each of N triples, the gradients of its
             anchor, context-different and action-different losses w.r.t. the identifier.
-        threshold, combine: see :func:`channel_mask`.
+        threshold, combine, statistic: see :func:`channel_mask`.
         update_from: ``anchor`` uses ``g_a``; ``anchor_and_context`` the mean of ``g_a`` and ``g_c``.
             The action-different sample only ever shapes the mask.
 
@@ -93,7 +139,7 @@ def masked_update(
     if update_from not in UPDATE_FROMS:
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     g_a, g_c, g_d = role_grads.unbind(1)
-    masks = channel_mask(g_a, g_c, g_d, threshold, combine)
+    masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
     source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
     update = (source * masks).mean(dim=0)
     return update, masks
@@ -102,3 +148,14 @@ def masked_update(
 def kept_fraction_per_layer(masks: torch.Tensor) -> torch.Tensor:
     """Fraction of channels kept per identifier row, averaged over triples: ``[L]``."""
     return masks.float().mean(dim=-1).reshape(-1, masks.shape[-2]).mean(dim=0)
+
+
+def kept_energy_fraction(masks: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Share of the gradient energy the masks let through: ``sum((m * g)^2) / sum(g^2)``, a scalar.
+
+    ``masks`` and ``grads`` ``[N, L, D]`` (e.g. the anchors' gradients). The kept *fraction* of
+    channels can look healthy while the kept energy is tiny (a mask that keeps the smallest
+    gradients), so both are logged.
+    """
+    energy = grads.float().pow(2)
+    return (energy * masks).sum() / energy.sum().clamp_min(EPS)

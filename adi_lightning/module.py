@@ -22,6 +22,7 @@ from adi_lightning import generation
 from adi_lightning.conditioning import cross_attention_layers, encode_layerwise, install_layerwise_processors, tokenize
 from adi_lightning.identifier import (
     LayerwiseIdentifier,
+    check_initializer_word,
     add_placeholder_token,
     initializer_embedding,
     install_overlay,
@@ -32,7 +33,7 @@ from adi_lightning.identifier import (
 from adi_lightning.data.triples import triple_key
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
-from adi_lightning.masking import MASK_COMBINES, UPDATE_FROMS, MaskCombine, UpdateFrom, check_threshold
+from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, MaskCombine, MaskStatistic, UpdateFrom, check_threshold
 from adi_lightning import speed
 
 log = logging.getLogger(__name__)
@@ -57,18 +58,26 @@ class ADIModule(L.LightningModule):
             hub id (hub ids need the weights in the local cache when offline).
         placeholder_token: The identifier string used in prompts; must not already exist in the
             vocabulary nor be a word of the prompt templates.
-        initializer_token: A single-token word every identifier row starts from.
+        initializer_token: A single-token word every identifier row starts from: an action-neutral
+            word ("standing"), never a subject noun ("person" makes "a cat <A>" start as "a cat
+            person", a human; a warning names such words at setup).
         layerwise: One row per cross-attention layer (P+ / ADI). False: one shared row for all
             layers, i.e. Textual Inversion.
         mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test.
             1.0 turns masking off (then only the target action's images are needed).
         mask_combine: How the context test and the action test combine into the mask.
+        mask_statistic: How each test scores a channel's change between two role gradients
+            (:mod:`adi_lightning.masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally;
+            selects small gradients), ``relative`` ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free)
+            or ``sign`` (sign agreement; ignores β below 1).
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the
             anchor's and the context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
-        timestep_sampling: ``uniform`` over the training timesteps, or ``importance`` (favours
-            large t, where layout and pose form; ReVersion-style 1 - 0.5 cos(pi t / T)).
+        timestep_sampling: ``uniform`` over the training timesteps, ``importance`` (favours
+            large t, where layout and pose form; ReVersion-style weight 1 - 0.5 cos(pi t / T)) or
+            ``cubic`` (t = (1 - u^3) T for uniform u: most draws at large t, as diffusers' SDXL
+            LoRA scripts' cubic sampling).
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
             identifier and its gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
@@ -102,14 +111,15 @@ class ADIModule(L.LightningModule):
         self,
         pretrained_model_name_or_path: str,
         placeholder_token: str = "<A>",
-        initializer_token: str = "person",
+        initializer_token: str = "standing",
         layerwise: bool = True,
         mask_threshold: float = 0.5,
         mask_combine: MaskCombine = "and",
+        mask_statistic: MaskStatistic = "absolute",
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3,
         weight_decay: float = 0.0,
-        timestep_sampling: Literal["uniform", "importance"] = "uniform",
+        timestep_sampling: Literal["uniform", "importance", "cubic"] = "uniform",
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None,
         revision: str | None = None,
@@ -129,10 +139,12 @@ class ADIModule(L.LightningModule):
         check_threshold(mask_threshold)
         if mask_combine not in MASK_COMBINES:
             raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
+        if mask_statistic not in MASK_STATISTICS:
+            raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
         if update_from not in UPDATE_FROMS:
             raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
-        if timestep_sampling not in ("uniform", "importance"):
-            raise ValueError(f"model.timestep_sampling must be uniform or importance, got {timestep_sampling!r}")
+        if timestep_sampling not in ("uniform", "importance", "cubic"):
+            raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
         if not learning_rate > 0 or weight_decay < 0:
             raise ValueError("model.learning_rate must be > 0 and model.weight_decay >= 0")
         if num_inference_steps < 1:
@@ -220,6 +232,9 @@ class ADIModule(L.LightningModule):
             )
         if datamodule is not None:
             generation.check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
+            subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
+                        *getattr(self.judge, "subjects", ())]
+            check_initializer_word(self.hparams.initializer_token, templates, subjects)
         if self.trainer.is_global_zero:
             atomic_write_json(self.run_dir / "run_info.json", {
                 "stage": stage,
@@ -246,6 +261,8 @@ class ADIModule(L.LightningModule):
             "base_model": self.hparams.pretrained_model_name_or_path,
             "mask_threshold": str(self.hparams.mask_threshold),
             "mask_combine": self.hparams.mask_combine,
+            "mask_statistic": self.hparams.mask_statistic,
+            "timestep_sampling": self.hparams.timestep_sampling,
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
             "git_revision": git_revision(),
@@ -294,6 +311,9 @@ class ADIModule(L.LightningModule):
         steps = self.noise_scheduler.config.num_train_timesteps
         if self.hparams.timestep_sampling == "uniform":
             return torch.randint(0, steps, (1,), generator=generator)
+        if self.hparams.timestep_sampling == "cubic":
+            u = torch.rand((1,), generator=generator, dtype=torch.float64)
+            return ((1.0 - u**3) * steps).long().clamp(0, steps - 1)
         t = torch.arange(steps, dtype=torch.float64)
         weights = 1.0 - 0.5 * torch.cos(math.pi * t / steps)
         return torch.multinomial(weights, 1, generator=generator)
@@ -405,16 +425,20 @@ class ADIModule(L.LightningModule):
         return self._pipeline
 
     @torch.no_grad()
-    def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``, for the stock pipeline."""
-        table = self.identifier.embedding
+    def prompt_embeddings(self, prompts: list[str], table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``, for the stock pipeline.
+
+        ``table`` ``[R, D]`` replaces the learned identifier (e.g. ``identifier.initial``, the untrained one).
+        """
+        table = self.identifier.embedding if table is None else table
         return generation.prompt_embeddings(self.text_encoder, self.tokenizer, prompts, self.identifier.num_layers,
                                             table.unsqueeze(0).expand(len(prompts), *table.shape), self.unet.dtype)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int]):
-        """One seeded image per (prompt, seed) through the stock ``StableDiffusionPipeline``."""
-        embeds, negative = self.prompt_embeddings(prompts)
+    def generate(self, prompts: list[str], seeds: list[int], table: torch.Tensor | None = None):
+        """One seeded image per (prompt, seed) through the stock ``StableDiffusionPipeline``;
+        ``table`` as in :meth:`prompt_embeddings` (``self.identifier.initial``: the untrained identifier)."""
+        embeds, negative = self.prompt_embeddings(prompts, table)
         return generation.run_seeded(self.pipeline(), embeds, negative, seeds,
                                      num_inference_steps=self.hparams.num_inference_steps,
                                      guidance_scale=self.hparams.guidance_scale,

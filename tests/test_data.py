@@ -157,7 +157,7 @@ def test_action_not_present_lists_actions(tmp_path):
 
 def test_single_image_needs_partner(tmp_path):
     root = make_folder(tmp_path / "d", [rec("a.png", "jump", "alice"), rec("b.png", "sit", "alice")])
-    with pytest.raises(DataLayoutError, match="metadata.jsonl:1.*only 1 image"):
+    with pytest.raises(DataLayoutError, match="metadata.jsonl:1.*only 1 exemplar"):
         dataset(root)
     assert len(dataset(root, with_partners=False)) == 2
 
@@ -325,3 +325,52 @@ def test_datamodule_predict_without_root():
 def test_datamodule_rejects_bad_args(kwargs, key):
     with pytest.raises(ValueError, match=key):
         ActionTripleDataModule(**kwargs)
+
+
+# PAIRED plus a context pool of two jumpers that are partners only (no action-different partner).
+POOL = [rec("pool/dave.png", "jump", "dave", context="night", context_pool=True,
+            attributes={"colour": "blue"}),
+        rec("pool/erin.png", "jump", "erin", context="street", context_pool=True)]
+
+
+def test_context_pool_images_are_partners_never_anchors(tmp_path):
+    root = make_folder(tmp_path / "d", PAIRED + POOL)
+    ds = dataset(root)  # auto: the pool, because the action has one
+    assert ds.context_source == "pool"
+    assert names(ds.anchors) == {"jump/alice.png", "jump/bob.png", "jump/carol.png"}
+    contexts = {ds.plan(i).records[1].file_name for i in range(40)}
+    assert contexts == {"pool/dave.png", "pool/erin.png"}
+    assert not any(ds.plan(i).records[0].context_pool for i in range(40))
+    # TI / P+ (anchors only) never see a pool image either.
+    plain = dataset(root, with_partners=False)
+    assert {plain.plan(i).records[0].file_name for i in range(len(plain))} == names(ds.anchors)
+    assert read_action_folder(root)[-2].attributes == {"colour": "blue"}
+
+
+def test_context_partner_sources(tmp_path):
+    root = make_folder(tmp_path / "d", PAIRED + POOL)
+    from_exemplars = {dataset(root, context_partners="exemplars").plan(i).records[1].file_name for i in range(40)}
+    assert from_exemplars <= {"jump/alice.png", "jump/bob.png", "jump/carol.png"}
+    both = {dataset(root, context_partners="pool_and_exemplars").plan(i).records[1].file_name for i in range(60)}
+    assert {"pool/dave.png", "pool/erin.png"} < both and len(both) > 2
+    plain = make_folder(tmp_path / "p", PAIRED)
+    assert dataset(plain).context_source == "exemplars"
+    with pytest.raises(DataLayoutError, match="context_partners='pool'.*no context-pool image"):
+        dataset(plain, context_partners="pool")
+
+
+def test_missing_pool_image_names_the_file(tmp_path):
+    root = make_folder(tmp_path / "d", PAIRED + POOL)
+    (root / "pool" / "erin.png").unlink()
+    with pytest.raises(DataLayoutError, match=r"metadata.jsonl:10.*'pool/erin.png' not found"):
+        dataset(root)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("context_pool", "yes", "'context_pool' must be true or false"),
+    ("attributes", {"colour": 3}, "'attributes' must be an object of strings"),
+])
+def test_bad_pool_keys_name_the_line(tmp_path, key, value, message):
+    root = make_folder(tmp_path / "d", PAIRED[:1] + [rec("x.png", "jump", "x", **{key: value})])
+    with pytest.raises(DataLayoutError, match=f"metadata.jsonl:2: optional key {message}"):
+        read_action_folder(root)

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from adi_lightning.masking import channel_mask, check_threshold, kept_fraction_per_layer, masked_update
+from adi_lightning.masking import (
+    channel_mask,
+    check_threshold,
+    kept_energy_fraction,
+    kept_fraction_per_layer,
+    masked_update,
+    relative_difference,
+)
 
 D = 8
 # Channels 0-3: the gradient survives a context change (action channels).
@@ -84,3 +91,42 @@ def test_kept_fraction_per_layer():
     masks[0, 1, :2] = True
     masks[1, 1, :] = True
     assert kept_fraction_per_layer(masks).tolist() == [0.0, 0.75, 0.0]
+
+
+# Two channels that separate the statistics (context test only):
+#   channel 0: g_a = 10, g_c = 9   -- large but nearly invariant (relative 0.05, absolute 1.0)
+#   channel 1: g_a = 0.1, g_c = -0.1 -- tiny but flips sign (relative 1.0, absolute 0.2)
+SEP_A = torch.tensor([[10.0, 0.1]])
+SEP_C = torch.tensor([[9.0, -0.1]])
+SEP_D = torch.zeros(1, 2)
+
+
+def test_statistics_disagree_where_they_should():
+    absolute = channel_mask(SEP_A, SEP_C, SEP_D, 0.5, "context_only", "absolute")
+    relative = channel_mask(SEP_A, SEP_C, SEP_D, 0.5, "context_only", "relative")
+    sign = channel_mask(SEP_A, SEP_C, SEP_D, 0.5, "context_only", "sign")
+    assert absolute.tolist() == [[False, True]]  # keeps the small, sign-flipping gradient
+    assert relative.tolist() == [[True, False]]  # keeps the large, invariant one
+    assert sign.tolist() == [[True, False]]
+    assert relative_difference(SEP_A, SEP_C)[0].tolist() == pytest.approx([1 / 19, 1.0])
+
+
+def test_sign_test_keeps_agreeing_context_and_disagreeing_action_channels():
+    g_a = torch.tensor([[1.0, 1.0, -2.0, 3.0]])
+    g_c = torch.tensor([[2.0, -1.0, -1.0, 1.0]])  # agrees on 0, 2, 3
+    g_d = torch.tensor([[-1.0, -1.0, -3.0, 0.0]])  # disagrees on 0, 1, 3 (zero counts as disagreeing)
+    assert as_set(channel_mask(g_a, g_c, g_d, 0.5, "and", "sign")) == {0, 3}
+    assert as_set(channel_mask(g_a, g_c, g_d, 0.2, "and", "sign")) == {0, 3}  # β is not a quantile here
+    assert channel_mask(g_a, g_c, g_d, 1.0, "and", "sign").all()
+
+
+def test_unknown_statistic_is_an_error():
+    with pytest.raises(ValueError, match="model.mask_statistic"):
+        channel_mask(G_A, G_C, G_D, 0.5, "and", "cosine")
+
+
+def test_kept_energy_differs_from_kept_fraction():
+    grads = torch.tensor([[[3.0, 1.0, 1.0, 1.0]]])
+    masks = torch.tensor([[[False, True, True, True]]])
+    assert kept_fraction_per_layer(masks).item() == 0.75
+    assert kept_energy_fraction(masks, grads).item() == pytest.approx(3 / 12)

@@ -14,7 +14,7 @@ import logging
 import lightning as L
 import torch
 
-from adi_lightning.masking import kept_fraction_per_layer, masked_update
+from adi_lightning.masking import kept_energy_fraction, kept_fraction_per_layer, masked_update
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class GradientMaskCallback(L.Callback):
     def __init__(self) -> None:
         self._restore_handle = None
         self.last_masks: torch.Tensor | None = None
+        self.last_kept_energy: torch.Tensor | None = None
 
     def _disarm(self) -> None:
         if self._restore_handle is not None:
@@ -61,6 +62,7 @@ class GradientMaskCallback(L.Callback):
         kept = kept_fraction_per_layer(masks)
         never_kept = ~masks.any(dim=0)
         pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
+        pl_module.log("mask/kept_energy", self.last_kept_energy, batch_size=masks.shape[0])
         pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
         if kept.numel() > 1 and (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])
@@ -80,7 +82,9 @@ class GradientMaskCallback(L.Callback):
             raise FloatingPointError(f"non-finite identifier gradient at global step {step}")
 
         hp = pl_module.hparams
-        update, masks = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from)
+        update, masks = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from,
+                                      hp.mask_statistic)
+        self.last_kept_energy = kept_energy_fraction(masks, role_grads[:, 0])
         param = pl_module.identifier.embedding
         param.grad = update.to(device=param.device, dtype=param.dtype)
         self.last_masks = masks

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .layout import DataLayoutError, read_action_folder, records_of_action
 from .partners import MANIFEST, PartnerSettings, ensure_partners, partner_folder
 from .sampler import GlobalBatchSampler
-from .triples import ActionTripleDataset, PromptSeedDataset
+from .triples import ActionTripleDataset, ContextPartners, PromptSeedDataset
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATES", "ActionTripleDataModule"]
 
@@ -63,6 +63,11 @@ class ActionTripleDataModule(L.LightningDataModule):
             ``generate``: the frozen backbone makes them once before training by
             image-to-image from each anchor with another action word (cached, see
             ``generate_*`` and ``cache_dir``); for exemplar-only folders.
+        context_partners: Where context-different partners come from: ``exemplars`` (the other
+            exemplars), ``pool`` (the folder's context pool: images of the action marked
+            ``"context_pool": true`` in metadata.jsonl, partners only, never trained on),
+            ``pool_and_exemplars``, or ``auto`` (the pool when the action has one). A pool lets
+            the context test see appearance when every exemplar shares colour and background.
         batch_size: Triples per training step per device (each triple is 3 images).
         num_workers: DataLoader worker processes (0 loads in the main process).
         repeats: Passes over the anchors per epoch (epoch length = anchors * repeats).
@@ -95,6 +100,9 @@ class ActionTripleDataModule(L.LightningDataModule):
         export_toy_if_missing: When ``root`` has no ``metadata.jsonl``, export the ToyActionWorld
             folder for ``action`` there first (the toy experiments use this, so they run on a
             fresh checkout; never set it for real data).
+        toy_difficulty: Which toy folder to export: ``shared`` (exemplars share colour, pattern
+            and background; a context pool differs), ``diverse`` (each exemplar its own
+            appearance) or ``shared_no_pool`` (shared, no pool: the context test is blind).
         cache_dir: Where generated partners are cached (default ``<root>/.adi_cache``); reused
             while its manifest matches the settings, regenerated when it does not.
     """
@@ -105,6 +113,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         action: str | None = None,
         resolution: int = 512,
         action_different: Literal["require", "other_action", "generate"] = "require",
+        context_partners: ContextPartners = "auto",
         batch_size: int = 1,
         num_workers: int = 0,
         repeats: int = 100,
@@ -123,6 +132,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_guidance: float = 7.5,
         cache_dir: str | None = None,
         export_toy_if_missing: bool = False,
+        toy_difficulty: Literal["shared", "diverse", "shared_no_pool"] = "shared",
         eval_subjects: list[str] = [],
         eval_template: str = "a photo of a {} <A>",
         test_seeds: list[int] | None = None,
@@ -156,6 +166,8 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.action = action
         self.resolution = resolution
         self.action_different = action_different
+        self.context_partners = context_partners
+        self.toy_difficulty = toy_difficulty
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.repeats = repeats
@@ -181,6 +193,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.test_seeds = [int(s) for s in test_seeds] if test_seeds is not None else None
         self.exemplar_subjects: set[str] = set()
         self.exemplar_contexts: set[str] = set()
+        self.exemplar_attributes: list[dict[str, str]] = []
         self.train_dataset: ActionTripleDataset | None = None
         self.save_hyperparameters()
 
@@ -209,7 +222,7 @@ class ActionTripleDataModule(L.LightningDataModule):
             from adi_lightning.toy.export import ensure_action_folder
 
             self._check_fit_keys()
-            ensure_action_folder(self.root, self.action)
+            ensure_action_folder(self.root, self.action, difficulty=self.toy_difficulty)
             log.info("exported the toy %r folder to %s", self.action, self.root)
         if not self.generates_partners:
             return
@@ -232,6 +245,7 @@ class ActionTripleDataModule(L.LightningDataModule):
             anchors = records_of_action(records, self.action)
             self.exemplar_subjects = {a.subject for a in anchors}
             self.exemplar_contexts = {a.context for a in anchors if a.context}
+            self.exemplar_attributes = [a.appearance() for a in anchors]
         if stage in ("fit", None) and self.train_dataset is None:
             self._check_fit_keys()  # root and action are set past this line, so records were read above
             if self.generates_partners:
@@ -243,7 +257,7 @@ class ActionTripleDataModule(L.LightningDataModule):
             self.train_dataset = ActionTripleDataset(
                 records, action=self.action, resolution=self.resolution,
                 action_different="require" if self.generates_partners else self.action_different,
-                with_partners=self.with_partners,
+                with_partners=self.with_partners, context_partners=self.context_partners,
                 repeats=self.repeats, flip_p=self.flip_p,
                 prompt_templates=self.prompt_templates, seed=self.seed,
             )

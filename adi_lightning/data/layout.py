@@ -3,10 +3,14 @@
 A folder holds images plus ``metadata.jsonl`` with one JSON object per image::
 
     {"file_name": "run/001.png", "action": "jumping", "subject": "alice",
-     "context": "beach", "pair_id": "alice-beach", "caption": "..."}
+     "context": "beach", "pair_id": "alice-beach", "caption": "...",
+     "attributes": {"colour": "yellow", "background": "beach"}, "context_pool": false}
 
 ``file_name``, ``action`` and ``subject`` are required non-empty strings; ``context``,
-``pair_id`` and ``caption`` are optional; any other key is ignored. Every malformed case
+``pair_id`` and ``caption`` are optional strings; ``attributes`` is an optional object of
+appearance factors (string values) that the leak metrics compare with a judge's verdicts;
+``context_pool: true`` marks an image of the action that is a *context-different partner only*:
+never an anchor, never a training target (see ``ActionTripleDataset``). Any other key is ignored. Every malformed case
 raises a single :class:`DataLayoutError` naming the file (and ``metadata.jsonl:<line>``
 where a line is at fault), so a bad folder fails at setup and never mid-training.
 """
@@ -15,14 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 METADATA_FILE = "metadata.jsonl"
 REQUIRED_KEYS = ("file_name", "action", "subject")
-OPTIONAL_KEYS = ("context", "pair_id", "caption")
+OPTIONAL_KEYS = ("context", "pair_id", "caption", "attributes", "context_pool")
 
 __all__ = [
     "METADATA_FILE",
@@ -51,6 +55,8 @@ class ImageRecord:
         pair_id: Optional id grouping images that differ only in the action.
         caption: Optional free-text caption.
         line: 1-based line number in ``metadata.jsonl`` (for error messages).
+        attributes: Optional appearance factors (e.g. colour, pattern, background).
+        context_pool: A context-different partner only, never an anchor.
     """
 
     file_name: str
@@ -61,6 +67,16 @@ class ImageRecord:
     pair_id: str | None
     caption: str | None
     line: int
+    attributes: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    context_pool: bool = False
+
+    def appearance(self) -> dict[str, str]:
+        """What a judge could see of this image besides the action: subject, context, attributes."""
+        out = {"subject": self.subject}
+        if self.context is not None:
+            out["context"] = self.context
+        out.update(self.attributes)
+        return out
 
     @property
     def where(self) -> str:
@@ -82,6 +98,23 @@ def _optional_str(obj: dict, key: str, where: str) -> str | None:
         raise DataLayoutError(f"{where}: optional key {key!r} must be a string or null, "
                               f"got {type(value).__name__} {value!r}")
     return value if value.strip() else None
+
+
+def _attributes(obj: dict, where: str) -> dict[str, str]:
+    value = obj.get("attributes")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise DataLayoutError(f"{where}: optional key 'attributes' must be an object of strings "
+                              f"(e.g. {{\"colour\": \"red\"}}), got {value!r}")
+    return dict(value)
+
+
+def _flag(obj: dict, key: str, where: str) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise DataLayoutError(f"{where}: optional key {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _check_file_name(root: Path, file_name: str, where: str) -> tuple[str, Path]:
@@ -157,15 +190,20 @@ def read_action_folder(root: str | Path) -> list[ImageRecord]:
             pair_id=_optional_str(obj, "pair_id", where),
             caption=_optional_str(obj, "caption", where),
             line=line_no,
+            attributes=_attributes(obj, where),
+            context_pool=_flag(obj, "context_pool", where),
         ))
     if not records:
         raise DataLayoutError(f"{meta}: no records; add one JSON object per image")
     return records
 
 
-def records_of_action(records: list[ImageRecord], action: str) -> list[ImageRecord]:
-    """The records of ``action``; raises listing the actions present when there are none."""
-    chosen = [r for r in records if r.action == action]
+def records_of_action(records: list[ImageRecord], action: str, pool: bool = False) -> list[ImageRecord]:
+    """The exemplars of ``action`` (with ``pool``: its context-pool images instead); raises
+    listing the actions present when the action has no exemplar."""
+    if pool:
+        return [r for r in records if r.action == action and r.context_pool]
+    chosen = [r for r in records if r.action == action and not r.context_pool]
     if not chosen:
         present = sorted({r.action for r in records})
         where = records[0].path_of_metadata if records else METADATA_FILE

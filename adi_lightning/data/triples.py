@@ -23,6 +23,8 @@ from torch.utils.data import Dataset
 from .layout import DataLayoutError, ImageRecord, records_of_action, verify_images
 
 ActionDifferent = Literal["require", "other_action"]
+ContextPartners = Literal["auto", "exemplars", "pool", "pool_and_exemplars"]
+CONTEXT_PARTNERS: tuple[str, ...] = ("auto", "exemplars", "pool", "pool_and_exemplars")
 ROLES = ("anchor", "context_different", "action_different")
 
 __all__ = [
@@ -109,7 +111,7 @@ def _strict_action_partners(anchor: ImageRecord, others: Sequence[ImageRecord]) 
 
 def _context_partners(anchor: ImageRecord, target: Sequence[ImageRecord]) -> list[ImageRecord]:
     """Other images of the action, best tier first: other subject and context, other subject, any."""
-    others = [r for r in target if r is not anchor]
+    others = [r for r in target if r.file_name != anchor.file_name]
     other_subject = [r for r in others if r.subject != anchor.subject]
     best = [r for r in other_subject if anchor.context is None or r.context != anchor.context]
     return best or other_subject or others
@@ -128,6 +130,11 @@ class ActionTripleDataset(Dataset):
             action (weaker: appearance differs too, so less of it is masked out).
         with_partners: If False, items hold the anchor only (plain textual inversion /
             no masking) and no partner images are needed.
+        context_partners: Where context-different partners come from. ``exemplars``: the other
+            exemplars of the action. ``pool``: the folder's context pool (images of the action
+            marked ``context_pool: true``: partners only, never anchors or targets), so the
+            partner can differ in appearance when every exemplar shares one. ``pool_and_exemplars``:
+            both. ``auto``: the pool when the action has one, else the exemplars.
         repeats: Passes over the anchors per epoch; ``len = num_anchors * repeats``.
         flip_p: Probability of one horizontal flip applied to all members of a triple.
         prompt_templates: Templates with one ``{}`` where the placeholder goes.
@@ -144,6 +151,7 @@ class ActionTripleDataset(Dataset):
         resolution: int,
         action_different: ActionDifferent = "require",
         with_partners: bool = True,
+        context_partners: ContextPartners = "auto",
         repeats: int = 1,
         flip_p: float = 0.5,
         prompt_templates: Sequence[str] = ("a photo of a person {}",),
@@ -152,6 +160,8 @@ class ActionTripleDataset(Dataset):
         if action_different not in ("require", "other_action"):
             raise ValueError(f"action_different must be 'require' or 'other_action', "
                              f"got {action_different!r}")
+        if context_partners not in CONTEXT_PARTNERS:
+            raise ValueError(f"context_partners must be one of {CONTEXT_PARTNERS}, got {context_partners!r}")
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         if not 0.0 <= flip_p <= 1.0:
@@ -169,20 +179,34 @@ class ActionTripleDataset(Dataset):
         self.seed = int(seed)
 
         target = records_of_action(records, action)
+        pool = records_of_action(records, action, pool=True)
         self.anchors: tuple[ImageRecord, ...] = tuple(target)
+        self.context_partners = context_partners
+        self.context_source = context_partners if context_partners != "auto" else ("pool" if pool else "exemplars")
         self.context_candidates: tuple[tuple[ImageRecord, ...], ...] = ()
         self.action_candidates: tuple[tuple[ImageRecord, ...], ...] = ()
         used: dict[str, ImageRecord] = {r.file_name: r for r in target}
         if self.with_partners:
-            if len(target) < 2:
-                raise DataLayoutError(
-                    f"{target[0].where}: action {action!r} has only 1 image "
-                    f"({target[0].file_name!r}); a context-different partner needs at least 2")
-            self.context_candidates = tuple(tuple(_context_partners(a, target)) for a in target)
+            self.context_candidates = self._context_candidates(target, pool)
             self.action_candidates = self._action_partners(records, target)
-            for cands in self.action_candidates:
+            for cands in self.context_candidates + self.action_candidates:
                 used.update((r.file_name, r) for r in cands)
         verify_images(used.values())
+
+    def _context_candidates(self, target: list[ImageRecord], pool: list[ImageRecord]):
+        where = target[0].path_of_metadata
+        if self.context_source in ("pool", "pool_and_exemplars") and not pool:
+            raise DataLayoutError(
+                f"{where}: context_partners={self.context_source!r} but action {self.action!r} has no "
+                "context-pool image (a metadata line with \"context_pool\": true)")
+        if self.context_source == "pool":
+            return tuple(tuple(pool) for _ in target)
+        if self.context_source == "exemplars" and len(target) < 2:
+            raise DataLayoutError(
+                f"{target[0].where}: action {self.action!r} has only 1 exemplar "
+                f"({target[0].file_name!r}); a context-different partner needs at least 2, or a context pool")
+        extra = tuple(pool) if self.context_source == "pool_and_exemplars" else ()
+        return tuple(tuple(_context_partners(a, target)) + extra for a in target)
 
     def _action_partners(self, records: list[ImageRecord], target: list[ImageRecord]):
         others = [r for r in records if r.action != self.action]
