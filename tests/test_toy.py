@@ -1,4 +1,4 @@
-"""The toy world, its shipped pipeline and judges, the pretraining command and the data export."""
+"""The toy world, its shipped pipeline and judges, the pretraining command (data export: test_toy_export.py)."""
 
 import json
 import os
@@ -121,27 +121,3 @@ def test_short_pretrain_writes_loadable_pipeline(tmp_path):
     img = pipe(prompt="a photo of a dog waving", num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 32, 32, 3)
     assert not list(tmp_path.glob(".pipe*")), "temp folders left behind"
-
-
-def test_make_data_layout_is_accepted(tmp_path):
-    from adi_lightning.data import ActionTripleDataModule
-
-    root = tmp_path / "jumping"
-    main(["make-data", "--action", "jumping", "--out", str(root), "--num-exemplars", "4", "--seed", "3"])
-    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
-    exemplars = [r for r in rows if r["action"] == "jumping"]
-    partners = [r for r in rows if r["action"] != "jumping"]
-    assert len(exemplars) == len(partners) == 4
-    assert all(r["subject"] in HUMANS for r in rows)
-    # the hard case: one co-occurring context for every exemplar
-    assert len({(r["spec"]["background"], r["spec"]["colour"], r["spec"]["pattern"]) for r in exemplars}) == 1
-    for ex in exemplars:
-        (partner,) = [p for p in partners if p["pair_id"] == ex["pair_id"]]
-        assert {k: v for k, v in partner["spec"].items() if k != "action"} == \
-            {k: v for k, v in ex["spec"].items() if k != "action"}
-    dm = ActionTripleDataModule(root=str(root), action="jumping", resolution=32)
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert len(dm.train_dataset.anchors) == 4 and batch is not None
-    with pytest.raises(FileExistsError):
-        main(["make-data", "--action", "jumping", "--out", str(root)])

@@ -42,7 +42,8 @@ def _make_data(args) -> None:
     from .export import make_action_folder
 
     out = make_action_folder(args.out, action=args.action, num_exemplars=args.num_exemplars,
-                             subjects=args.subjects, seed=args.seed, size=args.size, overwrite=args.overwrite)
+                             subjects=args.subjects, seed=args.seed, size=args.size, overwrite=args.overwrite,
+                             difficulty=args.difficulty, num_pool=args.num_pool)
     print(f"wrote {out}")
 
 
@@ -88,13 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=80)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("make-data", help="write an action folder (exemplars + action-different partners)")
+    p = sub.add_parser("make-data", help="write an action folder (exemplars, action-different partners, context pool)")
     p.add_argument("--action", default="jumping")
     p.add_argument("--out", required=True)
     p.add_argument("--num-exemplars", dest="num_exemplars", type=int, default=6)
     p.add_argument("--subjects", nargs="+", default=None, help="human-like subjects of the exemplars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--difficulty", choices=("shared", "diverse", "shared_no_pool"), default="shared",
+                   help="shared: exemplars share one look, plus a context pool of other looks (context partners "
+                        "only); diverse: every exemplar its own look; shared_no_pool: shared, no pool")
+    p.add_argument("--num-pool", dest="num_pool", type=int, default=6, help="context-pool size (shared only)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_make_data)
 
