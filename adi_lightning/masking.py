@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 
 MaskCombine = Literal["and", "or", "context_only", "action_only"]
-MaskStatistic = Literal["absolute", "relative", "sign"]
+MaskStatistic = Literal["absolute", "relative", "sign", "projection"]
 UpdateFrom = Literal["anchor", "anchor_and_context"]
 MASK_COMBINES: tuple[str, ...] = ("and", "or", "context_only", "action_only")
-MASK_STATISTICS: tuple[str, ...] = ("absolute", "relative", "sign")
+MASK_STATISTICS: tuple[str, ...] = ("absolute", "relative", "sign", "projection")
 EPS = 1e-12
 UPDATE_FROMS: tuple[str, ...] = ("anchor", "anchor_and_context")
 
@@ -114,6 +114,41 @@ def channel_mask(
     return keep_d
 
 
+def triple_updates(
+    role_grads: torch.Tensor,
+    threshold: float,
+    combine: MaskCombine = "and",
+    update_from: UpdateFrom = "anchor",
+    statistic: MaskStatistic = "absolute",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each triple's masked (or projected) update from its role gradients.
+
+    Args:
+        role_grads: ``[N, 3, L, D]``: for each of N triples, the gradients of its
+            anchor, context-different and action-different losses w.r.t. the identifier.
+        threshold, combine, statistic: see :func:`channel_mask` (``projection``: see
+            :func:`project_update`; its masks keep every channel).
+        update_from: ``anchor`` uses ``g_a``; ``anchor_and_context`` the mean of ``g_a`` and ``g_c``.
+            The action-different sample only ever shapes the mask.
+
+    Returns:
+        ``(updates [N, L, D], masks [N, L, D] bool)``, ``updates = mask ⊙ g`` per triple.
+    """
+    if role_grads.ndim != 4 or role_grads.shape[1] != 3:
+        raise ValueError(f"role_grads must be [N, 3, L, D], got {tuple(role_grads.shape)}")
+    if update_from not in UPDATE_FROMS:
+        raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
+    g_a, g_c, g_d = role_grads.unbind(1)
+    source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
+    if statistic == "projection":
+        masks = channel_mask(g_a, g_c, g_d, 1.0, combine, "absolute") if check_threshold(threshold) else None
+        if threshold >= 1.0:
+            return source, masks
+        return project_update(source, g_a - g_c, g_a - g_d, combine), masks
+    masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
+    return source * masks, masks
+
+
 def masked_update(
     role_grads: torch.Tensor,
     threshold: float,
@@ -121,28 +156,10 @@ def masked_update(
     update_from: UpdateFrom = "anchor",
     statistic: MaskStatistic = "absolute",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The identifier's update gradient from per-triple role gradients.
-
-    Args:
-        role_grads: ``[N, 3, L, D]``: for each of N triples, the gradients of its
-            anchor, context-different and action-different losses w.r.t. the identifier.
-        threshold, combine, statistic: see :func:`channel_mask`.
-        update_from: ``anchor`` uses ``g_a``; ``anchor_and_context`` the mean of ``g_a`` and ``g_c``.
-            The action-different sample only ever shapes the mask.
-
-    Returns:
-        ``(update [L, D], masks [N, L, D] bool)``: the update is the mean over triples of
-        ``mask ⊙ g``.
-    """
-    if role_grads.ndim != 4 or role_grads.shape[1] != 3:
-        raise ValueError(f"role_grads must be [N, 3, L, D], got {tuple(role_grads.shape)}")
-    if update_from not in UPDATE_FROMS:
-        raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
-    g_a, g_c, g_d = role_grads.unbind(1)
-    masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
-    source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
-    update = (source * masks).mean(dim=0)
-    return update, masks
+    """The identifier's update gradient: ``(update [L, D], masks [N, L, D])``, the update being
+    the mean over triples of :func:`triple_updates`."""
+    updates, masks = triple_updates(role_grads, threshold, combine, update_from, statistic)
+    return updates.mean(dim=0), masks
 
 
 def kept_fraction_per_layer(masks: torch.Tensor) -> torch.Tensor:
@@ -150,12 +167,38 @@ def kept_fraction_per_layer(masks: torch.Tensor) -> torch.Tensor:
     return masks.float().mean(dim=-1).reshape(-1, masks.shape[-2]).mean(dim=0)
 
 
-def kept_energy_fraction(masks: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-    """Share of the gradient energy the masks let through: ``sum((m * g)^2) / sum(g^2)``, a scalar.
+def _along(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The component of ``x`` along ``u``, per row (last dim): ``(x·u / |u|^2) u``; 0 where u = 0."""
+    return (x * u).sum(-1, keepdim=True) / u.pow(2).sum(-1, keepdim=True).clamp_min(EPS) * u
 
-    ``masks`` and ``grads`` ``[N, L, D]`` (e.g. the anchors' gradients). The kept *fraction* of
-    channels can look healthy while the kept energy is tiny (a mask that keeps the smallest
-    gradients), so both are logged.
+
+def project_update(g: torch.Tensor, context_change: torch.Tensor, action_change: torch.Tensor,
+                   combine: MaskCombine = "and") -> torch.Tensor:
+    """The ``projection`` statistic: directions instead of channels (beyond the paper).
+
+    Per identifier row, the action test keeps the component of ``g`` along the action change
+    ``g_a - g_d`` (anchor and action-different partner share appearance, noise and timestep, so
+    their difference is the pose's), and the context test removes the component along the context
+    change ``g_a - g_c``. ``and`` does both (keep, then remove), ``or`` averages the two results,
+    ``context_only`` / ``action_only`` one each. Channel masks assume features are axis-aligned in
+    the embedding; they are not, least at small D (ADI_METHOD.md). All tensors ``[N, L, D]``.
     """
-    energy = grads.float().pow(2)
-    return (energy * masks).sum() / energy.sum().clamp_min(EPS)
+    keep_action = _along(g, action_change)
+    drop_context = g - _along(g, context_change)
+    if combine == "action_only":
+        return keep_action
+    if combine == "context_only":
+        return drop_context
+    if combine == "or":
+        return 0.5 * (keep_action + drop_context)
+    return keep_action - _along(keep_action, context_change)
+
+
+def kept_energy_fraction(updates: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Share of the gradient energy that reaches the update: ``sum(u^2) / sum(g^2)``, a scalar.
+
+    ``updates`` (from :func:`triple_updates`) and ``grads`` (the anchors') ``[N, L, D]``. The kept
+    *fraction* of channels can look healthy while the kept energy is tiny (a mask that keeps the
+    smallest gradients), so both are logged.
+    """
+    return updates.float().pow(2).sum() / grads.float().pow(2).sum().clamp_min(EPS)

@@ -230,6 +230,12 @@ class ADIModule(L.LightningModule):
                 f"{self.hparams.mask_threshold} (masking {'on' if self.masking_enabled else 'off'}): "
                 "masking needs triples, and only masking needs them"
             )
+        dataset = getattr(datamodule, "train_dataset", None) if stage == "fit" else None
+        if self.hparams.update_from != "anchor" and getattr(dataset, "context_source", "exemplars") != "exemplars":
+            raise ValueError(
+                f"model.update_from={self.hparams.update_from!r} would train on context-pool images, which are "
+                f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
+                "use model.update_from=anchor or data.context_partners=exemplars")
         if datamodule is not None:
             generation.check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),

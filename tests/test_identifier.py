@@ -38,9 +38,11 @@ def test_rows_start_from_the_initializer_and_are_fp32(make_module):
     module = make_module()
     table = module.identifier.embedding
     assert table.dtype == torch.float32 and table.requires_grad
-    person = module.tokenizer.convert_tokens_to_ids("person</w>")
-    expected = module.overlay.base.weight[person]
+    standing = module.tokenizer.convert_tokens_to_ids("standing</w>")  # the default initializer
+    expected = module.overlay.base.weight[standing]
     assert torch.equal(table, expected.expand_as(table))
+    assert torch.equal(module.identifier.initial, table.detach())  # the untrained table, kept apart
+    assert "identifier.initial" not in module.state_dict()
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable == ["identifier.embedding"]
 
@@ -131,3 +133,14 @@ def test_diffusers_load_textual_inversion_refuses_the_file(make_module, tmp_path
     with pytest.raises(Exception):
         pipe.load_textual_inversion(str(path), token="<B>")
     assert "<B>" not in pipe.tokenizer.get_vocab()
+
+
+def test_initializer_that_is_a_subject_word_warns():
+    from adi_lightning.identifier import check_initializer_word
+
+    templates = ["a photo of a person {}"]
+    with pytest.warns(UserWarning, match="initializer_token='person' is a word of data.prompt_templates"):
+        assert check_initializer_word("person", templates, ["cat"])
+    with pytest.warns(UserWarning, match="a subject of the data or the judge"):
+        check_initializer_word("Cat", templates, ["cat", "dog"])
+    assert check_initializer_word("standing", templates, ["cat", "man"]) == []

@@ -129,4 +129,21 @@ def test_kept_energy_differs_from_kept_fraction():
     grads = torch.tensor([[[3.0, 1.0, 1.0, 1.0]]])
     masks = torch.tensor([[[False, True, True, True]]])
     assert kept_fraction_per_layer(masks).item() == 0.75
-    assert kept_energy_fraction(masks, grads).item() == pytest.approx(3 / 12)
+    assert kept_energy_fraction(grads * masks, grads).item() == pytest.approx(3 / 12)
+
+
+def test_projection_keeps_the_action_change_and_drops_the_context_change():
+    # Row of D = 3: the anchor gradient has an action part (axis 0), a context part (axis 1) and
+    # a part shared by all three roles (axis 2); neither part is channel-aligned after a rotation.
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))[0]
+    action, context, shared = rotation
+    g_a = (2 * action + 3 * context + shared).reshape(1, 1, 1, 3)
+    g_c = (0 * action + 0 * context + shared).reshape(1, 1, 1, 3) + 2 * action.reshape(1, 1, 1, 3)  # same action
+    g_d = (3 * context + shared).reshape(1, 1, 1, 3)  # same context, no action
+    grads = torch.cat([g_a, g_c, g_d], dim=1)  # [1, 3, 1, 3]
+    update, masks = masked_update(grads, 0.5, "action_only", statistic="projection")
+    assert torch.allclose(update[0], 2 * action, atol=1e-5)
+    update, _ = masked_update(grads, 0.5, "context_only", statistic="projection")
+    assert torch.allclose(update[0], 2 * action + shared, atol=1e-5)
+    assert masks.all()
+    assert torch.equal(masked_update(grads, 1.0, statistic="projection")[0], g_a[0, 0])

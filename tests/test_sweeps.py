@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,8 @@ def test_sweep_schema(path):
     assert sweep["method"] in {"grid", "random", "bayes"}
     assert sweep["metric"]["goal"] in {"maximize", "minimize"}
     assert sweep["metric"]["name"] in LOGGED, "the optimised metric must be a name the framework logs"
+    # both correct and free of the exemplars' appearance: a leaking identifier must not win a sweep
+    assert sweep["metric"] == {"name": "val/clean_both_correct", "goal": "maximize"}
     assert "${args}" in sweep["command"]
     assert sweep["command"][sweep["command"].index("python"):][:5] == ["python", "-m", "adi_lightning", "fit", "--config"]
     for name, spec in sweep["parameters"].items():
@@ -106,4 +109,4 @@ def test_one_trial_runs_offline_with_a_one_step_budget(tmp_path, monkeypatch):
     assert (run / "identifier.safetensors").is_file() and (run / "config.yaml").is_file()
     assert list(run.glob("wandb/offline-run-*")), "the W&B logger wrote into the trial's own folder"
     (metrics,) = run.glob("metrics/validation_step*.json")  # the swept metric was computed
-    assert "both_correct" in metrics.read_text()
+    assert json.loads(metrics.read_text())["metrics"]["clean_both_correct"] is not None

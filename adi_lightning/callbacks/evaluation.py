@@ -1,8 +1,13 @@
 """EvaluationCallback: judge the validation / test images and report ActionBench metrics.
 
 Active when the model has a judge (``model.judge``) and the data module prompts evaluation
-subjects (``data.eval_subjects``). Metrics are logged as ``<stage>/<name>`` (the names sweeps
-optimise, e.g. ``val/both_correct``) and written beside the grid as JSON and CSV, atomically.
+subjects (``data.eval_subjects``). Every (prompt, seed) is also generated with the untrained
+identifier (``identifier.initial``) and judged, in the same batch hook, so every leak rate comes with
+its untrained rate and the excess over it (definitions: ``adi_lightning.evaluation.metrics``). Those
+judgements are cached here by (prompt, seed): a fit that validates N times generates them once
+(Lightning makes a new callback for each fit / validate / test call, hence a new cache).
+Metrics are logged as ``<stage>/<name>`` (the names sweeps optimise, e.g.
+``val/clean_both_correct``) and written beside the grid as JSON and CSV, atomically.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import csv
 import io
 import logging
 import math
+import weakref
 
 import lightning as L
 
 from adi_lightning.callbacks.image_log import gather_objects
-from adi_lightning.evaluation import METRIC_NAMES, ActionBenchMetric
+from adi_lightning.evaluation import ActionBenchMetric, judge_rows, with_untrained
+from adi_lightning.evaluation.judges import ACTION_AND_SUBJECT
 from adi_lightning.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -24,9 +31,10 @@ STAGE_NAMES = {"validation": "val", "test": "test"}
 
 class EvaluationCallback(L.Callback):
     def __init__(self) -> None:
-        # Used as a calculator on the gathered rows: no cross-rank sync of its own.
-        self.metric = ActionBenchMetric(sync_on_compute=False)
         self.rows: list[dict] = []
+        # (prompt, seed) -> what the judge saw in the untrained identifier's image; valid for one module.
+        self.untrained: dict[tuple[str, int], dict[str, str]] = {}
+        self._untrained_owner = None
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self.rows = []
@@ -50,14 +58,25 @@ class EvaluationCallback(L.Callback):
         judge = getattr(pl_module, "judge", None)
         if trainer.sanity_checking or judge is None or not outputs or not outputs.get("subject"):
             return
-        verdict = judge.judge(outputs["image"])
+        judged = judge.judge(outputs["image"]).rows()
+        untrained = self._judge_untrained(pl_module, judge, outputs["prompt"], outputs["seed"])
         for i, prompt in enumerate(outputs["prompt"]):
             self.rows.append({
                 "prompt_index": outputs["prompt_index"][i], "seed_index": outputs["seed_index"][i],
                 "prompt": prompt, "seed": outputs["seed"][i], "subject": outputs["subject"][i],
-                "pred_action": verdict.action[i], "pred_subject": verdict.subject[i],
-                "pred_context": verdict.context[i] if verdict.context else None,
+                "judged": judged[i], "untrained": untrained[i],
             })
+
+    def _judge_untrained(self, pl_module, judge, prompts: list[str], seeds: list[int]) -> list[dict[str, str]]:
+        """The judged untrained image of each (prompt, seed): generated and judged once (per module)."""
+        if self._untrained_owner is None or self._untrained_owner() is not pl_module:
+            self.untrained, self._untrained_owner = {}, weakref.ref(pl_module)
+        missing = list(dict.fromkeys(k for k in zip(prompts, seeds) if k not in self.untrained))
+        if missing:
+            images = pl_module.generate([p for p, _ in missing], [s for _, s in missing],
+                                        table=pl_module.identifier.initial)
+            self.untrained.update(zip(missing, judge.judge(images).rows()))
+        return [self.untrained[key] for key in zip(prompts, seeds)]
 
     def _report(self, trainer, pl_module, stage: str) -> None:
         if trainer.sanity_checking or getattr(pl_module, "judge", None) is None or not trainer.datamodule.eval_subjects:
@@ -67,18 +86,21 @@ class EvaluationCallback(L.Callback):
         rows = gather_objects(self.rows, key=lambda r: (r["prompt_index"], r["seed_index"]))
         rows.sort(key=lambda r: (r["prompt_index"], r["seed_index"]))
         dm = trainer.datamodule
-        self.metric.reset()
-        if rows:
-            contexts = [r["pred_context"] for r in rows]
-            self.metric.update([r["pred_action"] for r in rows], [r["pred_subject"] for r in rows], dm.action,
-                               [r["subject"] for r in rows], dm.exemplar_subjects,
-                               None if None in contexts else contexts, dm.exemplar_contexts)
-        values = {k: float(v) for k, v in self.metric.compute().items()}
-        for r in rows:
-            r["action_correct"] = r["pred_action"] == dm.action
-            r["subject_correct"] = r["pred_subject"] == r["subject"]
-            r["leak"] = r["pred_subject"] in dm.exemplar_subjects and r["pred_subject"] != r["subject"]
-        self.rows = rows
+        exemplars = dm.exemplar_attributes  # one dict of known attributes per exemplar image
+        factors = [k for k in rows[0]["judged"] if k not in ACTION_AND_SUBJECT] if rows else []
+        subjects = [r["subject"] for r in rows]
+        rates = {}
+        for which in ("judged", "untrained"):
+            # Used as a calculator on the gathered rows: no cross-rank sync of its own.
+            metric = ActionBenchMetric(factors, sync_on_compute=False)
+            if rows:
+                metric.update([r[which] for r in rows], dm.action, subjects, exemplars)
+            rates[which] = {k: float(v) for k, v in metric.compute().items()}
+        values = with_untrained(rates["judged"], rates["untrained"])
+        flags = judge_rows([r["judged"] for r in rows], dm.action, subjects, exemplars, factors)
+        self.rows = [{**{k: r[k] for k in ("prompt_index", "seed_index", "prompt", "seed", "subject")},
+                      **{f"pred_{k}": v for k, v in r["judged"].items()}, **f,
+                      **{f"untrained_{k}": v for k, v in r["untrained"].items()}} for r, f in zip(rows, flags)]
         prefix = STAGE_NAMES[stage]
         # Every rank scored the same gathered rows: every rank logs the same values.
         pl_module.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
@@ -87,9 +109,9 @@ class EvaluationCallback(L.Callback):
         name = f"{stage}_step{trainer.global_step:06d}"
         folder = pl_module.run_dir / "metrics"
         atomic_write_json(folder / f"{name}.json", {
-            "stage": stage, "global_step": trainer.global_step, "action": trainer.datamodule.action,
+            "stage": stage, "global_step": trainer.global_step, "action": dm.action,
             "metrics": {k: (None if math.isnan(v) else v) for k, v in values.items()},
-            "images": len(self.rows), "judge": type(pl_module.judge).__name__,
+            "images": len(self.rows), "judge": type(pl_module.judge).__name__, "exemplars": exemplars,
         })
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]) if self.rows else ["prompt"])
@@ -101,4 +123,5 @@ class EvaluationCallback(L.Callback):
                 columns = list(self.rows[0])
                 logger.log_table(key=f"{prefix}/judgements", columns=columns,
                                  data=[[row[c] for c in columns] for row in self.rows], step=trainer.global_step)
-        log.info("%s metrics: %s", stage, ", ".join(f"{k}={values[k]:.3f}" for k in METRIC_NAMES))
+        log.info("%s metrics: %s", stage, ", ".join(f"{k}={v:.3f}" for k, v in values.items()
+                                                    if not math.isnan(v) and not k.endswith("_untrained")))

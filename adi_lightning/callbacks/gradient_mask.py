@@ -14,7 +14,7 @@ import logging
 import lightning as L
 import torch
 
-from adi_lightning.masking import kept_energy_fraction, kept_fraction_per_layer, masked_update
+from adi_lightning.masking import kept_energy_fraction, kept_fraction_per_layer, triple_updates
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,10 @@ class GradientMaskCallback(L.Callback):
             raise FloatingPointError(f"non-finite identifier gradient at global step {step}")
 
         hp = pl_module.hparams
-        update, masks = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from,
-                                      hp.mask_statistic)
-        self.last_kept_energy = kept_energy_fraction(masks, role_grads[:, 0])
+        updates, masks = triple_updates(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from,
+                                        hp.mask_statistic)
+        update = updates.mean(dim=0)
+        self.last_kept_energy = kept_energy_fraction(updates, role_grads[:, 0])
         param = pl_module.identifier.embedding
         param.grad = update.to(device=param.device, dtype=param.dtype)
         self.last_masks = masks

@@ -1,62 +1,128 @@
 """ActionBench metrics: does ``<A>`` carry the action to a new subject without the exemplars?
 
-Per generated image the judge names an action, a subject and (optionally) a context. Against
-the prompt's target action and subject and the exemplars' subjects and contexts this gives:
-action accuracy, subject accuracy, both-correct, appearance leak (the judge sees an exemplar's
-subject) and context leak (the judge sees an exemplar's context). Counts are torchmetrics states,
-so they sum over batches and DDP ranks.
+Per generated image (prompted action A, prompted subject s) the judge names an action, a subject
+and its appearance factors (e.g. background, pattern, colour). Each exemplar (anchor) image is a
+dict of the attributes known for it, e.g. ``{"subject": "man", "colour": "yellow", ...}``.
+:func:`judge_rows` holds the one copy of the per-image rules; :class:`ActionBenchMetric` counts
+them (torchmetrics states summed over batches and DDP ranks) and turns them into rates:
+
+- ``action_acc``: judged action == A. ``subject_acc``: judged subject == s. ``both_correct``: both.
+- ``leak_<k>`` for k in {subject} and every judge factor: the judged value of k equals the value
+  of k of some exemplar (for ``subject``: and is not s). NaN (not logged) when no exemplar has a
+  value for k.
+- ``appearance_leak``: the judged tuple of all appearance factors (the judge's factors that some
+  exemplar has a value for) equals that tuple of one single exemplar (one having all of them).
+  NaN when no appearance factor is known.
+- ``clean_both_correct``: action and subject correct and no ``appearance_leak``; when no
+  appearance factor is known it equals ``both_correct``.
+
+:func:`with_untrained` adds, for every leak rate, ``<name>_untrained`` (the same rate for the
+untrained identifier on the same prompts and seeds) and ``<name>_excess`` (trained - untrained).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torchmetrics import Metric
 
-METRIC_NAMES = ("action_acc", "subject_acc", "both_correct", "leak", "context_leak")
+#: Per-image correctness flags and the rate each one becomes.
+RATES = {"action_correct": "action_acc", "subject_correct": "subject_acc", "both_correct": "both_correct",
+         "clean_both_correct": "clean_both_correct"}
+
+
+def leak_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
+    """The leak metrics for a judge naming ``factors`` (besides action and subject)."""
+    return ("leak_subject", *(f"leak_{f}" for f in factors if f != "subject"), "appearance_leak")
+
+
+def metric_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
+    """Every metric reported for a judge naming ``factors``, in report order."""
+    leaks = leak_names(factors)
+    return (*RATES.values(), *leaks, *(f"{n}_untrained" for n in leaks), *(f"{n}_excess" for n in leaks))
+
+
+#: The metrics of every judge (``val/<name>``, ``test/<name>``); sweeps optimise ``val/clean_both_correct``.
+METRIC_NAMES = metric_names()
+
+
+def judge_rows(judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
+               exemplars: Sequence[Mapping[str, str]] = (), factors: Sequence[str] = ()) -> list[dict]:
+    """Per-image flags: the one copy of the ActionBench rules.
+
+    Args:
+        judged: ``[N]`` dicts ``{"action", "subject", <factor>: label}`` (``Judgement.rows()``).
+        target_action: The learned action A. target_subject: ``[N]`` prompted subjects.
+        exemplars: One dict of known attributes per exemplar image.
+        factors: The judge's factors besides action and subject (fixes the leak flags' names).
+
+    Returns ``[N]`` dicts with the flags of :data:`RATES` and of :func:`leak_names` (``None``:
+    not known, i.e. no exemplar has a value for that attribute).
+    """
+    if len(judged) != len(target_subject):
+        raise ValueError(f"need one prompted subject per judged image, got {len(target_subject)} for {len(judged)}")
+    factors = [f for f in factors if f != "subject"]
+    values = {k: {e[k] for e in exemplars if k in e} for k in ("subject", *factors)}
+    appearance = [f for f in factors if values[f]]
+    tuples = {tuple(e[f] for f in appearance) for e in exemplars if all(f in e for f in appearance)}
+    out = []
+    for row, subject in zip(judged, target_subject):
+        flags: dict[str, bool | None] = {"action_correct": row["action"] == target_action,
+                                         "subject_correct": row["subject"] == subject}
+        flags["both_correct"] = flags["action_correct"] and flags["subject_correct"]
+        for k in ("subject", *factors):
+            leak = row.get(k) in values[k] and (k != "subject" or row[k] != subject)
+            flags[f"leak_{k}"] = leak if values[k] else None
+        flags["appearance_leak"] = tuple(row.get(f) for f in appearance) in tuples if appearance else None
+        flags["clean_both_correct"] = flags["both_correct"] and not flags["appearance_leak"]
+        out.append(flags)
+    return out
 
 
 class ActionBenchMetric(Metric):
+    """Counts :func:`judge_rows` flags; ``compute()`` gives the rates (module docstring).
+
+    Args:
+        factors: The judge's factors besides action and subject (e.g. background, pattern, colour).
+    """
+
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self, **kwargs):
+    def __init__(self, factors: Sequence[str] = (), **kwargs):
         super().__init__(**kwargs)
-        for name in ("total", "action", "subject", "both", "leak", "context_total", "context_leak"):
-            self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.factors = tuple(f for f in factors if f != "subject")
+        self.flag_names = (*RATES, *leak_names(self.factors))
+        for flag in self.flag_names:  # images where the flag is true / where it is known
+            self.add_state(f"hits_{flag}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state(f"known_{flag}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        pred_action: Sequence[str],
-        pred_subject: Sequence[str],
-        target_action: str,
-        target_subject: Sequence[str],
-        exemplar_subjects: Collection[str] = (),
-        pred_context: Sequence[str] | None = None,
-        exemplar_contexts: Collection[str] = (),
-    ) -> None:
-        if not (len(pred_action) == len(pred_subject) == len(target_subject)):
-            raise ValueError("pred_action, pred_subject and target_subject must have one entry per image")
-        action = torch.tensor([a == target_action for a in pred_action], dtype=torch.bool)
-        subject = torch.tensor([p == t for p, t in zip(pred_subject, target_subject)], dtype=torch.bool)
-        leak = torch.tensor([p in exemplar_subjects and p != t for p, t in zip(pred_subject, target_subject)], dtype=torch.bool)
-        self.total += len(pred_action)
-        self.action += action.sum()
-        self.subject += subject.sum()
-        self.both += (action & subject).sum()
-        self.leak += leak.sum()
-        if pred_context is not None and exemplar_contexts:
-            self.context_total += len(pred_context)
-            self.context_leak += sum(c in exemplar_contexts for c in pred_context)
+    def update(self, judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
+               exemplars: Sequence[Mapping[str, str]] = ()) -> None:
+        """``judged``, ``target_subject``: ``[N]`` per image; see :func:`judge_rows`."""
+        rows = judge_rows(judged, target_action, target_subject, exemplars, self.factors)
+        for flag in self.flag_names:
+            known = [r[flag] for r in rows if r[flag] is not None]
+            setattr(self, f"hits_{flag}", getattr(self, f"hits_{flag}") + sum(known))
+            setattr(self, f"known_{flag}", getattr(self, f"known_{flag}") + len(known))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        total = self.total.clamp(min=1).float()
-        context_total = self.context_total.float()
-        return {
-            "action_acc": self.action / total,
-            "subject_acc": self.subject / total,
-            "both_correct": self.both / total,
-            "leak": self.leak / total,
-            "context_leak": self.context_leak / context_total if self.context_total > 0 else torch.tensor(float("nan")),
-        }
+        """``{name: rate}`` in [0, 1]; NaN where nothing was known (e.g. no appearance factor)."""
+        out = {}
+        for flag in self.flag_names:
+            known = getattr(self, f"known_{flag}")
+            rate = getattr(self, f"hits_{flag}") / known if known > 0 else torch.tensor(float("nan"))
+            out[RATES.get(flag, flag)] = rate.float()
+        return out
+
+
+def with_untrained(trained: Mapping[str, float], untrained: Mapping[str, float]) -> dict[str, float]:
+    """``trained`` plus, for every leak rate, ``<name>_untrained`` and ``<name>_excess`` (trained -
+    untrained: the leak the training added over what the untrained identifier already shows)."""
+    out = dict(trained)
+    leaks = [k for k in trained if k.startswith("leak_") or k == "appearance_leak"]
+    out.update({f"{k}_untrained": untrained.get(k, math.nan) for k in leaks})
+    out.update({f"{k}_excess": trained[k] - untrained.get(k, math.nan) for k in leaks})
+    return out
