@@ -114,6 +114,17 @@ def prompts_without_the_placeholder(data: Path, tmp: Path):
     return {"model.placeholder_token": "<jump>"}, "model.placeholder_token '<jump>'"
 
 
+def pool_requested_without_a_pool(data: Path, tmp: Path):
+    return {"data.context_partners": "pool"}, "context_partners='pool' but action 'jumping' has no context-pool image"
+
+
+def training_on_the_context_pool(data: Path, tmp: Path):
+    shutil.copy(data / "red_jumping.png", data / "pool_jumping.png")
+    _rewrite(data, lambda rows: _dumps(rows + [{"file_name": "pool_jumping.png", "action": "jumping",
+                                                "subject": "pool", "context_pool": True}]))
+    return {"model.update_from": "anchor_and_context"}, "model.update_from='anchor_and_context' would train on context-pool images"
+
+
 def output_not_writable(data: Path, tmp: Path):
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
@@ -123,7 +134,8 @@ def output_not_writable(data: Path, tmp: Path):
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
-         prompts_without_the_placeholder, output_not_writable]
+         prompts_without_the_placeholder, pool_requested_without_a_pool, training_on_the_context_pool,
+         output_not_writable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

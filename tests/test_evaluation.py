@@ -247,7 +247,10 @@ def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatc
     common = ["--config", str(experiment), f"--data.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.num_inference_steps=3",
               "--data.eval_subjects=[cat, robot]", "--data.test_seeds=[0, 1, 2]"]
-    main(args=["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]"])
+    # "person" is a noun of the toy templates ("a photo of a person {}"): the run warns about it.
+    with pytest.warns(UserWarning, match="initializer_token='person' is a word of data.prompt_templates"):
+        main(args=["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
+                   "--model.initializer_token=person"])
     (identifier,) = tmp_path.glob("*/identifier.safetensors")
     main(args=["test", *common, f"--model.identifier_path={identifier}"])
     (report,) = tmp_path.glob("*/metrics/test_step*.json")
