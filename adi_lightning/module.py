@@ -68,8 +68,10 @@ class ADIModule(L.LightningModule):
         mask_combine: How the context test and the action test combine into the mask.
         mask_statistic: How each test scores a channel's change between two role gradients
             (:mod:`adi_lightning.masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally;
-            selects small gradients), ``relative`` ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free)
-            or ``sign`` (sign agreement; ignores β below 1).
+            selects small gradients), ``relative`` ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free),
+            ``sign`` (sign agreement) or ``projection`` (default, measured best on the toy world:
+            directions, not channels; :func:`adi_lightning.masking.project_update`). ``sign`` and
+            ``projection`` ignore β below 1.
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the
             anchor's and the context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
@@ -115,7 +117,7 @@ class ADIModule(L.LightningModule):
         layerwise: bool = True,
         mask_threshold: float = 0.5,
         mask_combine: MaskCombine = "and",
-        mask_statistic: MaskStatistic = "absolute",
+        mask_statistic: MaskStatistic = "projection",
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3,
         weight_decay: float = 0.0,

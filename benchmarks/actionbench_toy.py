@@ -1,159 +1,340 @@
-"""ActionBench-toy: does ADI's <A> carry the action to unseen subjects better than TI and P+?
+"""ActionBench-toy v2: does ADI's <A> carry the action to unseen subjects better than TI and P+?
 
-Trains every method on several toy actions and seeds through the real experiment configs
-(``experiments/toy_<action>.yaml`` plus a ``configs/model/<method>.yaml`` preset, via the CLI
-parser), tests each identifier with the exact toy judges, and prints one table (method x metric,
-mean and spread over actions and seeds), then the threshold curve (beta 0.1 ... 1.0) for ADI on
-one action and one seed. The last line is the table as one JSON object keyed by method.
+Each run (method, action, seed, toy folder) fits through ``experiments/toy_<action>.yaml`` plus
+``configs/model/<method>.yaml`` in its own subprocess, then tests; its numbers are the ones the test
+stage wrote (``metrics/test_step*.json``), kept atomically in ``<out>/runs/`` and reused on a rerun.
+Tables: per folder, mean ± std of every metric per method; paired differences with bootstrap 95%
+intervals; the ablations; ADI's threshold curve (benchmarks/README.md).
 
-    python benchmarks/actionbench_toy.py            # default size: under an hour on 2 CPU cores
-    python benchmarks/actionbench_toy.py --quick    # smoke run
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size, about 1.6 h
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from unittest import mock
 
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
 
 REPO = Path(__file__).resolve().parents[1]
-# "init": the untrained identifier (every row = the initializer word, "person"), tested without
-# fit: what the backbone already does with "a photo of a cat person". A method must beat it.
-METHODS = ("init", "ti", "pplus", "adi", "adi_no_layerwise", "adi_context_only", "adi_action_only")
-METRICS = ("action_acc", "subject_acc", "both_correct", "leak", "context_leak")
+PRESETS = REPO / "configs" / "model"
+# init: the untrained identifier (every row = the initializer word), tested without fit; the bar
+# a method must clear. It is built with the TI preset (no partners to load); nothing is trained.
+PRESET_OF = {"init": "ti"}
+MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi")
+ABLATIONS = ("adi_no_layerwise", "adi_context_only", "adi_action_only")
+FOLDERS = ("shared", "diverse", "shared_no_pool")
+COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"))
+# Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
+# seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
+EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
 
 
+# ------------------------------------------------------------------ pure helpers (tested)
+def spec(method, action, folder, seed, steps, test_seeds, beta=None) -> dict:
+    return {"method": method, "action": action, "folder": folder, "seed": seed, "steps": steps,
+            "test_seeds": test_seeds, "beta": beta}
+
+
+def run_key(s: dict) -> str:
+    beta = "" if s["beta"] is None else f"-beta{s['beta']:g}".replace(".", "p")  # no dot: keys get suffixes
+    return f"{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps-{s['test_seeds']}ts{beta}"
+
+
+def make_plan(args, preset_beta: float | None) -> dict[str, list[dict]]:
+    """The runs of each part: main, ablations (with ADI beside them), curve ((beta, spec) pairs)."""
+    main = [spec(m, a, f, s, args.steps, args.test_seeds)
+            for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
+    ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds)
+                 for s in args.seeds for m in ("adi", *args.ablations)] if args.ablations else []
+    curve = [(b, spec("adi", args.curve_action, args.curve_folder, s, args.steps, args.test_seeds,
+                      None if b == preset_beta else b)) for b in args.curve_betas for s in args.curve_seeds]
+    return {"main": main, "ablations": ablations, "curve": curve}
+
+
+def unique_runs(plan: dict) -> dict[str, dict]:
+    runs = [*plan["main"], *plan["ablations"], *(s for _, s in plan["curve"])]
+    return {run_key(s): s for s in runs}  # a run planned twice (e.g. ADI at the preset's beta) runs once
+
+
+def estimate_s(s: dict) -> float:
+    train = 0 if s["method"] == "init" else s["steps"] * EST_STEP_S["adi" if s["method"].startswith("adi") else "other"]
+    return EST_START_S + train + EST_TEST_SEED_S * s["test_seeds"]
+
+
+def metric_order(records: list[dict]) -> list[str]:
+    """The runs' metric names in the evaluation's report order (rates, leaks, untrained, excess)."""
+    from adi_lightning.evaluation.metrics import metric_names
+
+    names = list(dict.fromkeys(k for r in records for k in r["metrics"]))
+    factors = [n[5:] for n in names if n.startswith("leak_") and not n.endswith(("_untrained", "_excess"))]
+    order = metric_names(factors)
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def is_leak(name: str) -> bool:
+    return (name.startswith("leak_") or name.startswith("appearance_leak")) and not name.endswith("_untrained")
+
+
+def summarize(records: list[dict], metrics: list[str]) -> dict[str, dict]:
+    """Per metric: mean, sample std (0 for one value) and n over the records' non-NaN values."""
+    out = {}
+    for m in metrics:
+        v = [r["metrics"][m] for r in records if not math.isnan(r["metrics"].get(m, math.nan))]
+        out[m] = {"mean": statistics.fmean(v) if v else math.nan,
+                  "std": statistics.stdev(v) if len(v) > 1 else (0.0 if v else math.nan), "n": len(v)}
+    return out
+
+
+def bootstrap_ci(values: list[float], resamples: int = 2000, level: float = 0.95, seed: int = 0):
+    """(mean, lo, hi): the mean and its percentile-bootstrap interval (fixed RNG seed)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, math.nan
+    rng, n = random.Random(seed), len(values)
+    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return statistics.fmean(values), means[int(tail * resamples)], means[math.ceil((1 - tail) * resamples) - 1]
+
+
+def paired(records: list[dict], a: str, b: str, metrics: list[str], folders: list[str]) -> dict:
+    """``a - b`` per (action, seed, folder) pair; per folder and over all: mean, lo, hi, n."""
+    by = {(r["spec"]["method"], r["spec"]["action"], r["spec"]["seed"], r["spec"]["folder"]): r["metrics"]
+          for r in records if r["spec"]["beta"] is None}
+    out = {}
+    for where in (*folders, "all"):
+        pairs = [(x, by[(b, *k[1:])]) for k, x in by.items()
+                 if k[0] == a and (b, *k[1:]) in by and where in ("all", k[3])]
+        out[where] = {}
+        for m in metrics:
+            diffs = [x.get(m, math.nan) - y.get(m, math.nan) for x, y in pairs]
+            mean, lo, hi = bootstrap_ci(diffs)
+            out[where][m] = {"mean": mean, "lo": lo, "hi": hi, "n": sum(not math.isnan(d) for d in diffs)}
+    return out
+
+
+def format_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[str], cell) -> str:
+    rendered = {c: [cell(col[m]) if m in col else "-" for m in metrics] for c, col in columns.items()}
+    width = max([len(title), *map(len, metrics)]) + 2
+    widths = {c: max([len(c), *map(len, cells)]) + 2 for c, cells in rendered.items()}
+    lines = [f"{title:<{width}}" + "".join(f"{c:>{widths[c]}}" for c in columns)]
+    lines.append("-" * len(lines[0]))
+    lines += [f"{m:<{width}}" + "".join(f"{rendered[c][i]:>{widths[c]}}" for c in columns)
+              for i, m in enumerate(metrics)]
+    return "\n".join(lines)
+
+
+def mean_std(x: dict) -> str:
+    return f"{x['mean']:.3f}±{x['std']:.3f}"
+
+
+def diff_ci(x: dict) -> str:
+    return f"{x['mean']:+.3f} [{x['lo']:+.3f},{x['hi']:+.3f}]"
+
+
+def json_safe(obj):  # NaN -> null (strict JSON)
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+# ------------------------------------------------------------------ one run (in the subprocess)
 def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
-            grid_to: Path | None = None) -> dict:
-    """fit (except for ``init``) then test one identifier; returns the test metrics (and copies the test
-    grid to ``grid_to``)."""
+            keep: Path | None = None) -> dict[str, float]:
+    """fit (except ``init``) then test one identifier in this process; returns the test metrics the
+    test stage wrote (NaN where it wrote none), and copies its CSV and grid to ``keep``.csv / .png."""
     from adi_lightning.cli import RUN_DIR_ENV, ADICLI
 
     os.environ.pop(RUN_DIR_ENV, None)
     args = [
         "--config", str(REPO / "experiments" / f"toy_{action}.yaml"),
-        "--model", str(REPO / "configs" / "model" / f"{'ti' if method == 'init' else method}.yaml"),
+        "--model", str(PRESETS / f"{PRESET_OF.get(method, method)}.yaml"),
         f"--seed_everything={seed}", f"--data.seed={seed}",
-        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger=false",
-        f"--trainer.default_root_dir={root}", f"--data.test_seeds={list(range(test_seeds))}",
-        "--trainer.limit_val_batches=0", *extra,
+        f"--trainer.default_root_dir={root}", f"--data.test_seeds={list(range(test_seeds))}", *extra,
     ]
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the benchmark's own flags are not the CLI's
         cli = ADICLI(args=args, run=False)
     if method != "init":
         cli.trainer.fit(cli.model, cli.datamodule)
-    (metrics,) = cli.trainer.test(cli.model, cli.datamodule, verbose=False)
-    if grid_to is not None:
+    cli.trainer.test(cli.model, cli.datamodule, verbose=False)
+    run_dir = Path(cli.model.run_dir)
+    (written,) = (run_dir / "metrics").glob("test_step*.json")
+    if keep is not None:
         from adi_lightning.io import atomic_path
 
-        (grid,) = (Path(cli.model.run_dir) / "images").glob("test_step*.png")
-        with atomic_path(grid_to) as tmp:
-            shutil.copyfile(grid, tmp)
-    return {k: metrics.get(f"test/{k}", float("nan")) for k in METRICS}
+        for source in (written.with_suffix(".csv"), *(run_dir / "images").glob("test_step*.png")):
+            with atomic_path(keep.parent / (keep.name + source.suffix)) as tmp:  # per-image judgements, the test grid
+                shutil.copyfile(source, tmp)
+    metrics = json.loads(written.read_text())["metrics"]
+    return {k: math.nan if v is None else float(v) for k, v in metrics.items()}
 
 
-def summarize(results: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    table = {}
-    for method, runs in results.items():
-        row = {}
-        for metric in METRICS:
-            values = [r[metric] for r in runs if r[metric] == r[metric]]
-            if values:
-                row[metric] = round(statistics.fmean(values), 4)
-                row[f"{metric}_std"] = round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0
-        row["runs"] = len(runs)
-        table[method] = row
-    return table
+def worker(payload: str) -> int:
+    import torch
+
+    from adi_lightning.io import atomic_write_json, git_revision
+
+    job = json.loads(payload)
+    s, result = job["spec"], Path(job["result"])
+    torch.set_num_threads(1)
+    extra = [f"--data.toy_difficulty={s['folder']}", f"--data.root={job['data_root']}"]
+    extra += [] if s["beta"] is None else [f"--model.mask_threshold={s['beta']}"]
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="actionbench-") as tmp:
+        metrics = run_one(s["action"], s["method"], s["seed"], s["steps"], s["test_seeds"], Path(tmp), extra,
+                          keep=result.with_suffix(""))
+    atomic_write_json(result, json_safe({"spec": s, "metrics": metrics, "wall_s": round(time.time() - started, 1),
+                                         "git": git_revision(REPO), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    return 0
 
 
-def print_table(table: dict[str, dict[str, float]]) -> None:
-    header = f"{'method':<18}" + "".join(f"{m:>22}" for m in METRICS)
-    print(header)
-    print("-" * len(header))
-    for method, row in table.items():
-        cells = "".join(f"{row.get(m, float('nan')):>14.3f} ± {row.get(m + '_std', 0):<5.3f}" for m in METRICS)
-        print(f"{method:<18}{cells}")
+# ------------------------------------------------------------------ orchestration
+def load_result(path: Path, s: dict) -> dict | None:
+    """A finished run's record when its spec is this one (a resumed benchmark reuses it)."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("spec") != s:
+        return None
+    record["metrics"] = {k: math.nan if v is None else v for k, v in record["metrics"].items()}
+    return record
+
+
+def launch(s: dict, out: Path, data_dir: Path) -> tuple[int, float]:
+    key, started = run_key(s), time.time()
+    payload = json.dumps({"spec": s, "result": str(out / "runs" / f"{key}.json"),
+                          "data_root": str(data_dir / s["folder"] / s["action"])})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{key}.log", "w") as log:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
+        rc = subprocess.run(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    return rc, time.time() - started
+
+
+def by_column(pairs: list[tuple[str, dict]], records: dict[str, dict], metrics: list[str]) -> dict[str, dict]:
+    """{column: summary over its finished runs} for [(column, spec)], columns in first-seen order."""
+    cols: dict[str, list[dict]] = {}
+    for col, s in pairs:
+        cols.setdefault(col, []).extend([records[run_key(s)]] if run_key(s) in records else [])
+    return {c: summarize(runs, metrics) for c, runs in cols.items()}
+
+
+def report(plan: dict, records: dict[str, dict], args) -> tuple[str, dict]:
+    metrics = metric_order(list(records.values()))
+    diff_metrics = [*(m for m in ("clean_both_correct", "action_acc") if m in metrics), *filter(is_leak, metrics)]
+    main = [records[run_key(s)] for s in plan["main"] if run_key(s) in records]
+    data = {"main": {f: by_column([(s["method"], s) for s in plan["main"] if s["folder"] == f], records, metrics)
+                     for f in args.folders},
+            "paired": {f"{a}-{b}": paired(main, a, b, diff_metrics, args.folders)
+                       for a, b in COMPARISONS if a in args.methods and b in args.methods},
+            "ablations": by_column([(s["method"], s) for s in plan["ablations"]], records, metrics),
+            "curve": by_column([(f"beta={b:g}", s) for b, s in plan["curve"]], records, metrics)}
+    n = len(args.actions) * len(args.seeds)
+    text = [format_table(f"{f}: mean±std over {n} (action, seed)", cols, metrics, mean_std)
+            for f, cols in data["main"].items()]
+    text += [format_table(f"{name}: mean [95% CI] over pairs", cols, diff_metrics, diff_ci)
+             for name, cols in data["paired"].items()]
+    if data["ablations"]:
+        text.append(format_table(f"ablations ({args.ablation_action}, {args.ablation_folder}): mean±std over seeds",
+                                 data["ablations"], metrics, mean_std))
+    if data["curve"]:
+        text.append(format_table(f"curve (adi, {args.curve_action}, {args.curve_folder})", data["curve"], metrics,
+                                 mean_std))
+    return "\n\n".join(text), data
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--actions", nargs="+", default=["jumping", "raising", "kicking"], choices=ACTIONS,
-                        help="toy actions, each trained with experiments/toy_<action>.yaml")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per identifier")
-    parser.add_argument("--test-seeds", type=int, default=4, help="images per unseen subject at test")
-    parser.add_argument("--beta", type=float, default=None,
-                        help="mask threshold for the masked methods (adi*); default: each preset's (0.5)")
-    parser.add_argument("--curve", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
-                        help="betas of the threshold curve (ADI, first action, first seed); empty to skip")
-    parser.add_argument("--quick", action="store_true", help="smoke size: 1 action, 1 seed, few steps, 3 methods")
-    parser.add_argument("--out", default=None, help="also write the results JSON here")
-    parser.add_argument("--grids", default=None,
-                        help="folder for one labelled test grid per method (first action, first seed, same prompts)")
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actions", nargs="+", default=["jumping", "kicking", "squatting"], choices=ACTIONS)
+    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=[*MAIN_METHODS, *ABLATIONS])
+    p.add_argument("--folders", nargs="+", default=["shared", "diverse"], choices=FOLDERS, help="data.toy_difficulty")
+    p.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5], help="seed_everything and data.seed")
+    p.add_argument("--steps", type=int, default=300, help="training steps per identifier")
+    p.add_argument("--test-seeds", type=int, default=4, help="test images per unseen subject")
+    p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS, help="empty: skip")
+    p.add_argument("--ablation-action", default="jumping", choices=ACTIONS)
+    p.add_argument("--ablation-folder", default="shared", choices=FOLDERS)
+    p.add_argument("--curve-betas", nargs="*", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0], help="empty: skip")
+    p.add_argument("--curve-action", default="jumping", choices=ACTIONS)
+    p.add_argument("--curve-folder", default="shared", choices=FOLDERS)
+    p.add_argument("--curve-seeds", nargs="+", type=int, default=[3])
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one subprocess each")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/actionbench_toy_v2)")
+    p.add_argument("--data-dir", default=str(REPO / ".cache" / "actionbench_toy"), help="toy folders <folder>/<action>")
+    p.add_argument("--quick", action="store_true", help="smoke size: 1 action, seed, folder; 20 steps; init/pplus/adi")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker)
     if args.quick:
-        args.actions, args.seeds, args.steps, args.test_seeds = args.actions[:1], args.seeds[:1], 10, 1
-        args.methods, args.curve = ["init", "ti", "pplus", "adi"], [0.5, 1.0]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+        args.actions, args.seeds, args.folders = args.actions[:1], args.seeds[:1], args.folders[:1]
+        args.steps, args.test_seeds, args.methods = 20, 1, ["init", "pplus", "adi"]
+        args.ablations, args.curve_betas = [], []
+    default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
+    out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
+    import yaml
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    started = time.time()
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    runs: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="actionbench-") as tmp:
-        for action in args.actions:
-            for seed in args.seeds:
-                for method in args.methods:
-                    t0 = time.time()
-                    first = action == args.actions[0] and seed == args.seeds[0]
-                    grid_to = Path(args.grids) / f"{method}.png" if args.grids and first else None
-                    extra = [f"--model.mask_threshold={args.beta}"] if args.beta is not None and method.startswith("adi") else []
-                    metrics = run_one(action, method, seed, args.steps, args.test_seeds, Path(tmp), extra, grid_to)
-                    results[method].append(metrics)
-                    runs.append({"action": action, "seed": seed, "method": method, **metrics})
-                    print(f"[{time.time() - started:7.0f}s] {action:<9} seed {seed} {method:<17} "
-                          + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()) + f"  ({time.time() - t0:.0f}s)", flush=True)
-        curve = {}
-        for beta in args.curve:
-            metrics = run_one(args.actions[0], "adi", args.seeds[0], args.steps, args.test_seeds, Path(tmp),
-                              [f"--model.mask_threshold={beta}"])
-            curve[beta] = metrics
-            print(f"[{time.time() - started:7.0f}s] curve beta={beta:.1f} "
-                  + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
-    table = summarize(results)
-    print(f"\nActionBench-toy: {len(args.actions)} actions x {len(args.seeds)} seeds, {args.steps} steps, "
-          f"{args.test_seeds} test seeds per subject; wall {time.time() - started:.0f} s\n")
-    print_table(table)
-    for baseline in ("init", "ti", "pplus"):
-        if "adi" in results and baseline in results:
-            diffs = [a["both_correct"] - b["both_correct"] for a, b in zip(results["adi"], results[baseline])]
-            print(f"ADI - {baseline} both_correct, paired by (action, seed): mean {statistics.fmean(diffs):+.3f}, "
-                  f"min {min(diffs):+.3f}, max {max(diffs):+.3f} over {len(diffs)} pairs")
-    if curve:
-        print(f"\nthreshold curve (ADI, {args.actions[0]}, seed {args.seeds[0]}):")
-        print(f"{'beta':>6}" + "".join(f"{m:>14}" for m in METRICS))
-        for beta, metrics in curve.items():
-            print(f"{beta:>6.1f}" + "".join(f"{metrics[m]:>14.3f}" for m in METRICS))
-    if args.out:
-        from adi_lightning.io import atomic_write_json
+    plan = make_plan(args, yaml.safe_load((PRESETS / "adi.yaml").read_text()).get("mask_threshold"))
+    runs = unique_runs(plan)
+    records = {k: r for k, s in runs.items() if (r := load_result(out / "runs" / f"{k}.json", s)) is not None}
+    todo = [s for k, s in runs.items() if k not in records]  # in plan order: pairs complete early
+    planned_s = sum(map(estimate_s, todo)) / max(1, min(args.jobs, len(todo)))
+    print(f"ActionBench-toy v2 -> {out}: {len(runs)} runs ({len(plan['main'])} main, {len(plan['ablations'])} "
+          f"ablation, {len(plan['curve'])} curve, shared ones once), {len(records)} already done, {len(todo)} to run "
+          f"with {args.jobs} jobs; estimate {planned_s / 60:.0f} min", flush=True)
+    from adi_lightning.toy.export import ensure_action_folder
 
-        atomic_write_json(args.out, {"table": table, "runs": runs, "curve": {str(b): m for b, m in curve.items()},
-                                     "args": vars(args), "wall_s": round(time.time() - started)})
-    print(json.dumps(table, sort_keys=True))
-    return 0
+    for folder, action in sorted({(s["folder"], s["action"]) for s in todo}):  # exported once, before the jobs
+        ensure_action_folder(data_dir / folder / action, action, difficulty=folder)
+    started, done_est, done_wall, left_est, failed = time.time(), 0.0, 0.0, sum(map(estimate_s, todo)), []
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    futures = {pool.submit(launch, s, out, data_dir): s for s in todo}
+    try:
+        for i, future in enumerate(as_completed(futures), 1):
+            (rc, wall), s = future.result(), futures[future]
+            key, est = run_key(s), estimate_s(s)
+            done_est, done_wall, left_est = done_est + est, done_wall + wall, left_est - est
+            record = load_result(out / "runs" / f"{key}.json", s) if rc == 0 else None
+            failed += [key] if record is None else []
+            records.update({} if record is None else {key: record})
+            # ETA: the remaining estimate, scaled by how the finished runs compared with theirs
+            eta = left_est * done_wall / done_est / max(1, min(args.jobs, len(todo) - i))
+            result = (f"FAILED, see {out / 'logs' / key}.log" if record is None else " ".join(
+                f"{m}={record['metrics'].get(m, math.nan):.3f}" for m in ("clean_both_correct", "action_acc")))
+            print(f"[{i}/{len(todo)}] {key}: {result} ({wall:.0f} s); elapsed {(time.time() - started) / 60:.1f} min, "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+    finally:  # on Ctrl-C (the running runs get it too) start no further run
+        pool.shutdown(wait=True, cancel_futures=True)
+    text, data = report(plan, records, args)
+    header = (f"ActionBench-toy v2: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
+              f"steps, {args.test_seeds} test seeds per unseen subject; {len(records)}/{len(runs)} runs; "
+              f"this invocation {(time.time() - started) / 60:.1f} min with {args.jobs} jobs")
+    from adi_lightning.io import atomic_write_json, atomic_write_text
+
+    atomic_write_text(out / "table.txt", header + "\n\n" + text + "\n")
+    atomic_write_json(out / "table.json", json_safe({**data, "settings": {k: v for k, v in vars(args).items()
+                                                                          if k != "worker"}, "runs": sorted(records)}))
+    print("\n" + header + "\n\n" + text + f"\n\ntables: {out / 'table.txt'}, {out / 'table.json'}")
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

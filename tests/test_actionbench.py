@@ -1,0 +1,225 @@
+"""ActionBench-toy v2's pure helpers and the presets it trains with (no training here)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import actionbench_toy as bench  # noqa: E402
+
+
+def record(method, action, seed, folder, beta=None, **metrics):
+    return {"spec": bench.spec(method, action, folder, seed, 300, 4, beta), "metrics": metrics}
+
+
+def args(**over):
+    base = dict(actions=["jumping", "kicking", "squatting"], seeds=[3, 4, 5], folders=["shared", "diverse"],
+                methods=list(bench.MAIN_METHODS), steps=300, test_seeds=4, ablations=list(bench.ABLATIONS),
+                ablation_action="jumping", ablation_folder="shared", curve_betas=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+                curve_action="jumping", curve_folder="shared", curve_seeds=[3])
+    return argparse.Namespace(**{**base, **over})
+
+
+# ------------------------------------------------------------------ bootstrap
+def test_bootstrap_of_constant_differences_is_a_point():
+    assert bench.bootstrap_ci([0.25] * 9) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_of_zero_and_one_spans_both():
+    # resampled means of [0, 1] are 0, 0.5, 1 with probability 1/4, 1/2, 1/4: the 2.5% and 97.5%
+    # percentiles are 0 and 1.
+    assert bench.bootstrap_ci([0.0, 1.0]) == (0.5, 0.0, 1.0)
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    values = [0.1, 0.3, -0.2, 0.4, 0.0, 0.25, 0.05, 0.15, 0.2]
+    mean, lo, hi = bench.bootstrap_ci(values)
+    assert mean == pytest.approx(sum(values) / len(values))
+    assert lo < mean < hi and -0.2 <= lo and hi <= 0.4
+    assert bench.bootstrap_ci(values) == (mean, lo, hi)  # fixed RNG seed
+    assert bench.bootstrap_ci(values, seed=1) != (mean, lo, hi)
+    # all positive differences: the interval excludes 0; a wider level gives a wider interval
+    pos = [0.1, 0.2, 0.3, 0.15, 0.25]
+    _, lo95, hi95 = bench.bootstrap_ci(pos)
+    _, lo50, hi50 = bench.bootstrap_ci(pos, level=0.5)
+    assert 0 < lo95 <= lo50 < hi50 <= hi95
+
+
+def test_bootstrap_interval_is_the_percentile_interval():
+    # 0..19: mean 9.5, standard error sqrt(33.25 / 20) = 1.29, so the 95% interval is about 9.5 ± 2.5
+    # (not the min / max of the resampled means, about 9.5 ± 4.2)
+    mean, lo, hi = bench.bootstrap_ci([float(v) for v in range(20)])
+    assert mean == 9.5
+    assert 6.6 < lo < 7.4 and 11.6 < hi < 12.4
+
+
+def test_bootstrap_drops_nan_and_handles_empty():
+    assert bench.bootstrap_ci([0.5, math.nan, 0.5]) == (0.5, 0.5, 0.5)
+    assert all(math.isnan(x) for x in bench.bootstrap_ci([math.nan]))
+
+
+# ------------------------------------------------------------------ aggregation
+def test_summarize_mean_sample_std_and_nan():
+    runs = [record("adi", "jumping", s, "shared", action_acc=v, leak_colour=lc)
+            for s, v, lc in ((3, 0.2, math.nan), (4, 0.4, 0.5), (5, 0.6, math.nan))]
+    out = bench.summarize(runs, ["action_acc", "leak_colour", "absent"])
+    assert out["action_acc"]["mean"] == pytest.approx(0.4)
+    assert out["action_acc"]["std"] == pytest.approx(0.2)  # sample std (n - 1)
+    assert out["leak_colour"] == {"mean": 0.5, "std": 0.0, "n": 1}
+    assert out["absent"]["n"] == 0 and math.isnan(out["absent"]["mean"])
+
+
+def test_paired_differences_match_by_action_seed_folder():
+    runs = [
+        record("adi", "jumping", 3, "shared", action_acc=0.5), record("pplus", "jumping", 3, "shared", action_acc=0.25),
+        record("adi", "kicking", 3, "shared", action_acc=0.5), record("pplus", "kicking", 3, "shared", action_acc=0.5),
+        record("adi", "jumping", 3, "diverse", action_acc=1.0),
+        record("pplus", "jumping", 3, "diverse", action_acc=0.0),
+        record("adi", "jumping", 4, "diverse", action_acc=1.0),  # no P+ partner: not paired
+        record("adi", "jumping", 3, "shared", beta=0.1, action_acc=0.0),  # a curve run: never paired
+    ]
+    out = bench.paired(runs, "adi", "pplus", ["action_acc"], ["shared", "diverse"])
+    assert out["shared"]["action_acc"]["n"] == 2
+    assert out["shared"]["action_acc"]["mean"] == pytest.approx(0.125)
+    assert out["diverse"]["action_acc"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0, "n": 1}
+    assert out["all"]["action_acc"]["n"] == 3
+    assert out["all"]["action_acc"]["mean"] == pytest.approx((0.25 + 0 + 1) / 3)
+
+
+def test_metric_order_and_leak_names_come_from_the_runs():
+    # the metrics JSON has its keys sorted; tables list them in the evaluation's report order
+    names = ["action_acc", "appearance_leak", "appearance_leak_excess", "appearance_leak_untrained", "both_correct",
+             "clean_both_correct", "leak_colour", "leak_colour_excess", "leak_colour_untrained", "leak_subject",
+             "leak_subject_excess", "leak_subject_untrained", "subject_acc"]
+    order = bench.metric_order([record("adi", "jumping", 3, "shared", **dict.fromkeys(names, 0.0))])
+    assert order == ["action_acc", "subject_acc", "both_correct", "clean_both_correct",
+                     "leak_subject", "leak_colour", "appearance_leak",
+                     "leak_subject_untrained", "leak_colour_untrained", "appearance_leak_untrained",
+                     "leak_subject_excess", "leak_colour_excess", "appearance_leak_excess"]
+    assert [n for n in order if bench.is_leak(n)] == ["leak_subject", "leak_colour", "appearance_leak",
+                                                      "leak_subject_excess", "leak_colour_excess",
+                                                      "appearance_leak_excess"]
+
+
+def test_format_table_lines_up_and_marks_missing():
+    text = bench.format_table("t", {"adi": {"a": {"mean": 0.5, "std": 0.1}}, "ti": {}}, ["a"], bench.mean_std)
+    header, rule, row = text.splitlines()
+    assert len(header) == len(rule) == len(row)
+    assert "0.500±0.100" in row and row.endswith("-")
+
+
+def test_json_safe_turns_nan_into_null():
+    assert bench.json_safe({"a": [math.nan, 1.0], 2: {"b": math.nan}}) == {"a": [None, 1.0], "2": {"b": None}}
+
+
+# ------------------------------------------------------------------ plan
+def test_default_plan_sizes_and_shared_runs():
+    plan = bench.make_plan(args(), preset_beta=0.5)
+    assert len(plan["main"]) == 5 * 3 * 3 * 2
+    assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6
+    runs = bench.unique_runs(plan)
+    # ADI on (jumping, shared) is in the main table; ADI at the preset's beta is that same run
+    assert len(runs) == 90 + 9 + 5
+    assert sum(bench.estimate_s(s) for s in runs.values()) / 2 < 3 * 3600
+
+
+def test_quick_plan_is_three_runs():
+    plan = bench.make_plan(args(actions=["jumping"], seeds=[3], folders=["shared"], methods=["init", "pplus", "adi"],
+                                steps=20, test_seeds=1, ablations=[], curve_betas=[]), preset_beta=0.5)
+    assert len(bench.unique_runs(plan)) == 3
+
+
+def test_run_keys_tell_runs_apart():
+    a = bench.spec("adi", "jumping", "shared", 3, 300, 4)
+    specs = (a, {**a, "seed": 4}, {**a, "folder": "diverse"}, {**a, "steps": 20}, {**a, "test_seeds": 1},
+             {**a, "beta": 0.3}, {**a, "beta": 0.1}, {**a, "method": "pplus"})
+    keys = {bench.run_key(s) for s in specs}
+    assert len(keys) == len(specs)
+    assert not any("." in k for k in keys)  # <key>.json / .csv / .png never clash
+
+
+def test_load_result_reuses_only_the_same_spec(tmp_path):
+    from adi_lightning.io import atomic_write_json
+
+    s = bench.spec("adi", "jumping", "shared", 3, 300, 4)
+    path = tmp_path / "run.json"
+    assert bench.load_result(path, s) is None
+    atomic_write_json(path, {"spec": s, "metrics": {"action_acc": 0.5, "leak_subject": None}})
+    got = bench.load_result(path, s)
+    assert got["metrics"]["action_acc"] == 0.5 and math.isnan(got["metrics"]["leak_subject"])
+    assert bench.load_result(path, {**s, "steps": 20}) is None
+
+
+# ------------------------------------------------------------------ presets
+def load(name):
+    return yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text()) or {}
+
+
+def test_every_benchmarked_method_has_a_preset():
+    for method in (*bench.MAIN_METHODS, *bench.ABLATIONS):
+        assert (bench.PRESETS / f"{bench.PRESET_OF.get(method, method)}.yaml").is_file(), method
+
+
+def test_adi_paper_is_adi_with_the_absolute_statistic():
+    adi, paper = load("adi"), load("adi_paper")
+    assert paper.pop("mask_statistic") == "absolute"
+    adi.pop("mask_statistic", None)
+    assert paper == adi
+
+
+def test_ablations_follow_the_adi_statistic():
+    """Each ablation changes one thing of ADI: applied on the same base, it must score channels with
+    the statistic adi.yaml does (restated when adi.yaml sets one, absent when it does not)."""
+    statistic = load("adi").get("mask_statistic")
+    for name in bench.ABLATIONS:
+        assert load(name).get("mask_statistic") == statistic, name
+
+
+# ------------------------------------------------------------------ orchestration, with fake runs
+def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, capsys):
+    import json
+
+    import adi_lightning.toy.export as export
+    from adi_lightning.io import atomic_write_json
+
+    launched = []
+
+    def fake_launch(s, out, data_dir):  # what a worker leaves behind: the run's record
+        launched.append(bench.run_key(s))
+        if s["method"] == "init" and s["seed"] == 4:
+            return 1, 0.1  # a failed run: reported, left out of the tables, run again next time
+        value = {"init": 0.0, "pplus": 0.25, "adi": 0.5}[s["method"]] + s["seed"] / 100
+        atomic_write_json(out / "runs" / f"{bench.run_key(s)}.json",
+                          {"spec": s, "metrics": {"action_acc": value, "clean_both_correct": value,
+                                                  "leak_colour": None, "leak_colour_excess": 0.0}})
+        return 0, 0.1
+
+    monkeypatch.setattr(bench, "launch", fake_launch)
+    monkeypatch.setattr(export, "ensure_action_folder", lambda *a, **k: None)
+    argv = ["actionbench_toy.py", "--methods", "init", "pplus", "adi", "--actions", "jumping", "--folders", "shared",
+            "--seeds", "3", "4", "--ablations", "--curve-betas", "--out", str(tmp_path / "out"),
+            "--data-dir", str(tmp_path / "data")]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 1  # one run failed
+    printed = capsys.readouterr()
+    assert len(launched) == 6 and "1 runs failed: init-jumping-shared-seed4-300steps-4ts" in printed.err
+    assert "6 to run" in printed.out and "[6/6]" in printed.out and "ETA" in printed.out
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert table["main"]["shared"]["adi"]["action_acc"]["mean"] == pytest.approx(0.535)
+    assert table["main"]["shared"]["init"]["action_acc"]["n"] == 1
+    assert table["main"]["shared"]["adi"]["leak_colour"]["mean"] is None  # NaN is written as null
+    assert table["paired"]["adi-pplus"]["all"]["clean_both_correct"] == pytest.approx(
+        {"mean": 0.25, "lo": 0.25, "hi": 0.25, "n": 2})
+    assert "adi-ti" not in table["paired"]
+    assert (tmp_path / "out" / "table.txt").read_text().startswith("ActionBench-toy v2")
+    launched.clear()
+    assert bench.main() == 1  # resumed: only the failed run is launched again
+    assert launched == ["init-jumping-shared-seed4-300steps-4ts"]
