@@ -11,6 +11,18 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _clean_cli_env(monkeypatch):
+    """Every test starts like a fresh command: no inherited run folder (``make_run_dir`` exports it
+    for DDP children), no ``ADI_DEBUG``, and a bare ``sys.argv`` (LightningCLI warns when ``args``
+    and ``argv`` both carry arguments)."""
+    from adi_lightning.cli import RUN_DIR_ENV
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.delenv("ADI_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["adi_lightning"])
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """``<tmp>/pipeline`` (16 attn2 layers, D=32, 32 px) and ``<tmp>/data`` (3 actions x 4 subjects)."""

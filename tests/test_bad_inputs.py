@@ -14,16 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adi_lightning.cli import RUN_DIR_ENV, main
+from adi_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    monkeypatch.delenv("ADI_DEBUG", raising=False)
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])
 
 
 def _copy_data(tiny_data: str, dest: Path) -> Path:

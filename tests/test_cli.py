@@ -29,14 +29,6 @@ PIXELS = 32  # the tiny pipeline's native image size
 IDENTIFIER = "identifier.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    # make_run_dir exports the run folder for DDP children; keep that out of other tests.
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    monkeypatch.delenv("ADI_DEBUG", raising=False)
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])  # LightningCLI warns when args and argv both exist
-
-
 def base_args(pipeline: str, root: Path, data_root: str | None) -> list[str]:
     return [
         "--config", str(TINY),

@@ -238,11 +238,9 @@ def test_a_fit_that_validates_twice_generates_the_untrained_images_once(make_mod
 def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatch):
     """The shipped toy backbone and exact ToyJudge, through the CLI: fit a trained identifier, then
     ``test`` it; the metrics file covers every (unseen subject, seed) and the grid is written."""
-    from adi_lightning.cli import RUN_DIR_ENV, main
+    from adi_lightning.cli import main
 
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])
     experiment = Path(__file__).resolve().parents[1] / "experiments" / "toy_kicking.yaml"
     common = ["--config", str(experiment), f"--data.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.num_inference_steps=3",

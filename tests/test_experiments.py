@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from adi_lightning.cli import ADICLI, RUN_DIR_ENV
+from adi_lightning.cli import ADICLI
 from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.module import ADIModule
 
@@ -59,8 +59,6 @@ def plain(value) -> bool:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_instantiates(experiment, tiny_pipeline, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])
     args = [
         "--config", str(experiment),
         f"--model.pretrained_model_name_or_path={tiny_pipeline}",
@@ -99,9 +97,7 @@ def test_missing_local_weights_fail_naming_the_key(experiment, tmp_path, monkeyp
         pytest.skip(f"{experiment.name}: model path {model_path!r} is present here")
     from adi_lightning.cli import main
 
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])
     with pytest.raises(SystemExit) as exc:
         main(args=["fit", "--config", str(experiment), f"--trainer.default_root_dir={tmp_path}",
                    "--trainer.accelerator=cpu"])

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from adi_lightning.cli import RUN_DIR_ENV, main
+from adi_lightning.cli import main
 from adi_lightning.evaluation import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,9 +49,7 @@ def command_for(sweep: dict, params: dict) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-    monkeypatch.setattr("sys.argv", ["adi_lightning"])
+def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
