@@ -89,11 +89,12 @@ class ADIModule(L.LightningModule):
         guidance_scale: Classifier-free guidance for generated images.
         num_inference_steps: Denoising steps for generated images.
         image_size: Side of generated images in pixels; None = the UNet's native size.
-        judge: Names the action, subject and context of validation / test images (e.g.
+        judge: Names the action, subject and every appearance factor it sees in validation / test images (e.g.
             ``adi_lightning.evaluation.ToyJudge``, or ``CLIPJudge`` for real data); with
             ``data.eval_subjects`` this gives action / subject accuracy and leak rates.
         cache_latents: Encode each exemplar (per image and flip) with the VAE once and reuse the
-            latent (exact: the VAE's ``latent_dist.mode()`` is deterministic). The cache lives in
+            latent (exact: each image is encoded alone with the deterministic ``latent_dist.mode()``, so its
+            latent does not depend on the batch it first came in). The cache lives in
             the module, keyed by the ``image_key``/``flip`` of the batch, so it works with DDP and
             DataLoader workers; about 64 KiB per image at 512 px (SD 1.x), on the training device.
         share_text_encoding: Encode each triple's prompt once instead of once per member (the

@@ -54,7 +54,9 @@ class LatentCache:
     ) -> torch.Tensor:
         """Latents ``[N, C, h, w]`` of ``pixels`` ``[N, 3, H, W]``; ``keys`` ``[N]``, ``flips`` ``[N]``.
 
-        Images not in the cache are encoded in one ``encode`` call (each distinct image once).
+        Images not in the cache are encoded one per ``encode`` call (each distinct image once): a
+        convolution's last bits can depend on the batch it runs in, and a latent must not depend
+        on which images happened to share its first batch (a resumed run meets them in others).
         """
         ids = list(zip((int(k) for k in keys.reshape(-1).tolist()), (bool(f) for f in flips.reshape(-1).tolist())))
         if len(ids) != pixels.shape[0]:
@@ -64,9 +66,9 @@ class LatentCache:
             first.setdefault(ident, position)
         missing = [ident for ident in first if ident not in self._store]
         if missing:
-            encoded = encode(pixels[[first[ident] for ident in missing]])
-            for ident, latent in zip(missing, encoded):
-                self._store[ident] = latent.detach().clone()
+            for ident in missing:
+                position = first[ident]
+                self._store[ident] = encode(pixels[position:position + 1])[0].detach().clone()
         self.misses += len(missing)
         self.hits += len(ids) - len(missing)
         return torch.stack([self._store[ident] for ident in ids]).to(pixels.device)

@@ -14,9 +14,11 @@ from adi_lightning.cli import RUN_DIR_ENV
 from adi_lightning.identifier import read_identifier
 
 REPO = Path(__file__).resolve().parents[1]
-# Stated tolerance for 2 ranks x batch 1 vs 1 rank x batch 2 after 4 ADI steps. Measured on CPU: 0.0
-# (bit-identical). It allows for backends whose kernels differ with the batch size.
-TOLERANCE = 1e-6
+# Stated tolerance for 2 ranks x batch 1 vs 1 rank x batch 2 after 4 ADI steps, per mask statistic.
+# absolute: measured 0.0 on CPU (bit-identical); 1e-6 allows for backends whose kernels differ with
+# the batch size. projection: measured 3.6e-6 on CPU; it divides by |g_a - g_d|^2 per row, which
+# magnifies last-bit differences between the batch-1 and batch-2 kernels where g_a and g_d are close.
+TOLERANCE = {"absolute": 1e-6, "projection": 1e-5}
 
 
 def _run_cli(args: list[str], devices: int) -> None:
@@ -29,25 +31,26 @@ def _run_cli(args: list[str], devices: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int) -> torch.Tensor:
+def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int, statistic: str) -> torch.Tensor:
     args = [
         sys.executable, "-m", "adi_lightning", "fit", "--config", "experiments/tiny.yaml",
         f"--model.pretrained_model_name_or_path={pipeline}", f"--data.root={data}",
         f"--trainer.default_root_dir={root}", "--trainer.max_steps=4", "--trainer.val_check_interval=100",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--data.batch_size={batch_size}",
-        "--data.repeats=4", "--model.weight_decay=0.01",
+        "--data.repeats=4", "--model.weight_decay=0.01", f"--model.mask_statistic={statistic}",
     ]
     _run_cli(args, devices)
     (run,) = [p for p in root.iterdir() if p.is_dir()]  # one run folder, shared by both ranks
     return read_identifier(run / "identifier.safetensors")[0]
 
 
-def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny_pipeline, tiny_data, tmp_path):
-    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, devices=1, batch_size=2)
-    ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, devices=2, batch_size=1)
+@pytest.mark.parametrize("statistic", sorted(TOLERANCE))
+def test_two_ranks_match_one_rank_with_the_same_global_batch(statistic, tiny_pipeline, tiny_data, tmp_path):
+    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, devices=1, batch_size=2, statistic=statistic)
+    ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, devices=2, batch_size=1, statistic=statistic)
     assert not torch.equal(single[0], single[-1])  # rows started equal (initializer) and trained apart
-    assert (single - ddp).abs().max().item() <= TOLERANCE
+    assert (single - ddp).abs().max().item() <= TOLERANCE[statistic]
 
 
 def test_rank_divergence_is_detected():
