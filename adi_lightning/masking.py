@@ -141,8 +141,8 @@ def triple_updates(
     g_a, g_c, g_d = role_grads.unbind(1)
     source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
     if statistic == "projection":
-        masks = channel_mask(g_a, g_c, g_d, 1.0, combine, "absolute") if check_threshold(threshold) else None
-        if threshold >= 1.0:
+        masks = channel_mask(g_a, g_c, g_d, 1.0, combine)  # validates combine; keeps every channel
+        if check_threshold(threshold) >= 1.0:
             return source, masks
         return project_update(source, g_a - g_c, g_a - g_d, combine), masks
     masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
