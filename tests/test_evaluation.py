@@ -250,6 +250,10 @@ def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatc
         main(args=["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
                    "--model.initializer_token=person"])
     (identifier,) = tmp_path.glob("*/identifier.safetensors")
+    from adi_lightning.identifier import read_identifier
+
+    meta = read_identifier(identifier)[1]  # the masking settings travel with the identifier
+    assert (meta["mask_statistic"], meta["initializer_token"], meta["timestep_sampling"]) == ("projection", "person", "uniform")
     main(args=["test", *common, f"--model.identifier_path={identifier}"])
     (report,) = tmp_path.glob("*/metrics/test_step*.json")
     data = json.loads(report.read_text())
