@@ -84,9 +84,16 @@ def load_pipeline(
     revision: str | None = None,
     local_files_only: bool | None = None,
 ):
-    """Load a ``StableDiffusionPipeline`` with its parts frozen, in eval mode."""
+    """Load a ``StableDiffusionPipeline`` with its parts frozen, in eval mode.
+
+    A relative folder that does not exist from the working directory is looked up in the project
+    (``adi_lightning.paths.resolve_project_path``: the shipped toy pipeline from any directory).
+    """
     from diffusers import StableDiffusionPipeline
 
+    from adi_lightning.paths import resolve_project_path
+
+    name_or_path = resolve_project_path(name_or_path)
     check_pipeline_source(name_or_path)
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -25,9 +25,11 @@ def atomic_path(target: str | Path):
     except OSError as err:
         raise OSError(f"cannot write {target}: {err.strerror or err}") from err
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield Path(tmp)
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file 0600: outputs get the
+        # user's usual permissions, set after the writer is done.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -40,18 +42,28 @@ def atomic_path(target: str | Path):
 
 
 @contextmanager
-def atomic_dir(target: str | Path):
-    """Yield a temp folder beside ``target``; on success swap it into place (replacing any old
-    folder), on failure remove it. A crash never leaves a half-built folder at ``target``.
+def atomic_dir(target: str | Path, what: str = "output folder"):
+    """Yield a temp folder beside ``target``; on success swap it into place, on failure remove it.
+    A crash never leaves a half-built folder at ``target``.
 
-    Files get the usual modes (mkdtemp makes 0700 and safetensors writes 0600).
+    The folder gets this project's ownership marker (``adi_lightning.paths.OWNER_MARKER``), and an
+    existing ``target`` is replaced only when it carries one: a folder this project did not write
+    (or wrote before markers existed) is refused with FileExistsError naming what it holds, before
+    anything is built. Files get the usual modes (mkdtemp makes 0700 and safetensors writes 0600).
     """
+    from adi_lightning.paths import describe_contents, is_owned, write_owner_marker
+
     target = Path(target)
+    if target.exists() and not (target.is_dir() and is_owned(target)):
+        raise FileExistsError(f"{target} exists and was not written by adi_lightning (it holds "
+                              f"{describe_contents(target) if target.is_dir() else 'a file'}); it is never "
+                              "replaced: choose another output path, or move it away yourself")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     old = None
     try:
         yield tmp
+        write_owner_marker(tmp, what)
         umask = _umask()
         for path in [tmp, *tmp.rglob("*")]:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -11,16 +11,25 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """The project cache every test uses (``$ADI_LIGHTNING_CACHE``): exported toy folders are shared
+    across tests and never touch the user's ``~/.cache/adi_lightning``."""
+    return tmp_path_factory.mktemp("adi_cache")
+
+
 @pytest.fixture(autouse=True)
-def _clean_cli_env(monkeypatch):
+def _clean_cli_env(monkeypatch, toy_cache):
     """Every test starts like a fresh command: no inherited run folder (``make_run_dir`` exports it
-    for DDP children), no ``ADI_DEBUG``, and a bare ``sys.argv`` (LightningCLI warns when ``args``
-    and ``argv`` both carry arguments)."""
+    for DDP children), no ``ADI_DEBUG``, a bare ``sys.argv`` (LightningCLI warns when ``args``
+    and ``argv`` both carry arguments), and the session's own project cache."""
     from adi_lightning.cli import RUN_DIR_ENV
+    from adi_lightning.paths import CACHE_ENV
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     monkeypatch.delenv("ADI_DEBUG", raising=False)
     monkeypatch.setattr("sys.argv", ["adi_lightning"])
+    monkeypatch.setenv(CACHE_ENV, str(toy_cache))
 
 
 @pytest.fixture(scope="session")

@@ -242,7 +242,7 @@ def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatc
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     experiment = Path(__file__).resolve().parents[1] / "experiments" / "toy_kicking.yaml"
-    common = ["--config", str(experiment), f"--data.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}",
+    common = ["--config", str(experiment), f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--model.num_inference_steps=3",
               "--data.eval_subjects=[cat, robot]", "--data.test_seeds=[0, 1, 2]"]
     # "person" is a noun of the toy templates ("a photo of a person {}"): the run warns about it.

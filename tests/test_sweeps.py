@@ -101,9 +101,9 @@ def test_one_trial_runs_offline_with_a_one_step_budget(tmp_path, monkeypatch):
     sweep = load(REPO / "sweeps" / "mask_threshold.yaml")
     command = command_for(sweep, {"model.mask_threshold": sweep["parameters"]["model.mask_threshold"]["values"][2]})
     main(args=[*command[3:], "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
-               f"--data.root={tmp_path / 'toy_data'}", "--data.eval_subjects=[cat]", "--data.validation_seeds=[0]",
+               "--data.eval_subjects=[cat]", "--data.validation_seeds=[0]",
                "--model.num_inference_steps=2", "--trainer.enable_progress_bar=false"])
-    (run,) = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "toy_data"]
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (run / "identifier.safetensors").is_file() and (run / "config.yaml").is_file()
     assert list(run.glob("wandb/offline-run-*")), "the W&B logger wrote into the trial's own folder"
     (metrics,) = run.glob("metrics/validation_step*.json")  # the swept metric was computed

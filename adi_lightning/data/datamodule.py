@@ -11,6 +11,8 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from adi_lightning.paths import is_in_cache, toy_cache_dir
+
 from .layout import DataLayoutError, read_action_folder, records_of_action
 from .partners import MANIFEST, PartnerSettings, ensure_partners, partner_folder
 from .sampler import GlobalBatchSampler
@@ -97,9 +99,11 @@ class ActionTripleDataModule(L.LightningDataModule):
         eval_template: The evaluation prompt, ``{}`` standing for the subject.
         test_seeds: Seeds per evaluation subject at ``test`` (None: ``validation_seeds``); keep
             validation during fit small and test larger.
-        export_toy_if_missing: When ``root`` has no ``metadata.jsonl``, export the ToyActionWorld
-            folder for ``action`` there first (the toy experiments use this, so they run on a
-            fresh checkout; never set it for real data).
+        export_toy_if_missing: The toy experiments' switch: with ``root`` unset, the folder is
+            ``<cache>/toy/<toy_difficulty>/<action>`` in this project's cache
+            (``$ADI_LIGHTNING_CACHE``, else ``~/.cache/adi_lightning``; ``adi_lightning.paths``),
+            exported from the ToyActionWorld on first use. Only folders inside that cache are ever
+            exported into: a ``root`` elsewhere is read as the user's data, as without this switch.
         toy_difficulty: Which toy folder to export: ``shared`` (exemplars share colour, pattern
             and background; a context pool differs), ``diverse`` (each exemplar its own
             appearance) or ``shared_no_pool`` (shared, no pool: the context test is blind).
@@ -188,6 +192,8 @@ class ActionTripleDataModule(L.LightningDataModule):
         if eval_subjects and eval_template.count("{}") != 1:
             raise ValueError(f"data.eval_template needs exactly one '{{}}' for the subject, got {eval_template!r}")
         self.export_toy_if_missing = bool(export_toy_if_missing)
+        if self.root is None and self.export_toy_if_missing and action is not None:
+            self.root = str(toy_cache_dir(toy_difficulty, action))
         self.eval_subjects = list(eval_subjects)
         self.eval_template = eval_template
         self.test_seeds = [int(s) for s in test_seeds] if test_seeds is not None else None
@@ -218,7 +224,8 @@ class ActionTripleDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Export the toy folder and generate partners once (local rank zero), when asked to."""
-        if self.export_toy_if_missing and self.root and not (Path(self.root) / "metadata.jsonl").is_file():
+        if (self.export_toy_if_missing and self.root and is_in_cache(self.root)
+                and not (Path(self.root) / "metadata.jsonl").is_file()):
             from adi_lightning.toy.export import ensure_action_folder
 
             self._check_fit_keys()

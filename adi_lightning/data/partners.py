@@ -104,7 +104,7 @@ def ensure_partners(
 
     from tqdm.auto import tqdm
 
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "generated partners") as tmp:
         by_file = {a.file_name: a for a in anchors}
         rows = []
         with tqdm(total=len(plan), desc="generating action-different partners", unit="img") as bar:

@@ -62,7 +62,7 @@ def _data_mismatch(path: Path, args: argparse.Namespace) -> str | None:
 
 def build_atomically(target: Path, build: Callable[[Path], object]) -> None:
     """Run ``build(tmp)`` in a temp dir next to ``target``, then swap it into place."""
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "tiny pipeline or data") as tmp:
         build(tmp)
 
 

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="shared: exemplars share one look, plus a context pool of other looks (context partners "
                         "only); diverse: every exemplar its own look; shared_no_pool: shared, no pool")
     p.add_argument("--num-pool", dest="num_pool", type=int, default=6, help="context-pool size (shared only)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a folder this command wrote earlier (it carries .adi_lightning_owned); any other "
+                        "existing folder is refused")
     p.set_defaults(func=_make_data)
 
     for name, p in sub.choices.items():

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_save_image
+from ..paths import describe_contents, is_owned
 from .world import ACTIONS, BACKGROUNDS, COLOURS, HUMANS, PATTERNS, Spec, caption, render
 
 DEFAULT_EXEMPLAR_SUBJECTS = ("man", "woman", "child")
@@ -99,6 +100,10 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
                        num_pool: int = 6) -> Path:
     """Write ``out`` (images, ``metadata.jsonl``, ``toy_folder.json``); built in a temp sibling, renamed.
 
+    ``out`` must not exist, unless ``overwrite`` and it carries the ownership marker this function
+    writes (``adi_lightning.paths.OWNER_MARKER``): a folder this project did not write is never
+    replaced (FileExistsError naming what it holds).
+
     Metadata keys: file_name, action, subject, context (the background), pair_id (one per exemplar,
     shared with its partner; its own for a pool image), caption (every factor named), role
     (exemplar / action_different / context_pool), spec (all factors), attributes (colour, pattern,
@@ -117,8 +122,7 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
     if num_pool < 0:
         raise ValueError(f"num_pool must be >= 0, got {num_pool}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    _check_replaceable(out, overwrite)
     pairs = exemplar_specs(action, num_exemplars, subjects, seed, background, pattern, colour)
     pool = pool_specs(pairs[0][0], num_pool, subjects, seed) if difficulty == "shared" else []
     if difficulty == "diverse":
@@ -129,13 +133,23 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
               for j, s in enumerate(pool)]
     info = dict(action=action, difficulty=difficulty, seed=seed, num_exemplars=num_exemplars, num_pool=len(pool),
                 subjects=subjects, size=size)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "toy action folder") as tmp:
         for name, spec, _, _ in items:
             atomic_save_image(render(spec, size), tmp / name)
         rows = [_row(*item) for item in items]
         (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / FOLDER_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return out
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not is_owned(out):
+        raise FileExistsError(f"{out} exists and was not written by adi_lightning's toy exporter (it holds "
+                              f"{describe_contents(out)}); it is never replaced: choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a toy folder written earlier; choose another --out")
 
 
 def folder_difficulty(root: str | Path) -> str:

@@ -84,7 +84,7 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
 
 def save_pipeline_atomic(pipe, out: Path, info: dict) -> None:
     """``save_pretrained`` into a temp sibling, then swap it into place (never a half folder)."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "toy pipeline") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "toy_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
 
