@@ -1,4 +1,7 @@
-"""``python -m adi_lightning {fit,validate,test,predict} --config experiments/X.yaml``.
+"""``python -m adi_lightning {fit,validate,test,predict} --config jump.yaml``.
+
+A bare config name resolves to the path as given, then ``experiments/<name>`` here, then the
+project's own experiments (``adi_lightning.paths``), so commands run from any working directory.
 
 Model and data classes are fixed, so every switch is a flat key (``--model.mask_threshold``).
 ``parser_mode="omegaconf+"`` resolves interpolations after command-line overrides, so a swept
@@ -8,24 +11,37 @@ under ``trainer.default_root_dir``; the config, run info, identifier and grids l
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from adi_lightning.arguments import explain_unknown_key, parser_keys, resolve_argv
+from adi_lightning.console import default_progress_bar, quiet_libraries, run_summary
 from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.io import atomic_write_text
 from adi_lightning.module import ADIModule
 
 RUN_DIR_ENV = "ADI_RUN_DIR"
 DEFAULT_ROOT = "outputs"
+PROG = "python -m adi_lightning"
+DESCRIPTION = ("adi-lightning: learn an action identifier <A> (ADI, Huang et al., CVPR 2024) for a text-to-image "
+               "diffusion model, then judge and sample it. Start with: fit --config jump.yaml")
+SUBCOMMAND_HELP = {
+    "fit": "Train the identifier (resume with --ckpt_path), validating on unseen subjects when a judge is set.",
+    "validate": "Generate and judge the validation prompts with a trained identifier (--model.identifier_path).",
+    "test": "Generate and judge the test prompts (every test seed) with a trained identifier.",
+    "predict": "Generate image grids for data.predict_prompts with a trained identifier.",
+}
+
+
+class ConfigKeyError(ValueError):
+    """A key that no parser accepts, explained in one line (see ``adi_lightning.arguments``)."""
 
 
 def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
@@ -94,6 +110,33 @@ class ADICLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(ADIModule, ActionTripleDataModule, *args, **kwargs)
 
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("exit_on_error", False)  # parse errors become one line (main), not 90 lines of usage
+        kwargs.setdefault("prog", PROG)
+        return super().init_parser(**kwargs)
+
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        main_kwargs.setdefault("description", DESCRIPTION)
+        for name, text in SUBCOMMAND_HELP.items():
+            subparser_kwargs.setdefault(name, {}).setdefault("description", text)
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        action = getattr(self.parser, "_subcommands_action", None)
+        for choice in getattr(action, "_choices_actions", []):  # the subcommand list in the top-level --help
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+
+    def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else None
+        if argv is not None:
+            args = resolve_argv(argv)
+        try:  # LightningCLI.parse_arguments, minus its warning about args given beside sys.argv
+            self.config = parser.parse_object(args) if argv is None else parser.parse_args(args)
+        except ArgumentError as err:
+            subcommands = getattr(parser._subcommands_action, "_name_parser_map", {})
+            subcommand = next((a for a in (argv or []) if a in subcommands), None)
+            keys = parser_keys(subcommands[subcommand] if subcommand else parser)
+            line = explain_unknown_key(str(err), args if argv is not None else [], keys)
+            raise ConfigKeyError(line or " ".join(str(err).split())) from err
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.mask_threshold", "data.with_partners", compute_fn=lambda beta: beta < 1.0)
 
@@ -107,36 +150,43 @@ class ADICLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", "./"):
                 init_args.save_dir = str(run_dir)
+        _add_progress_bar(trainer)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"adi_lightning: run directory {run_dir}", file=sys.stderr)
 
 
-class _DropTorchvisionNotice(logging.Filter):
-    """transformers warns on import that torchvision is missing; we never use its image processors."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
+def _add_progress_bar(trainer) -> None:
+    """Lightning's bar, configured for step-bounded runs (adi_lightning.console), unless the config
+    disables the bar or names its own."""
+    if trainer.enable_progress_bar is False:
+        return
+    callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [] if trainer.callbacks is None else None
+    if callbacks is None or any("ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks):
+        return
+    trainer.callbacks = [*callbacks, Namespace(class_path=default_progress_bar(), init_args=Namespace())]
 
 
 def main(args=None) -> None:
-    """Entry point; known input errors print one clear line instead of a traceback."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
-    # The frozen backbone is in eval mode on purpose (ADIModule.train keeps it there).
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    """Entry point; known input errors print one clear line instead of a traceback, and a finished
+    command prints what it wrote (adi_lightning.console.run_summary)."""
+    quiet_libraries()
     from adi_lightning.backbone import BackboneError
     from adi_lightning.data import DataLayoutError
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         os.environ.pop(RUN_DIR_ENV, None)  # a fresh command never joins an earlier run's folder
     known = (BackboneError, DataLayoutError, OSError, FloatingPointError, ValueError)
+    started = time.time()
     try:
-        ADICLI(args=args)
+        cli = ADICLI(args=args)
     except known as err:
         if os.environ.get("ADI_DEBUG"):
             raise
         print(f"adi_lightning: error: {err}", file=sys.stderr)
         _remove_if_empty(os.environ.get(RUN_DIR_ENV))
         raise SystemExit(1) from err
+    if cli.subcommand and cli.trainer.is_global_zero:
+        print("\n".join(run_summary(cli.subcommand, cli.trainer.default_root_dir, time.time() - started)))
 
 
 def _remove_if_empty(run_dir: str | None) -> None:

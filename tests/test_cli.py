@@ -68,11 +68,13 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 
 
 def grid_cells(size: tuple[int, int], cols: int) -> tuple[int, int]:
-    """(columns, rows) of a labelled grid: 32 px images shown as 128 px cells under an 18 px
-    header, right of a prompt-label column at most 480 px wide."""
+    """(columns, rows) of a labelled grid: 32 px images shown as 128 px cells under the seed
+    header, right of the prompt-label column (short prompts: one cell high)."""
+    from adi_lightning.callbacks.image_log import HEADER, LABEL_WIDTH
+
     width, height = size
-    assert (height - 18) % 128 == 0 and 0 < width - cols * 128 <= 480
-    return cols, (height - 18) // 128
+    assert (height - HEADER) % 128 == 0 and width - cols * 128 == LABEL_WIDTH
+    return cols, (height - HEADER) // 128
 
 
 def pixels(path: Path) -> np.ndarray:

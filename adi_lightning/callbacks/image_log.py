@@ -27,28 +27,69 @@ class GeneratedImage:
     image: Image.Image
 
 
-def labelled_grid(images: list[Image.Image], row_labels: list[str], col_labels: list[str], min_cell: int = 128) -> Image.Image:
-    """A grid with the prompt left of each row and the seed above each column.
+LABEL_WIDTH = 240  # px of the prompt column; prompts wrap to it, never cut
+FONT_SIZE = 14  # Pillow's scalable default font: at its size-10 default, spaces are 2 px and vanish
+LINE_HEIGHT = FONT_SIZE + 4
+HEADER = LINE_HEIGHT + 6  # px above the first row: the seeds
 
-    Small images (the toy world's 32 px) are scaled up (nearest) so a person can see them.
+
+def label_font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def wrap_label(text: str, draw, font, width: int) -> list[str]:
+    """``text`` as lines no wider than ``width`` px (measured with ``font``), split at spaces; a
+    word wider than a line is split by characters."""
+    lines: list[str] = []
+    for word in text.split():
+        pieces = []
+        while draw.textlength(word, font=font) > width and len(word) > 1:
+            cut = len(word) - 1
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            pieces.append(word[:cut])
+            word = word[cut:]
+        for piece in [*pieces, word]:
+            candidate = f"{lines[-1]} {piece}" if lines else piece
+            if lines and draw.textlength(candidate, font=font) <= width:
+                lines[-1] = candidate
+            else:
+                lines.append(piece)
+    return lines or [""]
+
+
+def labelled_grid(images: list[Image.Image], row_labels: list[str], col_labels: list[str], min_cell: int = 128) -> Image.Image:
+    """A grid with the prompt left of each row (wrapped, never cut) and the seed above each column.
+
+    Small images (the toy world's 32 px) are scaled up (nearest) so a person can see them; a row
+    grows when its wrapped prompt is taller than the image.
     """
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     width, height = images[0].size
     scale = max(1, -(-min_cell // width))
     cell = (width * scale, height * scale)
-    font = ImageFont.load_default()
-    label_w = min(480, 8 + 6 * max(len(r) for r in row_labels))
-    header = 18
-    grid = Image.new("RGB", (label_w + cell[0] * len(col_labels), header + cell[1] * len(row_labels)), "white")
+    font = label_font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h, header = LINE_HEIGHT, HEADER
+    wrapped = [wrap_label(text, measure, font, LABEL_WIDTH - 8) for text in row_labels]
+    row_h = max(cell[1], *(len(lines) * line_h + 8 for lines in wrapped))
+    grid = Image.new("RGB", (LABEL_WIDTH + cell[0] * len(col_labels), header + row_h * len(row_labels)), "white")
     draw = ImageDraw.Draw(grid)
     for c, text in enumerate(col_labels):
-        draw.text((label_w + c * cell[0] + 4, 3), text, fill="black", font=font)
-    for r, text in enumerate(row_labels):
-        draw.text((4, header + r * cell[1] + cell[1] // 2 - 6), text[: label_w // 6], fill="black", font=font)
+        draw.text((LABEL_WIDTH + c * cell[0] + 4, 3), text, fill="black", font=font)
+    for r, lines in enumerate(wrapped):
+        top = header + r * row_h + (row_h - len(lines) * line_h) // 2
+        for k, line in enumerate(lines):
+            draw.text((4, top + k * line_h), line, fill="black", font=font)
     for i, image in enumerate(images):
         r, c = divmod(i, len(col_labels))
-        grid.paste(image.convert("RGB").resize(cell, Image.Resampling.NEAREST), (label_w + c * cell[0], header + r * cell[1]))
+        grid.paste(image.convert("RGB").resize(cell, Image.Resampling.NEAREST), (LABEL_WIDTH + c * cell[0], header + r * row_h))
     return grid
 
 

@@ -1,0 +1,126 @@
+"""Command-line arguments before and after jsonargparse sees them.
+
+- :func:`resolve_argv`: ``--config jump.yaml`` and other YAML values (``--model configs/model/ti.yaml``,
+  ``--trainer.logger=configs/logger/wandb.yaml``) that do not exist as typed are looked up among the
+  project's files (:mod:`adi_lightning.paths`), so every command runs from any working directory.
+- :func:`explain_unknown_key`: jsonargparse 4.x reports an unknown key without suggestions and without
+  the file it came from; this turns it into one line naming the key, its source (the command line, or
+  the YAML file and line) and the closest valid keys (:mod:`difflib` over the parser's own keys).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+import yaml
+
+from adi_lightning.paths import CONFIG_SUFFIXES, resolve_config, resolve_project_path
+
+_GROUPS = ("model", "data", "trainer")
+_UNKNOWN = (re.compile(r"unrecognized arguments: (?P<arg>\S+)"),
+            re.compile(r"does not accept option '(?P<arg>[^']+)'"),
+            re.compile(r'Key "(?P<arg>[^"]+)" is not expected'),
+            re.compile(r"No action for key \"(?P<arg>[^\"]+)\""))
+
+
+def resolve_argv(argv: list[str]) -> list[str]:
+    """``argv`` with config values resolved (see the module docstring); other values untouched."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--config", "-c"):
+            if eq:
+                out.append(f"{key}={resolve_config(value)}")
+            elif i + 1 < len(argv):
+                out += [arg, resolve_config(argv[i + 1])]
+                i += 1
+            else:
+                out.append(arg)
+        elif key.startswith("--") and eq and _is_yaml_path(value):
+            out.append(f"{key}={resolve_project_path(value)}")
+        elif arg.startswith("--") and not eq and i + 1 < len(argv) and _is_yaml_path(argv[i + 1]):
+            out += [arg, resolve_project_path(argv[i + 1])]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _is_yaml_path(value: str) -> bool:
+    return value.endswith(CONFIG_SUFFIXES) and "\n" not in value and ":" not in value
+
+
+def unknown_key(message: str) -> str | None:
+    """The dotted key a jsonargparse error message reports as unknown, or None."""
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match:
+            return match.group("arg").lstrip("-").partition("=")[0]
+    return None
+
+
+def explain_unknown_key(message: str, argv: list[str], valid_keys: list[str]) -> str | None:
+    """One line for an unknown-key error: the key, where it was written, the closest valid keys.
+
+    Returns None when ``message`` is not about an unknown key (the caller keeps jsonargparse's text).
+    """
+    key = unknown_key(message)
+    if key is None:
+        return None
+    where = "on the command line" if any(a.lstrip("-").partition("=")[0] == key for a in argv) else None
+    if where is None:
+        found = find_key_in_configs(key, config_files(argv))
+        where = f"in {found[0]}, line {found[1]}" if found else "in a config file"
+    close = difflib.get_close_matches(key, valid_keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see --help for the keys under {key.split('.')[0]}"
+    return f"unknown key {key!r} {where}{hint}"
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` files in ``argv``, in order."""
+    files = []
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if key in ("--config", "-c"):
+            files.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
+    return [f for f in files if f]
+
+
+def find_key_in_configs(key: str, files: list[str]) -> tuple[str, int] | None:
+    """(file, 1-based line) of the last place a dotted ``key`` is written among ``files``; a group
+    given as a file (``trainer: ../configs/trainer/toy.yaml``) is searched relative to its parent."""
+    found = None
+    for file in files:
+        found = _find(Path(file), key.split("."), depth=0) or found
+    return found
+
+
+def _find(path: Path, parts: list[str], depth: int) -> tuple[str, int] | None:
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return _find_in_node(node, parts, path, depth)
+
+
+def _find_in_node(node, parts, path: Path, depth: int):
+    if not isinstance(node, yaml.MappingNode) or not parts:
+        return None
+    for key_node, value_node in node.value:
+        if key_node.value != parts[0]:
+            continue
+        if len(parts) == 1:
+            return str(path), key_node.start_mark.line + 1
+        if isinstance(value_node, yaml.ScalarNode) and value_node.value.endswith(CONFIG_SUFFIXES) and depth < 4:
+            return _find(path.parent / value_node.value, parts[1:], depth + 1)
+        return _find_in_node(value_node, parts[1:], path, depth)
+    return None
+
+
+def parser_keys(parser) -> list[str]:
+    """Every dotted key a (sub)command parser accepts (``--help`` entries excluded)."""
+    return [a.dest for a in parser._actions if a.dest and not a.dest.endswith(".help") and a.dest != "help"]
