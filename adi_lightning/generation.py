@@ -79,20 +79,6 @@ class LayerwiseTextEncoder(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=hidden)
 
 
-def check_generation_prompts(datamodule, stage: str, token: str) -> None:
-    """The prompts images are generated from must spell the model's placeholder: with another
-    spelling (``<A>`` vs ``<jump>``) the images would silently show the base model."""
-    if getattr(datamodule, "eval_subjects", None) and stage in ("fit", "validate", "test"):
-        if token not in datamodule.eval_template:
-            raise ValueError(f"data.eval_template {datamodule.eval_template!r} does not contain "
-                             f"model.placeholder_token {token!r}")
-        return
-    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
-    prompts = getattr(datamodule, key.split(".")[1], None) or []
-    if prompts and not any(token in p for p in prompts):
-        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
-
-
 def stock_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A ``StableDiffusionPipeline`` over already loaded components (no safety checker)."""
     from diffusers import StableDiffusionPipeline

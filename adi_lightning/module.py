@@ -33,6 +33,7 @@ from adi_lightning.identifier import (
 from adi_lightning.data.triples import triple_key
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
+from adi_lightning.prompts import check_run_prompts
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, MaskCombine, MaskStatistic, UpdateFrom, check_threshold
 from adi_lightning import speed
 
@@ -240,7 +241,7 @@ class ADIModule(L.LightningModule):
                 f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
                 "use model.update_from=anchor or data.context_partners=exemplars")
         if datamodule is not None:
-            generation.check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
+            check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
                         *getattr(self.judge, "subjects", ())]
             check_initializer_word(self.hparams.initializer_token, templates, subjects)

@@ -118,6 +118,17 @@ def training_on_the_context_pool(data: Path, tmp: Path):
     return {"model.update_from": "anchor_and_context"}, "model.update_from='anchor_and_context' would train on context-pool images"
 
 
+def placeholder_only_inside_other_words(data: Path, tmp: Path):
+    # 'sks' is inside 'asks': not the placeholder (README "Prompts and the placeholder").
+    return ({"model.placeholder_token": "sks", "data.validation_prompts": '["a photo of a person who asks"]'},
+            "none of data.validation_prompts contains model.placeholder_token 'sks'")
+
+
+def placeholder_joined_to_a_word(data: Path, tmp: Path):
+    return ({"subcommand": "predict", "data.predict_prompts": '["a photo of a dog<A>"]'},
+            "data.predict_prompts: 'a photo of a dog<A>' joins model.placeholder_token '<A>' to 'dog'")
+
+
 def output_not_writable(data: Path, tmp: Path):
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
@@ -128,7 +139,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
          prompts_without_the_placeholder, pool_requested_without_a_pool, training_on_the_context_pool,
-         output_not_writable]
+         placeholder_only_inside_other_words, placeholder_joined_to_a_word, output_not_writable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
