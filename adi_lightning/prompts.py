@@ -1,4 +1,4 @@
-"""Where the identifier is in a prompt.
+"""Where the identifier is in a prompt, and whether the text encoder will see it.
 
 One rule, used by every check and by the tokenizer: the placeholder (``model.placeholder_token``,
 spelled exactly, case included) counts only as a word of its own, where no letter, digit or
@@ -12,6 +12,8 @@ The tokenizer gets the placeholder as ``AddedToken(single_word=True, normalized=
 from __future__ import annotations
 
 import re
+
+from adi_lightning.conditioning import tokenize
 
 _WORD = re.compile(r"\w")
 
@@ -50,11 +52,13 @@ def check_identifier_prompts(tokenizer, token: str, placeholder_id: int, prompts
     """Check prompts meant for the identifier and return the ones that carry it.
 
     Every prompt with the placeholder (by :func:`find_placeholder`) must tokenize to as many
-    placeholder ids.
+    placeholder ids, all within ``tokenizer.model_max_length`` tokens: the text encoder reads no
+    further, and a cut-off placeholder would render as the same prompt without it.
 
     Raises:
-        ValueError: naming ``where`` and the prompt, when a placeholder is joined to a word, or the
-            tokenizer disagrees with the rule (a tokenizer whose placeholder was added another way).
+        ValueError: naming ``where``, the prompt and its token count (start and end tokens
+            included), when a placeholder would be cut off, is joined to a word, or the tokenizer
+            disagrees with the rule (a tokenizer whose placeholder was added another way).
     """
     carrying = []
     for prompt in prompts:
@@ -65,6 +69,14 @@ def check_identifier_prompts(tokenizer, token: str, placeholder_id: int, prompts
             raise ValueError(
                 f"{where}: the tokenizer finds model.placeholder_token {token!r} {len(positions)} time(s) in "
                 f"{prompt!r}, but as a word of its own it occurs {expected} time(s)")
+        kept = int((tokenize(tokenizer, [prompt])[0] == placeholder_id).sum())
+        if kept < len(positions):
+            raise ValueError(
+                f"{where}: {prompt!r} is {len(ids)} tokens long (start and end tokens included) and "
+                f"model.placeholder_token {token!r} is token {positions[kept] + 1} of {len(ids)}, but the text "
+                f"encoder reads {tokenizer.model_max_length} tokens (tokenizer.model_max_length), the last "
+                "being the end token: the identifier would be cut off. Shorten the prompt or move the "
+                "placeholder forward")
         if expected:
             carrying.append(prompt)
     return carrying

@@ -129,6 +129,23 @@ def placeholder_joined_to_a_word(data: Path, tmp: Path):
             "data.predict_prompts: 'a photo of a dog<A>' joins model.placeholder_token '<A>' to 'dog'")
 
 
+LONG = "a photo of a person" + " and a dog" * 24  # 77 tokens: the placeholder after it is token 79 of 80
+
+
+def template_pushes_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"data.prompt_templates": f'["{LONG} {{}}"]'},
+            "data.prompt_templates: '" + LONG + " <A>' is 80 tokens long")
+
+
+def validation_prompt_with_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"data.validation_prompts": f'["a photo of a dog <A>", "{LONG} <A>"]'},
+            "the text encoder reads 77 tokens (tokenizer.model_max_length)")
+
+
+def predict_prompt_with_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"subcommand": "predict", "data.predict_prompts": f'["{LONG} <A>"]'}, "is token 79 of 80")
+
+
 def output_not_writable(data: Path, tmp: Path):
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
@@ -139,7 +156,9 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
          prompts_without_the_placeholder, pool_requested_without_a_pool, training_on_the_context_pool,
-         placeholder_only_inside_other_words, placeholder_joined_to_a_word, output_not_writable]
+         placeholder_only_inside_other_words, placeholder_joined_to_a_word,
+         template_pushes_placeholder_past_the_token_limit, validation_prompt_with_placeholder_past_the_token_limit,
+         predict_prompt_with_placeholder_past_the_token_limit, output_not_writable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

@@ -1,4 +1,4 @@
-"""Prompts and the placeholder: one rule says where the identifier is.
+"""Prompts and the placeholder: one rule says where the identifier is, and no prompt loses it.
 
 README "Prompts and the placeholder"; the CLI rows are in tests/test_bad_inputs.py.
 """
@@ -51,3 +51,40 @@ def test_placeholder_joined_to_a_word_is_refused_not_silently_dropped(make_modul
     assert _placeholder_counts(module, [text]) == [0]  # the tokenizer reads it as ordinary text
     with pytest.raises(ValueError, match=r"data.validation_prompts: .* joins model.placeholder_token '<A>' to"):
         find_placeholder(text, "<A>", "data.validation_prompts")
+
+
+def _words_then_placeholder(words: int) -> str:
+    """``words`` one-token words, then ``<A>``: the placeholder is token ``words + 2`` (after the start token)."""
+    return " ".join(["a"] * words + ["<A>"])
+
+
+def test_placeholder_past_the_text_encoders_window_is_refused_naming_prompt_and_count(make_module):
+    from adi_lightning.prompts import check_identifier_prompts
+
+    module = make_module()
+    assert module.tokenizer.model_max_length == 77
+    last_kept, cut = _words_then_placeholder(74), _words_then_placeholder(75)
+    assert _placeholder_counts(module, [last_kept, cut]) == [1, 0]  # what the text encoder sees
+    assert check_identifier_prompts(module.tokenizer, "<A>", module.placeholder_id, [last_kept, "a dog"], "k") == [last_kept]
+    with pytest.raises(ValueError, match=r"^k: 'a a .* <A>' is 78 tokens long .* is token 77 of 78, but the text encoder reads 77 tokens \(tokenizer.model_max_length\)"):
+        check_identifier_prompts(module.tokenizer, "<A>", module.placeholder_id, [cut], "k")
+
+
+def test_generating_from_a_prompt_whose_identifier_is_cut_off_is_an_error(make_module):
+    module = make_module()
+    module.prompt_embeddings([_words_then_placeholder(74)])
+    with pytest.raises(ValueError, match="cut off"):
+        module.prompt_embeddings([_words_then_placeholder(75)])
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate", "test"])
+def test_every_evaluation_prompt_is_checked_at_setup(make_module, stage):
+    from types import SimpleNamespace
+
+    from adi_lightning.prompts import check_run_prompts
+
+    module = make_module()
+    data = SimpleNamespace(prompt_templates=["a photo of a person {}"], eval_template="a photo of a {} <A>",
+                           eval_subjects=["dog", " ".join(["big"] * 80) + " cat"])
+    with pytest.raises(ValueError, match=r"^data.eval_template: 'a photo of a big .* cat <A>' is \d+ tokens long"):
+        check_run_prompts(data, stage, module.tokenizer, "<A>", module.placeholder_id)
