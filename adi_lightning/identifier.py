@@ -204,12 +204,14 @@ class LayerwiseIdentifier(nn.Module):
             return torch.arange(self.num_layers, dtype=torch.int64)
         return torch.zeros(self.num_layers, dtype=torch.int64)
 
-    def save(self, path: str | Path, metadata: dict[str, str]) -> Path:
-        """Write the table atomically as safetensors, with the row paths and provenance.
+    def save(self, path: str | Path, metadata: dict[str, str], table: torch.Tensor | None = None) -> Path:
+        """Write the table (or ``table`` ``[R, D]``, e.g. an earlier copy of it) atomically as
+        safetensors, with the row paths and provenance. Raises FloatingPointError if non-finite.
 
         A second tensor (``layer_to_row``) makes diffusers' ``load_textual_inversion`` refuse the
         file instead of silently loading L vectors as one token.
         """
+        table = self.embedding if table is None else table
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -221,7 +223,7 @@ class LayerwiseIdentifier(nn.Module):
             **{k: str(v) for k, v in metadata.items()},
         }
         tensors = {
-            IDENTIFIER_KEY: self.embedding.detach().float().cpu().contiguous(),
+            IDENTIFIER_KEY: table.detach().float().cpu().contiguous(),
             LAYER_ROW_KEY: self.layer_to_row(),
         }
         if not torch.isfinite(tensors[IDENTIFIER_KEY]).all():

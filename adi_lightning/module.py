@@ -215,14 +215,10 @@ class ADIModule(L.LightningModule):
         return self
 
     def configure_callbacks(self):
-        from adi_lightning.callbacks import (
-            EvaluationCallback,
-            GradientMaskCallback,
-            ImageGridCallback,
-            RankConsistencyCallback,
-        )
+        from adi_lightning import callbacks as cb
 
-        return [GradientMaskCallback(), ImageGridCallback(), RankConsistencyCallback(), EvaluationCallback()]
+        return [cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(), cb.EvaluationCallback(),
+                cb.LastGoodIdentifierCallback()]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -404,10 +400,8 @@ class ADIModule(L.LightningModule):
         loss, per_sample_loss = self.compute_loss(batch)
         batch_size, roles = batch["pixel_values"].shape[:2]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; the last "
-                "identifier file written is kept and no non-finite identifier is saved"
-            )
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
+                                     "no non-finite identifier is saved")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         by_role = per_sample_loss.detach().reshape(batch_size, roles).mean(0)
         for name, value in zip(("anchor", "context", "action"), by_role):
