@@ -167,7 +167,8 @@ def _add_progress_bar(trainer) -> None:
 
 
 def main(args=None) -> None:
-    """Entry point; known input errors print one clear line instead of a traceback, and a finished
+    """Entry point; known input errors print one clear line instead of a traceback, a failed run
+    keeps its folder only when the folder holds a result (:func:`settle_failed_run`), and a finished
     command prints what it wrote (adi_lightning.console.run_summary)."""
     quiet_libraries()
     from adi_lightning.backbone import BackboneError
@@ -179,21 +180,33 @@ def main(args=None) -> None:
     started = time.time()
     try:
         cli = ADICLI(args=args)
-    except known as err:
-        if os.environ.get("ADI_DEBUG"):
+    except BaseException as err:
+        if isinstance(err, SystemExit) and err.code in (0, None):
             raise
-        print(f"adi_lightning: error: {err}", file=sys.stderr)
-        _remove_if_empty(os.environ.get(RUN_DIR_ENV))
-        raise SystemExit(1) from err
+        report = isinstance(err, known) and not os.environ.get("ADI_DEBUG")
+        if report:
+            print(f"adi_lightning: error: {err}", file=sys.stderr)
+        settle_failed_run(os.environ.get(RUN_DIR_ENV))
+        if report:
+            raise SystemExit(1) from err
+        raise  # not an input error (a bug, Ctrl+C): keep the traceback
     if cli.subcommand and cli.trainer.is_global_zero:
         print("\n".join(run_summary(cli.subcommand, cli.trainer.default_root_dir, time.time() - started)))
 
 
-def _remove_if_empty(run_dir: str | None) -> None:
-    """A run that failed before producing anything (at most its config and run info) leaves no
-    folder behind."""
-    if not run_dir or not Path(run_dir).is_dir():
-        return
-    files = [p for p in Path(run_dir).rglob("*") if p.is_file()]
-    if all(p.parent == Path(run_dir) and p.name in ("config.yaml", "run_info.json") for p in files):
+def settle_failed_run(run_dir: str | None) -> Path | None:
+    """Apply the failed-run rule (:mod:`adi_lightning.callbacks.failed_run`) on rank zero: keep
+    the folder when it holds a result and say so on stderr, remove it otherwise. Returns the
+    kept folder, or None."""
+    from adi_lightning.callbacks import run_results
+
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    if not run_dir or not Path(run_dir).is_dir() or not first:
+        return None
+    results = [str(p.relative_to(run_dir)) for p in run_results(run_dir)]
+    if not results:
         shutil.rmtree(run_dir)
+        return None
+    shown = ", ".join(results[:5]) + (f" and {len(results) - 5} more" if len(results) > 5 else "")
+    print(f"adi_lightning: the failed run's folder is kept: {run_dir} (it holds {shown})", file=sys.stderr)
+    return Path(run_dir)

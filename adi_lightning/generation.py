@@ -29,6 +29,7 @@ from adi_lightning.conditioning import (
     install_layerwise_processors,
     remove_layerwise_processors,
 )
+from adi_lightning.prompts import check_identifier_prompts
 from adi_lightning.identifier import (
     add_placeholder_token,
     install_overlay,
@@ -79,20 +80,6 @@ class LayerwiseTextEncoder(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=hidden)
 
 
-def check_generation_prompts(datamodule, stage: str, token: str) -> None:
-    """The prompts images are generated from must spell the model's placeholder: with another
-    spelling (``<A>`` vs ``<jump>``) the images would silently show the base model."""
-    if getattr(datamodule, "eval_subjects", None) and stage in ("fit", "validate", "test"):
-        if token not in datamodule.eval_template:
-            raise ValueError(f"data.eval_template {datamodule.eval_template!r} does not contain "
-                             f"model.placeholder_token {token!r}")
-        return
-    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
-    prompts = getattr(datamodule, key.split(".")[1], None) or []
-    if prompts and not any(token in p for p in prompts):
-        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
-
-
 def stock_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
     """A ``StableDiffusionPipeline`` over already loaded components (no safety checker)."""
     from diffusers import StableDiffusionPipeline
@@ -107,13 +94,18 @@ def stock_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
 def prompt_embeddings(text_encoder, tokenizer, prompts: list[str], num_layers: int,
                       rows: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``: the prompts with the
-    identifier ``rows`` ``[N, R, D]`` (None: plain prompts) and the empty negative prompt."""
+    identifier ``rows`` ``[N, R, D]`` (None: plain prompts) and the empty negative prompt. Raises
+    ValueError for a prompt whose identifier would be cut off or is joined to a word
+    (:func:`adi_lightning.prompts.check_identifier_prompts`)."""
     device = text_encoder.device
     ids = tokenize(tokenizer, prompts, device)
     if rows is None:
         embeds = encode_plain(text_encoder, ids, num_layers)
     else:
-        embeds = encode_layerwise(text_encoder, text_encoder.embeddings.token_embedding, ids, rows, num_layers)
+        overlay = text_encoder.embeddings.token_embedding
+        token = tokenizer.convert_ids_to_tokens(overlay.placeholder_id)
+        check_identifier_prompts(tokenizer, token, overlay.placeholder_id, prompts, "prompt")
+        embeds = encode_layerwise(text_encoder, overlay, ids, rows, num_layers)
     negative = encode_plain(text_encoder, tokenize(tokenizer, [""] * len(prompts), device), num_layers)
     return embeds.to(dtype), negative.to(dtype)
 

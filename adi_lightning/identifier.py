@@ -99,19 +99,27 @@ def remove_overlay(text_encoder: nn.Module) -> None:
 def add_placeholder_token(tokenizer, placeholder: str, templates: list[str] = ()) -> int:
     """Register the placeholder with the tokenizer and return its id.
 
-    The placeholder "already exists" when it is one existing vocabulary token (``photo`` is
-    ``photo</w>``, so ``add_tokens`` would not notice) or a word of the prompt templates.
+    The tokenizer finds it only as a word of its own, spelled exactly
+    (``AddedToken(single_word=True, normalized=False)``: the rule of :mod:`adi_lightning.prompts`).
+    Raises ValueError when it "already exists": one existing vocabulary token (``photo`` is
+    ``photo</w>``, so ``add_tokens`` would not notice), a word of the prompt templates, or a token
+    the tokenizer already has under other matching rules.
     """
+    from transformers import AddedToken
+
+    from adi_lightning.prompts import find_placeholder
+
     if not placeholder or placeholder != placeholder.strip() or " " in placeholder:
         raise ValueError(f"model.placeholder_token must be one word without spaces, got {placeholder!r}")
     for template in templates:
-        if placeholder in template.replace("{}", " ").split():
+        if find_placeholder(template, placeholder, "data.prompt_templates"):
             raise ValueError(
                 f"model.placeholder_token {placeholder!r} is a word of the prompt template {template!r}"
             )
     vocab = tokenizer.get_vocab()
     if placeholder in vocab:
-        if placeholder in tokenizer.get_added_vocab():
+        added = tokenizer.added_tokens_decoder.get(vocab[placeholder])
+        if added is not None and added.single_word and not added.normalized and not added.special:
             return vocab[placeholder]
         raise ValueError(f"model.placeholder_token {placeholder!r} is already in the tokenizer's vocabulary")
     pieces = tokenizer.tokenize(placeholder)
@@ -120,7 +128,7 @@ def add_placeholder_token(tokenizer, placeholder: str, templates: list[str] = ()
             f"model.placeholder_token {placeholder!r} already exists in the vocabulary as "
             f"{pieces[0]!r}; choose a string such as '<{placeholder}>'"
         )
-    tokenizer.add_tokens([placeholder])
+    tokenizer.add_tokens([AddedToken(placeholder, single_word=True, normalized=False)])
     return tokenizer.convert_tokens_to_ids(placeholder)
 
 
@@ -196,12 +204,14 @@ class LayerwiseIdentifier(nn.Module):
             return torch.arange(self.num_layers, dtype=torch.int64)
         return torch.zeros(self.num_layers, dtype=torch.int64)
 
-    def save(self, path: str | Path, metadata: dict[str, str]) -> Path:
-        """Write the table atomically as safetensors, with the row paths and provenance.
+    def save(self, path: str | Path, metadata: dict[str, str], table: torch.Tensor | None = None) -> Path:
+        """Write the table (or ``table`` ``[R, D]``, e.g. an earlier copy of it) atomically as
+        safetensors, with the row paths and provenance. Raises FloatingPointError if non-finite.
 
         A second tensor (``layer_to_row``) makes diffusers' ``load_textual_inversion`` refuse the
         file instead of silently loading L vectors as one token.
         """
+        table = self.embedding if table is None else table
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -213,7 +223,7 @@ class LayerwiseIdentifier(nn.Module):
             **{k: str(v) for k, v in metadata.items()},
         }
         tensors = {
-            IDENTIFIER_KEY: self.embedding.detach().float().cpu().contiguous(),
+            IDENTIFIER_KEY: table.detach().float().cpu().contiguous(),
             LAYER_ROW_KEY: self.layer_to_row(),
         }
         if not torch.isfinite(tensors[IDENTIFIER_KEY]).all():

@@ -33,6 +33,7 @@ from adi_lightning.identifier import (
 from adi_lightning.data.triples import triple_key
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
+from adi_lightning.prompts import check_run_prompts
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, MaskCombine, MaskStatistic, UpdateFrom, check_threshold
 from adi_lightning import speed
 
@@ -214,14 +215,10 @@ class ADIModule(L.LightningModule):
         return self
 
     def configure_callbacks(self):
-        from adi_lightning.callbacks import (
-            EvaluationCallback,
-            GradientMaskCallback,
-            ImageGridCallback,
-            RankConsistencyCallback,
-        )
+        from adi_lightning import callbacks as cb
 
-        return [GradientMaskCallback(), ImageGridCallback(), RankConsistencyCallback(), EvaluationCallback()]
+        return [cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(), cb.EvaluationCallback(),
+                cb.LastGoodIdentifierCallback()]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -240,7 +237,7 @@ class ADIModule(L.LightningModule):
                 f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
                 "use model.update_from=anchor or data.context_partners=exemplars")
         if datamodule is not None:
-            generation.check_generation_prompts(datamodule, stage, self.hparams.placeholder_token)
+            check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
                         *getattr(self.judge, "subjects", ())]
             check_initializer_word(self.hparams.initializer_token, templates, subjects)
@@ -403,10 +400,8 @@ class ADIModule(L.LightningModule):
         loss, per_sample_loss = self.compute_loss(batch)
         batch_size, roles = batch["pixel_values"].shape[:2]
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; the last "
-                "identifier file written is kept and no non-finite identifier is saved"
-            )
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}) at global step {self.global_step}; "
+                                     "no non-finite identifier is saved")
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         by_role = per_sample_loss.detach().reshape(batch_size, roles).mean(0)
         for name, value in zip(("anchor", "context", "action"), by_role):

@@ -64,3 +64,25 @@ def make_module(tiny_pipeline):
         return ADIModule(**kwargs)
 
     return make
+
+
+@pytest.fixture()
+def fail_fit_at(monkeypatch):
+    """``fail_fit_at(step, error=None)``: from global step ``step`` on, the training loss is NaN
+    (or computing it raises ``error``), in every ADIModule of the test, CLI runs included."""
+    from adi_lightning.module import ADIModule
+
+    real = ADIModule.compute_loss
+
+    def patch(step: int, error: BaseException | None = None) -> None:
+        def compute_loss(self, batch):
+            loss, per_sample = real(self, batch)
+            if self.global_step < step:
+                return loss, per_sample
+            if error is not None:
+                raise error
+            return loss * float("nan"), per_sample
+
+        monkeypatch.setattr(ADIModule, "compute_loss", compute_loss)
+
+    return patch

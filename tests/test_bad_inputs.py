@@ -1,4 +1,5 @@
-"""The troubleshooting table, run: each bad input gives one clear error and leaves no file.
+"""The troubleshooting table, run: each bad input gives one clear error and leaves no file
+(a failure after training steps keeps its folder with the last good identifier and the logs).
 
 Every case goes through the real CLI entry point; the README's troubleshooting table lists
 the same rows.
@@ -118,6 +119,45 @@ def training_on_the_context_pool(data: Path, tmp: Path):
     return {"model.update_from": "anchor_and_context"}, "model.update_from='anchor_and_context' would train on context-pool images"
 
 
+def placeholder_only_inside_other_words(data: Path, tmp: Path):
+    # 'sks' is inside 'asks': not the placeholder (README "Prompts and the placeholder").
+    return ({"model.placeholder_token": "sks", "data.validation_prompts": '["a photo of a person who asks"]'},
+            "none of data.validation_prompts contains model.placeholder_token 'sks'")
+
+
+def placeholder_joined_to_a_word(data: Path, tmp: Path):
+    return ({"subcommand": "predict", "data.predict_prompts": '["a photo of a dog<A>"]'},
+            "data.predict_prompts: 'a photo of a dog<A>' joins model.placeholder_token '<A>' to 'dog'")
+
+
+LONG = "a photo of a person" + " and a dog" * 24  # 77 tokens: the placeholder after it is token 79 of 80
+
+
+def template_pushes_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"data.prompt_templates": f'["{LONG} {{}}"]'},
+            "data.prompt_templates: '" + LONG + " <A>' is 80 tokens long")
+
+
+def validation_prompt_with_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"data.validation_prompts": f'["a photo of a dog <A>", "{LONG} <A>"]'},
+            "the text encoder reads 77 tokens (tokenizer.model_max_length)")
+
+
+def predict_prompt_with_placeholder_past_the_token_limit(data: Path, tmp: Path):
+    return ({"subcommand": "predict", "data.predict_prompts": f'["{LONG} <A>"]'}, "is token 79 of 80")
+
+
+def nan_loss_at_the_first_step(data: Path, tmp: Path):
+    return {"nan_from_step": 0}, "non-finite training loss (nan) at global step 0"
+
+
+def nan_loss_after_two_steps(data: Path, tmp: Path):
+    # A failure after completed steps keeps the folder, with the last good identifier and the logs.
+    return ({"nan_from_step": 2, "trainer.max_steps": 4, "trainer.log_every_n_steps": 1,
+             "kept": ["identifier_last_good.safetensors", "metrics.csv"]},
+            "non-finite training loss (nan) at global step 2")
+
+
 def output_not_writable(data: Path, tmp: Path):
     blocker = tmp / "a_file"
     blocker.write_text("not a folder")
@@ -128,14 +168,20 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
          prompts_without_the_placeholder, pool_requested_without_a_pool, training_on_the_context_pool,
+         placeholder_only_inside_other_words, placeholder_joined_to_a_word,
+         template_pushes_placeholder_past_the_token_limit, validation_prompt_with_placeholder_past_the_token_limit,
+         predict_prompt_with_placeholder_past_the_token_limit, nan_loss_at_the_first_step, nan_loss_after_two_steps,
          output_not_writable]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_gives_one_clear_error_and_no_files(case, tiny_pipeline, tiny_data, tmp_path, capsys):
+def test_bad_input_gives_one_clear_error_and_no_files(case, tiny_pipeline, tiny_data, tmp_path, capsys, fail_fit_at):
     data = _copy_data(tiny_data, tmp_path / "data")
     overrides, expected = case(data, tmp_path)
     subcommand = overrides.pop("subcommand", "fit")
+    kept = overrides.pop("kept", [])
+    if "nan_from_step" in overrides:
+        fail_fit_at(overrides.pop("nan_from_step"))
     root = Path(overrides.pop("trainer.default_root_dir", tmp_path / "outputs"))
     args = [subcommand, "--config", str(REPO / "experiments" / "tiny.yaml"),
             f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--data.root={data}",
@@ -150,4 +196,11 @@ def test_bad_input_gives_one_clear_error_and_no_files(case, tiny_pipeline, tiny_
     assert expected in message[0]
     assert "Traceback" not in err
     leftovers = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-    assert leftovers == []
+    if not kept:
+        assert leftovers == []
+        assert "folder is kept" not in err
+    else:  # a failure after training steps: one run folder, named on stderr, holding these results
+        assert {p.name for p in leftovers} >= set(kept), leftovers
+        [run] = {p.relative_to(root).parts[0] for p in leftovers}
+        assert f"adi_lightning: the failed run's folder is kept: {root / run}" in err
+

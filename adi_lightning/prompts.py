@@ -1,0 +1,108 @@
+"""Where the identifier is in a prompt, and whether the text encoder will see it.
+
+One rule, used by every check and by the tokenizer: the placeholder (``model.placeholder_token``,
+spelled exactly, case included) counts only as a word of its own, where no letter, digit or
+underscore touches it. "a photo of a dog <A>", "<A>, jumping" and "a-sks-b" hold it; with
+``placeholder_token=sks``, "a person who asks" does not (``sks`` is inside another word there).
+The tokenizer gets the placeholder as ``AddedToken(single_word=True, normalized=False)``
+(:func:`adi_lightning.identifier.add_placeholder_token`), which is the same rule, and
+:func:`check_identifier_prompts` verifies prompt by prompt that the two agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+from adi_lightning.conditioning import tokenize
+
+_WORD = re.compile(r"\w")
+
+
+def _is_word(char: str) -> bool:
+    return bool(char) and _WORD.match(char) is not None
+
+
+def find_placeholder(text: str, token: str, where: str = "prompt") -> int:
+    """How many times ``token`` stands as a word of its own in ``text`` (the rule above).
+
+    An occurrence inside a longer word (``sks`` in "asks") is ordinary text and is not counted.
+
+    Raises:
+        ValueError: ``token`` is joined to a word across one of its own non-word edges
+            ("a dog<A>", "<A>s"): the user wrote the placeholder there, but the tokenizer would
+            read it as ordinary text. The message names ``where`` and the prompt.
+    """
+    count, start = 0, text.find(token)
+    while start != -1:
+        end = start + len(token)
+        before, after = text[start - 1 : start], text[end : end + 1]
+        if not _is_word(before) and not _is_word(after):
+            count += 1
+        elif not ((_is_word(before) and _is_word(token[0])) or (_is_word(after) and _is_word(token[-1]))):
+            neighbour = re.search(r"\w+$", text[:start]) if _is_word(before) else re.match(r"\w+", text[end:])
+            spaced = text[:start] + " " * _is_word(before) + token + " " * _is_word(after) + text[end:]
+            raise ValueError(
+                f"{where}: {text!r} joins model.placeholder_token {token!r} to {neighbour.group(0)!r}; the "
+                f"identifier is recognised only as a word of its own (write {spaced!r})")
+        start = text.find(token, start + 1)
+    return count
+
+
+def check_identifier_prompts(tokenizer, token: str, placeholder_id: int, prompts: list[str], where: str) -> list[str]:
+    """Check prompts meant for the identifier and return the ones that carry it.
+
+    Every prompt with the placeholder (by :func:`find_placeholder`) must tokenize to as many
+    placeholder ids, all within ``tokenizer.model_max_length`` tokens: the text encoder reads no
+    further, and a cut-off placeholder would render as the same prompt without it.
+
+    Raises:
+        ValueError: naming ``where``, the prompt and its token count (start and end tokens
+            included), when a placeholder would be cut off, is joined to a word, or the tokenizer
+            disagrees with the rule (a tokenizer whose placeholder was added another way).
+    """
+    carrying = []
+    for prompt in prompts:
+        expected = find_placeholder(prompt, token, where)
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        positions = [i for i, x in enumerate(ids) if x == placeholder_id]
+        if len(positions) != expected:
+            raise ValueError(
+                f"{where}: the tokenizer finds model.placeholder_token {token!r} {len(positions)} time(s) in "
+                f"{prompt!r}, but as a word of its own it occurs {expected} time(s)")
+        kept = int((tokenize(tokenizer, [prompt])[0] == placeholder_id).sum())
+        if kept < len(positions):
+            raise ValueError(
+                f"{where}: {prompt!r} is {len(ids)} tokens long (start and end tokens included) and "
+                f"model.placeholder_token {token!r} is token {positions[kept] + 1} of {len(ids)}, but the text "
+                f"encoder reads {tokenizer.model_max_length} tokens (tokenizer.model_max_length), the last "
+                "being the end token: the identifier would be cut off. Shorten the prompt or move the "
+                "placeholder forward")
+        if expected:
+            carrying.append(prompt)
+    return carrying
+
+
+def check_run_prompts(datamodule, stage: str, tokenizer, token: str, placeholder_id: int) -> None:
+    """At setup, check every prompt of ``stage`` that should carry the identifier.
+
+    ``fit``: each training template (formatted with ``token``) and the evaluation prompts;
+    ``validate`` / ``test``: the evaluation prompts (``data.eval_template`` x ``data.eval_subjects``
+    when subjects are given, each must carry it; else ``data.validation_prompts``, at least one
+    must); ``predict``: ``data.predict_prompts`` (at least one must). Raises ValueError naming
+    the key and the prompt (see :func:`check_identifier_prompts`).
+    """
+    if stage == "fit":
+        templates = list(getattr(datamodule, "prompt_templates", None) or [])
+        check_identifier_prompts(tokenizer, token, placeholder_id, [t.format(token) for t in templates],
+                                 "data.prompt_templates")
+    subjects = getattr(datamodule, "eval_subjects", None)
+    if subjects and stage in ("fit", "validate", "test"):
+        template = datamodule.eval_template
+        prompts = [template.format(s) for s in subjects]
+        if len(check_identifier_prompts(tokenizer, token, placeholder_id, prompts, "data.eval_template")) < len(prompts):
+            raise ValueError(f"data.eval_template {template!r} does not contain model.placeholder_token {token!r}")
+        return
+    key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
+    prompts = list(getattr(datamodule, key.split(".")[1], None) or [])
+    if prompts and not check_identifier_prompts(tokenizer, token, placeholder_id, prompts, key):
+        raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")
