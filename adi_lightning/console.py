@@ -29,8 +29,7 @@ class _DropMessages(logging.Filter):
 
 def quiet_libraries() -> None:
     """Silence the notices listed in README "Console output"; never the user's own warnings."""
-    # transformers on import: torchvision is missing (its image processors are never used here).
-    logging.getLogger("transformers.utils.import_utils").addFilter(_DropMessages("requires torchvision"))
+    # (transformers' torchvision notice: filtered on import of adi_lightning, for plain Python too)
     # Lightning's advert for its cloud logger, printed on every run.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("litlogger"))
