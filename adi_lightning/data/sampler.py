@@ -12,6 +12,8 @@ number of batches training has consumed so far (``position``, read from Lightnin
 progress), the sampler starts at that batch of that epoch. It does not trust Lightning's epoch
 counter: when ``max_steps`` stops a run mid-epoch, Lightning marks the epoch complete and the
 checkpoint records the next one, although that epoch's remaining batches were never trained on.
+(So with ``trainer.limit_train_batches`` shorter than an epoch, Lightning's epochs walk through one
+epoch order in sequence instead of restarting a new order each time.)
 
 It subclasses ``DistributedSampler`` only so that Lightning leaves it in place (and calls
 ``set_epoch``) instead of wrapping it.
