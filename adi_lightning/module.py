@@ -35,6 +35,7 @@ from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
 from adi_lightning.prompts import check_run_prompts
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, MaskCombine, MaskStatistic, UpdateFrom, check_threshold
+from adi_lightning.resume import check_identifier_fits
 from adi_lightning import speed
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class ADIModule(L.LightningModule):
         from adi_lightning import callbacks as cb
 
         return [cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(), cb.EvaluationCallback(),
-                cb.LastGoodIdentifierCallback()]
+                cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback()]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -299,11 +300,7 @@ class ADIModule(L.LightningModule):
         checkpoint["adi_rng_states"] = _rng_states_for_checkpoint()  # Lightning does not save them itself
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "identifier.embedding" not in checkpoint.get("state_dict", {}):
-            raise ValueError("the checkpoint holds no identifier ('identifier.embedding'): not an adi-lightning checkpoint")
-        saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
-        if saved is not None and saved != self.identifier.layer_paths:
-            raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
+        check_identifier_fits(checkpoint, self.identifier)
         if "adi_rng_states" in checkpoint:
             _set_rng_states(checkpoint["adi_rng_states"])
 

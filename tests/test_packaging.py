@@ -121,3 +121,17 @@ def test_ci_runs_the_readme_test_command():
         assert command in script, f".ci/run must run the README's test command verbatim: {command!r}\n{script}"
     assert any(shlex.split(c)[:3] == ["python", "-m", "pytest"] or "pytest" in shlex.split(c)[:3]
                for c in commands), f"the README's test command does not run pytest: {commands}"
+
+
+def test_lightning_is_pinned_below_2_7_while_adicli_replaces_a_private_hook():
+    """adi_lightning.cli.ADICLI overrides LightningCLI._parse_ckpt_path (2.6 merges a checkpoint's
+    hyperparameters over typed flags with it): the installed lightning must still call it, and
+    both pin files stop below the next minor (tests/test_ckpt_settings.py tests the behaviour)."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
+    for source, reqs in (("pyproject.toml", project_requirements()), ("environment.yml", conda_pip_requirements())):
+        (spec,) = [Requirement(r).specifier for r in reqs if Requirement(r).name == "lightning"]
+        assert "2.6.9" in spec and "2.7.0" not in spec, f"{source}: lightning{spec}"

@@ -1,5 +1,7 @@
 """Resuming from a checkpoint reproduces the uninterrupted run bit for bit (CPU)."""
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -63,10 +65,81 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     assert [i - 20 for i in one] != [i - 10 for i in single]  # a new permutation each epoch
 
 
-def test_sampler_skips_consumed_batches_once():
-    sampler = GlobalBatchSampler(8, batch_size=2, seed=1)
+def test_sampler_starts_at_the_consumed_batch_of_the_stream():
+    consumed = 0
+    sampler = GlobalBatchSampler(8, batch_size=2, seed=1, position=lambda: consumed)
     full = list(sampler)
-    sampler.start_batch = 3
+    consumed = 3  # mid-epoch 0
     assert list(sampler) == full[6:]
-    assert list(sampler) == full
+    consumed = 4 + 1  # epoch 1, batch 1, whatever epoch Lightning set
+    sampler.set_epoch(7)
+    plain = GlobalBatchSampler(8, batch_size=2, seed=1)
+    plain.set_epoch(1)
+    assert list(sampler) == list(plain)[2:]
     assert len(sampler) == 8
+    assert sampler.state_dict()["consumed_batches"] == 5 and sampler.state_dict()["epoch"] == 1
+
+def _fit_with(tiny_pipeline, tiny_data, root, max_steps, checkpoint, repeats, ckpt_path=None, num_workers=0):
+    """A run whose checkpoints are written by ``checkpoint`` (a ModelCheckpoint); 4 anchors x
+    ``repeats`` items in batches of 2, so an epoch is 2 x repeats batches."""
+    L.seed_everything(0)
+    module = ADIModule(tiny_pipeline, mask_threshold=0.5, weight_decay=0.01, learning_rate=0.05)
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=repeats, seed=5,
+                                num_workers=num_workers)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, limit_val_batches=0, callbacks=[checkpoint])
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return module.identifier.embedding.detach().clone(), trainer
+
+
+RESUMED_STEPS = 7
+
+
+@pytest.fixture(scope="module")
+def longer_runs(tiny_pipeline, tiny_data, tmp_path_factory):
+    """Uninterrupted RESUMED_STEPS-step runs, one per epoch length (2 and 4 batches)."""
+    runs = {}
+
+    def get(repeats: int) -> torch.Tensor:
+        if repeats not in runs:
+            root = tmp_path_factory.mktemp(f"longer{repeats}")
+            runs[repeats] = _fit_with(tiny_pipeline, tiny_data, root, RESUMED_STEPS,
+                                      ModelCheckpoint(dirpath=root / "ckpt"), repeats)[0]
+        return runs[repeats]
+
+    return get
+
+
+# (first run's max_steps, ModelCheckpoint every_n_train_steps (None: Lightning's once per epoch),
+#  data.repeats (epoch = 2 x repeats batches), loader workers). Every checkpoint the first run
+# writes is resumed, last.ckpt included: mid-epoch and epoch-end step checkpoints, the per-epoch
+# checkpoint Lightning writes when max_steps stops it mid-epoch (it marks that epoch complete), and
+# the last.ckpt of on_train_end when no step checkpoint was due.
+EVERY_CHECKPOINT = [
+    (5, 2, 2, 0),     # max_steps neither a multiple of the interval nor of the epoch (4)
+    (6, 3, 2, 0),     # max_steps a multiple of the interval, mid-epoch
+    (3, None, 1, 0),  # per-epoch checkpoints: epoch end (step 2) and max_steps mid-epoch (step 3)
+    (5, None, 2, 2),  # the same with loader workers, which draw indices before the epoch is set
+    (3, 5, 1, 0),     # interval beyond max_steps: only on_train_end's last.ckpt
+]
+
+
+@pytest.mark.parametrize("first_steps,interval,repeats,workers", EVERY_CHECKPOINT)
+def test_every_checkpoint_resumes_bit_identically(tiny_pipeline, tiny_data, tmp_path, longer_runs,
+                                                  first_steps, interval, repeats, workers):
+    first = tmp_path / "first"
+    _fit_with(tiny_pipeline, tiny_data, first, first_steps,
+              ModelCheckpoint(dirpath=first / "ckpt", every_n_train_steps=interval, save_top_k=-1, save_last=True),
+              repeats)
+    checkpoints = sorted((first / "ckpt").glob("*.ckpt"))
+    assert any(c.name == "last.ckpt" for c in checkpoints), checkpoints
+    straight = longer_runs(repeats)
+    for ckpt in checkpoints:
+        root = tmp_path / f"resumed-{ckpt.stem}"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*dataloader is\\s+not resumable.*")
+            resumed, trainer = _fit_with(tiny_pipeline, tiny_data, root, RESUMED_STEPS,
+                                         ModelCheckpoint(dirpath=root / "ckpt"), repeats, ckpt_path=str(ckpt),
+                                         num_workers=workers)
+        assert trainer.global_step == RESUMED_STEPS, ckpt.name
+        assert torch.equal(resumed, straight), f"resuming from {ckpt.name} diverged from the uninterrupted run"

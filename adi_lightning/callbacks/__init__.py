@@ -4,7 +4,8 @@ from adi_lightning.callbacks.evaluation import EvaluationCallback
 from adi_lightning.callbacks.failed_run import LAST_GOOD_FILE, LastGoodIdentifierCallback, run_results
 from adi_lightning.callbacks.gradient_mask import GradientMaskCallback
 from adi_lightning.callbacks.image_log import ImageGridCallback, labelled_grid
+from adi_lightning.callbacks.optimizer_settings import OptimizerSettingsCallback
 from adi_lightning.callbacks.rank_consistency import RankConsistencyCallback
 
 __all__ = ["LAST_GOOD_FILE", "EvaluationCallback", "GradientMaskCallback", "ImageGridCallback", "LastGoodIdentifierCallback",
-           "RankConsistencyCallback", "labelled_grid", "run_results"]
+           "OptimizerSettingsCallback", "RankConsistencyCallback", "labelled_grid", "run_results"]

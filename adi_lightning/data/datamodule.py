@@ -15,7 +15,7 @@ from adi_lightning.paths import is_in_cache, toy_cache_dir
 
 from .layout import DataLayoutError, read_action_folder, records_of_action
 from .partners import MANIFEST, PartnerSettings, ensure_partners, partner_folder
-from .sampler import GlobalBatchSampler
+from .sampler import GlobalBatchSampler, ResumableLoader
 from .triples import ActionTripleDataset, ContextPartners, PromptSeedDataset
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATES", "ActionTripleDataModule"]
@@ -34,6 +34,15 @@ DEFAULT_PREDICT_PROMPTS: tuple[str, ...] = ("a photo of a person <A>",)
 DEFAULT_PREDICT_SEEDS: tuple[int, ...] = (0, 1, 2, 3)
 DEFAULT_GENERATE_ACTIONS: tuple[str, ...] = ("standing", "sitting")
 log = logging.getLogger(__name__)
+
+
+def _consumed_batches(trainer: L.Trainer) -> int:
+    """Training batches (per rank) processed since the run began, over every epoch and resume.
+
+    Lightning restores this counter from the checkpoint before the first pass starts; it counts
+    the batch a checkpoint was written after even when that batch's bookkeeping was not finished.
+    """
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
 def _check_templates(templates: list[str]) -> None:
@@ -272,7 +281,7 @@ class ActionTripleDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             self.setup("fit")
-        return DataLoader(
+        return ResumableLoader(
             self.train_dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler(),
@@ -282,18 +291,12 @@ class ActionTripleDataModule(L.LightningDataModule):
         )
 
     def _train_sampler(self) -> GlobalBatchSampler:
-        """Global-batch-aligned shuffling; on a mid-epoch resume, skip the consumed batches."""
+        """Global-batch-aligned shuffling, positioned by the batches training has consumed."""
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = GlobalBatchSampler(len(self.train_dataset), self.batch_size, world, rank, self.seed)
-        if trainer is not None:
-            # With workers, the loader draws indices before Lightning calls set_epoch.
-            sampler.set_epoch(trainer.current_epoch)
-            progress = trainer.fit_loop.epoch_loop.batch_progress
-            consumed = progress.current.ready
-            if trainer.fit_loop.restarting and not progress.is_last_batch and 0 < consumed < sampler.num_batches:
-                sampler.start_batch = consumed  # only a resume skips; a reload starts the epoch afresh
-        return sampler
+        if trainer is None:
+            return GlobalBatchSampler(len(self.train_dataset), self.batch_size, seed=self.seed)
+        return GlobalBatchSampler(len(self.train_dataset), self.batch_size, trainer.world_size, trainer.global_rank,
+                                  self.seed, position=partial(_consumed_batches, trainer))
 
     def _prompt_loader(self, prompts: list[str], seeds: list[int]) -> DataLoader:
         return DataLoader(PromptSeedDataset(prompts, seeds), batch_size=1, shuffle=False)

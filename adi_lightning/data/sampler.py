@@ -4,10 +4,16 @@ Lightning's default ``DistributedSampler`` interleaves a permutation over ranks,
 2 ranks with batch b and a run on 1 rank with batch 2b see different global batches. Here each
 epoch's permutation (keyed by seed and epoch) is cut into global batches of ``batch_size x
 world_size`` items, and rank r takes its contiguous slice of each: the global batch is the same
-for every rank count. Lightning cannot resume a plain loader mid-epoch, so the sampler can also
-start at a given batch of the epoch (set from the restored loop progress) and skip what the
-interrupted run already consumed. Items of a padded last global batch appear twice in it (with
-the same noise, since randomness is keyed by item and step): a negligible over-weighting.
+for every rank count. Items of a padded last global batch appear twice in it (with the same noise,
+since randomness is keyed by item and step): a negligible over-weighting.
+
+Resuming: the training stream is one sequence of global batches, epoch after epoch. Given the
+number of batches training has consumed so far (``position``, read from Lightning's restored batch
+progress), the sampler starts at that batch of that epoch. It does not trust Lightning's epoch
+counter: when ``max_steps`` stops a run mid-epoch, Lightning marks the epoch complete and the
+checkpoint records the next one, although that epoch's remaining batches were never trained on.
+(So with ``trainer.limit_train_batches`` shorter than an epoch, Lightning's epochs walk through one
+epoch order in sequence instead of restarting a new order each time.)
 
 It subclasses ``DistributedSampler`` only so that Lightning leaves it in place (and calls
 ``set_epoch``) instead of wrapping it.
@@ -16,18 +22,27 @@ It subclasses ``DistributedSampler`` only so that Lightning leaves it in place (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .triples import triple_key
 
 
 class GlobalBatchSampler(DistributedSampler):
-    """Seeded shuffle aligned to global batches, padded by wrapping (never dropped)."""
+    """Seeded shuffle aligned to global batches, padded by wrapping (never dropped).
 
-    def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    Args:
+        position: Returns how many batches (per rank) training has consumed since the run began,
+            over all epochs; read at the start of every pass. None: start at batch 0 of the epoch
+            given by ``set_epoch``.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 position: Callable[[], int] | None = None):
         if num_items < 1:
             raise ValueError("the training set is empty")
         if not 0 <= rank < num_replicas:
@@ -38,10 +53,10 @@ class GlobalBatchSampler(DistributedSampler):
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
+        self.position = position
         self.epoch = 0
         self.shuffle = True
         self.drop_last = False
-        self.start_batch = 0
         global_batch = batch_size * num_replicas
         self.num_batches = math.ceil(num_items / global_batch)
         self.num_samples = self.num_batches * batch_size
@@ -49,6 +64,10 @@ class GlobalBatchSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def locate(self, consumed: int) -> tuple[int, int]:
+        """``(epoch, batch within it)`` of the next batch after ``consumed`` batches."""
+        return divmod(int(consumed), self.num_batches)
 
     def global_batches(self) -> torch.Tensor:
         """``[num_batches, batch_size * num_replicas]`` item indices of this epoch."""
@@ -59,7 +78,9 @@ class GlobalBatchSampler(DistributedSampler):
         return order.reshape(self.num_batches, -1)
 
     def __iter__(self) -> Iterator[int]:
-        start, self.start_batch = self.start_batch, 0  # a resume offset applies to one pass only
+        start = 0
+        if self.position is not None:
+            self.epoch, start = self.locate(self.position())
         lo = self.rank * self.batch_size
         mine = self.global_batches()[start:, lo : lo + self.batch_size]
         # Item i of epoch e is emitted as e * num_items + i: the dataset keys an item's flip,
@@ -69,3 +90,33 @@ class GlobalBatchSampler(DistributedSampler):
     def __len__(self) -> int:
         # The full epoch length even when resuming: Lightning counts the consumed batches itself.
         return self.num_samples
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands (for the checkpoint's record) and what shapes the stream."""
+        consumed = int(self.position()) if self.position is not None else self.epoch * self.num_batches
+        epoch, batch = self.locate(consumed)
+        return {"consumed_batches": consumed, "epoch": epoch, "batch": batch, "epoch_batches": self.num_batches,
+                "global_batch": self.batch_size * self.num_replicas, "items": self.num_items, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The position itself comes from the restored loop progress; this only says when the
+        stream changed since the checkpoint, so the resumed run cannot continue the old one."""
+        now = self.state_dict()
+        changed = [k for k in ("epoch_batches", "global_batch", "items", "seed") if k in state and state[k] != now[k]]
+        if changed:
+            rank_zero_warn(
+                "the training stream differs from the checkpoint's ("
+                + ", ".join(f"{k} {state[k]} -> {now[k]}" for k in changed)
+                + f"): training continues at batch {now['consumed_batches']} of the new order, which is not "
+                "the interrupted run's continuation")
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning stores in checkpoints (``state_dict``), so it knows
+    the loader resumes mid-epoch; the position is the sampler's."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

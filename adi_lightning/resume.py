@@ -1,0 +1,196 @@
+"""What a checkpoint contributes to a command (``--ckpt_path``), and what it may not change.
+
+Precedence, lowest first: the classes' defaults < ``--config`` files (and group files such as
+``--model configs/model/adi.yaml``) < the checkpoint's model and data hyperparameters < keys typed
+on the command line (``--model.learning_rate=0.5``, ``--data.seed=3``). The CLI applies it by
+rewriting the command line before it is parsed: group files first, then the checkpoint's values,
+then every other argument in the order given. So ``config.yaml`` records what the run used, and a
+checkpoint alone (no ``--config``) fills every model and data key it stores.
+
+Lightning 2.6's own ``LightningCLI._parse_ckpt_path`` merges the checkpoint's hyperparameters over
+the whole parsed config, typed flags included; :class:`adi_lightning.cli.ADICLI` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adi_lightning.backbone import BackboneError, check_pipeline_source
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+GROUP_FILES = ("--config", "-c", "--model", "--data", "--trainer")
+# Lightning resolves these ckpt_path values itself; they are not files to read settings from.
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+# Model keys a checkpoint fixes: a typed value that differs is refused, with the reason.
+UNCHANGEABLE = {"layerwise": "it sets the identifier's row count"}
+BACKBONE = "pretrained_model_name_or_path"
+
+
+def _options(tokens: list[str]) -> list[list[str]]:
+    """Split command-line tokens into options, each with its value when given as a separate token."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("-") and "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append(tokens[i : i + 2])
+            i += 2
+        else:
+            out.append([tok])
+            i += 1
+    return out
+
+
+def _name(option: list[str]) -> str:
+    return option[0].split("=", 1)[0]
+
+
+def _value(option: list[str]) -> str:
+    return option[1] if len(option) > 1 else option[0].split("=", 1)[1]
+
+
+def _short(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass
+class CheckpointSettings:
+    """The model and data settings a checkpoint stores, and the keys typed on the command line."""
+
+    path: str
+    subcommand: str
+    before: list[list[str]]  # the options before the subcommand, kept in place
+    options: list[list[str]]  # the subcommand's options
+    stored: dict[str, dict[str, Any]] = field(default_factory=dict)
+    global_step: int | None = None
+
+    @property
+    def typed(self) -> set[str]:
+        """``model.x`` / ``data.x`` keys typed as flags (not from config files)."""
+        keys = set()
+        for option in self.options:
+            parts = _name(option)[2:].split(".")
+            if _name(option).startswith("--") and len(parts) >= 2 and parts[0] in ("model", "data"):
+                keys.add(f"{parts[0]}.{parts[1]}")
+        return keys
+
+    @property
+    def has_config(self) -> bool:
+        return any(_name(o) in GROUP_FILES for o in self.before + self.options)
+
+    def argv(self, accepted: dict[str, set[str]]) -> list[str]:
+        """The command line with the checkpoint's settings between the group files and the rest.
+
+        ``accepted`` names the keys each group's parser takes (link targets such as
+        ``data.with_partners`` are derived, so they are left out).
+        """
+        import json
+
+        typed = self.typed
+        files = [o for o in self.options if _name(o) in GROUP_FILES]
+        rest = [o for o in self.options if _name(o) not in GROUP_FILES]
+        inserted = []
+        for group in ("model", "data"):
+            values = {k: v for k, v in self.stored.get(group, {}).items()
+                      if k in accepted.get(group, ()) and f"{group}.{k}" not in typed}
+            if values:
+                inserted.append([f"--{group}", json.dumps(values)])
+        flat = [tok for option in (*self.before, [self.subcommand], *files, *inserted, *rest) for tok in option]
+        return flat
+
+    def check_before_parsing(self) -> None:
+        """Refuse, with the flag to add, what the checkpoint cannot provide."""
+        model, typed = self.stored.get("model", {}), self.typed
+        if f"model.{BACKBONE}" in typed:
+            return
+        if not model.get(BACKBONE):
+            if not self.has_config:
+                raise ValueError(f"checkpoint {self.path} stores no model.{BACKBONE}: add "
+                                 f"--model.{BACKBONE}=PATH (or a --config that sets it)")
+            return
+        try:
+            check_pipeline_source(model[BACKBONE])
+        except BackboneError as err:
+            raise BackboneError(f"{err}; it is the backbone stored in checkpoint {self.path}: give its location "
+                                f"on this machine with --model.{BACKBONE}=PATH") from err
+
+    def check_parsed(self, config) -> None:
+        """Refuse typed values the checkpoint fixes, and say which typed values replace stored ones."""
+        model, typed = self.stored.get("model", {}), self.typed
+        for key, why in UNCHANGEABLE.items():
+            if key in model and config.model[key] != model[key]:
+                raise ValueError(f"model.{key}={config.model[key]} cannot change on resume: checkpoint {self.path} "
+                                 f"was trained with model.{key}={model[key]} ({why}); drop --model.{key}")
+        if "model.identifier_path" in typed and config.model.identifier_path:
+            raise ValueError("model.identifier_path and --ckpt_path both give the identifier (the checkpoint's "
+                             "would replace the file's): give one of them")
+        if self.subcommand == "fit" and not self.has_config and config.trainer.max_steps in (None, -1) \
+                and config.trainer.max_epochs is None:
+            raise ValueError(f"fit from checkpoint {self.path} alone has no stopping point (it is at global step "
+                             f"{self.global_step}): add --trainer.max_steps=N, or --config with the run's settings")
+        replaced = []
+        for key in sorted(typed):
+            group, name = key.split(".")
+            stored = self.stored.get(group, {})
+            if name in stored and config[key] != stored[name]:
+                replaced.append(f"{key}={_short(config[key])} (checkpoint: {_short(stored[name])})")
+        if replaced and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"adi_lightning: typed over the checkpoint's settings: {', '.join(replaced)}", file=sys.stderr)
+
+
+def read_stored(path: str) -> tuple[dict[str, dict[str, Any]], int | None]:
+    """``({"model": ..., "data": ...}, global_step)`` from a checkpoint file. The stored
+    ``identifier_path`` is dropped: on resume the identifier comes from the checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        first = (str(err).splitlines() or [""])[0][:160]
+        raise ValueError(f"ckpt_path={path!r} is not a readable checkpoint ({type(err).__name__}: {first})") from err
+    stored = {}
+    for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        values = {k: v for k, v in dict(ckpt.get(key) or {}).items() if not k.startswith("_")}
+        if values:
+            stored[group] = values
+    if "model" in stored:
+        stored["model"]["identifier_path"] = None
+    return stored, ckpt.get("global_step")
+
+
+def find(argv: list[str], ckpt_path: str | None = None) -> CheckpointSettings | None:
+    """The checkpoint settings of a command line: from its ``--ckpt_path``, or ``ckpt_path``
+    when a config file gave it. None without one, or for Lightning's named checkpoints."""
+    options = _options(list(argv))
+    at = next((i for i, o in enumerate(options) if len(o) == 1 and o[0] in SUBCOMMANDS), None)
+    if at is None:
+        return None
+    before, sub, rest = options[:at], options[at][0], options[at + 1 :]
+    path = ckpt_path
+    for option in rest:
+        if _name(option) == "--ckpt_path":
+            path = _value(option)
+    if not path or path in ("null", "None") or path in LIGHTNING_CKPT_NAMES or path.startswith("registry"):
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ckpt_path={path!r}: no such checkpoint file")
+    settings = CheckpointSettings(path, sub, before, rest)
+    settings.stored, settings.global_step = read_stored(path)
+    return settings
+
+
+def check_identifier_fits(checkpoint: dict, identifier) -> None:
+    """Refuse a checkpoint whose identifier does not fit this model (another backbone's layers or
+    width, or another ``model.layerwise``), naming the difference."""
+    table = checkpoint.get("state_dict", {}).get("identifier.embedding")
+    if table is None:
+        raise ValueError("the checkpoint holds no identifier ('identifier.embedding'): not an adi-lightning checkpoint")
+    saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
+    if saved is not None and saved != identifier.layer_paths:
+        raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
+    if tuple(table.shape) != (identifier.num_rows, identifier.dim):
+        raise ValueError(f"the checkpoint's identifier is {tuple(table.shape)} (rows, width) but this pipeline and "
+                         f"model.layerwise need {(identifier.num_rows, identifier.dim)}")
