@@ -34,13 +34,19 @@ def held_out_pairs(pipeline_dir: Path) -> set[tuple[str, str]]:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, batch: int):
-    """One image per (prompt, seed), in batches; image i depends only on its own prompt and seed."""
+    """One image per (prompt, seed), in batches; image i depends only on its own prompt and seed.
+    A progress bar (images, rate, ETA) replaces the pipeline's per-batch step bar."""
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=True)
     images = []
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        out = pipe(prompt=prompts[i:i + batch], generator=gens, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, output_type="pil")
-        images += out.images
+    with tqdm(total=len(prompts), desc="generating", unit="img") as bar:
+        for i in range(0, len(prompts), batch):
+            gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+            out = pipe(prompt=prompts[i:i + batch], generator=gens, num_inference_steps=steps,
+                       guidance_scale=guidance_scale, output_type="pil")
+            images += out.images
+            bar.update(len(out.images))
     return images
 
 
