@@ -3,6 +3,10 @@
 - :func:`resolve_argv`: ``--config jump.yaml`` and other YAML values (``--model configs/model/ti.yaml``,
   ``--trainer.logger=configs/logger/wandb.yaml``) that do not exist as typed are looked up among the
   project's files (:mod:`adi_lightning.paths`), so every command runs from any working directory.
+  Each config file (and the group files it names) is checked to be a YAML mapping
+  (:func:`check_config_file`), so a broken file is named with its line. A value written ``None``
+  (``--model.identifier_path=None``: what W&B's ``${args}`` writes for a sweep's ``null``) means
+  null, as YAML's ``null``; a key that cannot be null then refuses it by name.
 - :func:`explain_unknown_key`: jsonargparse 4.x reports an unknown key without suggestions and without
   the file it came from; this turns it into one line naming the key, its source (the command line, or
   the YAML file and line) and the closest valid keys (:mod:`difflib` over the parser's own keys).
@@ -25,29 +29,83 @@ _UNKNOWN = (re.compile(r"unrecognized arguments: (?P<arg>\S+)"),
             re.compile(r"No action for key \"(?P<arg>[^\"]+)\""))
 
 
+class ConfigFileError(ValueError):
+    """A config file that is not a YAML mapping; the message names the file (and line)."""
+
+
 def resolve_argv(argv: list[str]) -> list[str]:
-    """``argv`` with config values resolved (see the module docstring); other values untouched."""
+    """``argv`` with config values resolved and checked, and ``--key=None`` as ``--key=null`` (see
+    the module docstring); other values untouched.
+
+    Raises:
+        ConfigNotFoundError: a ``--config`` name that matches no file.
+        ConfigFileError: a config file that is not a YAML mapping (:func:`check_config_file`).
+    """
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
         key, eq, value = arg.partition("=")
         if key in ("--config", "-c"):
             if eq:
-                out.append(f"{key}={resolve_config(value)}")
+                out.append(f"{key}={_checked(resolve_config(value))}")
             elif i + 1 < len(argv):
-                out += [arg, resolve_config(argv[i + 1])]
+                out += [arg, _checked(resolve_config(argv[i + 1]))]
                 i += 1
             else:
                 out.append(arg)
         elif key.startswith("--") and eq and _is_yaml_path(value):
-            out.append(f"{key}={resolve_project_path(value)}")
+            out.append(f"{key}={_checked(resolve_project_path(value))}")
         elif arg.startswith("--") and not eq and i + 1 < len(argv) and _is_yaml_path(argv[i + 1]):
-            out += [arg, resolve_project_path(argv[i + 1])]
+            out += [arg, _checked(resolve_project_path(argv[i + 1]))]
             i += 1
+        elif key.startswith("--") and eq and value == "None":
+            out.append(f"{key}=null")
         else:
             out.append(arg)
         i += 1
     return out
+
+
+def _checked(path: str) -> str:
+    if Path(path).is_file():
+        check_config_file(path)
+    return path
+
+
+def check_config_file(path: str | Path, depth: int = 0) -> None:
+    """Refuse a config file that is not UTF-8 YAML holding a mapping, naming the file (and the line
+    and column of a syntax error); group files it names (``trainer: ../configs/trainer/cpu.yaml``)
+    are checked too.
+
+    Raises:
+        ConfigFileError: the file cannot be read, is not UTF-8, is not YAML, or is not a mapping.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigFileError(f"{path}: cannot be read: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(f"{path}: not a YAML config: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                              f"{err.start})") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark, context = err.problem_mark, ""
+        if err.context and err.context_mark is not None:
+            context = f" ({err.context} at line {err.context_mark.line + 1})"
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigFileError(f"{path}{where}: invalid YAML: {err.problem}{context}") from err
+    except yaml.YAMLError as err:
+        raise ConfigFileError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from err
+    if data is not None and not isinstance(data, dict):
+        raise ConfigFileError(f"{path}: a config holds keys (model:, data:, trainer: ...), but this file "
+                              f"holds a {type(data).__name__}")
+    for value in (data or {}).values():
+        nested = Path(path).parent / value if isinstance(value, str) and _is_yaml_path(value) else None
+        if nested is not None and nested.is_file() and depth < 4:
+            check_config_file(nested, depth + 1)
 
 
 def _is_yaml_path(value: str) -> bool:

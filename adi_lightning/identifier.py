@@ -253,17 +253,19 @@ def read_identifier(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str], layer_paths: list[str], dim: int) -> torch.Tensor:
     """Order a saved table for a pipeline, mapping rows by ``attn2`` module path.
 
-    Refuses a pipeline whose cross-attention paths or text width differ from the file's.
+    Refuses a pipeline whose cross-attention paths or text width differ from the file's, naming
+    the file and the base model it was learned on (its ``base_model`` metadata).
     """
     saved_paths = json.loads(meta.get("layer_paths", "[]"))
+    name = f"identifier {path}" + (f" (base model {meta['base_model']!r})" if meta.get("base_model") else "")
     if table.shape[1] != dim:
         raise ValueError(
-            f"identifier {path} has D={table.shape[1]} but the pipeline's text encoder width is {dim} "
+            f"{name} has D={table.shape[1]} but the pipeline's text encoder width is {dim} "
             "(an identifier learned on SD 1.x (768) does not fit SD 2.x (1024) and vice versa)"
         )
     if sorted(saved_paths) != sorted(layer_paths):
         raise ValueError(
-            f"identifier {path} was learned for {len(saved_paths)} cross-attention layers that do "
+            f"{name} was learned for {len(saved_paths)} cross-attention layers that do "
             f"not match this pipeline's {len(layer_paths)} ('attn2' module paths differ)"
         )
     if table.shape[0] not in (1, len(saved_paths)):

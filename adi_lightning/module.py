@@ -150,8 +150,10 @@ class ADIModule(L.LightningModule):
             raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
         if timestep_sampling not in ("uniform", "importance", "cubic"):
             raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
-        if not learning_rate > 0 or weight_decay < 0:
-            raise ValueError("model.learning_rate must be > 0 and model.weight_decay >= 0")
+        if not learning_rate > 0:
+            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if not weight_decay >= 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
         if num_inference_steps < 1:
             raise ValueError("model.num_inference_steps must be >= 1")
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter

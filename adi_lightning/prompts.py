@@ -88,8 +88,9 @@ def check_run_prompts(datamodule, stage: str, tokenizer, token: str, placeholder
     ``fit``: each training template (formatted with ``token``) and the evaluation prompts;
     ``validate`` / ``test``: the evaluation prompts (``data.eval_template`` x ``data.eval_subjects``
     when subjects are given, each must carry it; else ``data.validation_prompts``, at least one
-    must); ``predict``: ``data.predict_prompts`` (at least one must). Raises ValueError naming
-    the key and the prompt (see :func:`check_identifier_prompts`).
+    must); ``predict``: ``data.predict_prompts`` (at least one must; neither they nor
+    ``data.predict_seeds`` may be empty). Raises ValueError naming the key and the prompt (see
+    :func:`check_identifier_prompts`).
     """
     if stage == "fit":
         templates = list(getattr(datamodule, "prompt_templates", None) or [])
@@ -104,5 +105,9 @@ def check_run_prompts(datamodule, stage: str, tokenizer, token: str, placeholder
         return
     key = "data.predict_prompts" if stage == "predict" else "data.validation_prompts"
     prompts = list(getattr(datamodule, key.split(".")[1], None) or [])
+    if stage == "predict":
+        for name in ("predict_prompts", "predict_seeds"):
+            if hasattr(datamodule, name) and not getattr(datamodule, name):
+                raise ValueError(f"data.{name} is empty: predict would generate nothing")
     if prompts and not check_identifier_prompts(tokenizer, token, placeholder_id, prompts, key):
         raise ValueError(f"none of {key} contains model.placeholder_token {token!r}: {prompts}")

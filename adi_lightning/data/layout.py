@@ -1,6 +1,7 @@
 """Reading and validating an action folder (Hugging Face ``imagefolder`` convention).
 
-A folder holds images plus ``metadata.jsonl`` with one JSON object per image::
+A folder holds images plus ``metadata.jsonl`` (UTF-8, with or without a BOM; LF or CRLF line
+ends) with one JSON object per image::
 
     {"file_name": "run/001.png", "action": "jumping", "subject": "alice",
      "context": "beach", "pair_id": "alice-beach", "caption": "...",
@@ -22,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 METADATA_FILE = "metadata.jsonl"
 REQUIRED_KEYS = ("file_name", "action", "subject")
@@ -32,6 +34,8 @@ __all__ = [
     "METADATA_FILE",
     "DataLayoutError",
     "ImageRecord",
+    "UnsupportedImageMode",
+    "open_rgb",
     "read_action_folder",
     "records_of_action",
     "verify_images",
@@ -40,6 +44,43 @@ __all__ = [
 
 class DataLayoutError(ValueError):
     """A data folder does not follow the expected layout; the message says where and why."""
+
+
+class UnsupportedImageMode(ValueError):
+    """An image whose pixel values have no agreed meaning as RGB (e.g. 32-bit float)."""
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey PNGs open as I;16 (older Pillow: I)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB, upright: the one place images are converted.
+
+    - EXIF orientation is applied (``ImageOps.exif_transpose``): a phone's portrait is upright.
+    - Transparency (RGBA, LA, PA, palette with a transparent colour) is composited on white, so
+      transparent pixels do not show whatever colour they happen to store.
+    - 16-bit greyscale (``I;16``, ``I``) is scaled to 8 bits (``round(v / 257)``), not clipped to white.
+    - Other modes (L, P, 1, CMYK, YCbCr, ...) are converted by Pillow.
+
+    Raises:
+        UnsupportedImageMode: modes with no agreed range (32-bit float ``F``) or no RGB conversion.
+    """
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "F":
+        raise UnsupportedImageMode("has mode 'F' (32-bit float), whose values have no agreed range; "
+                                   "save it as an 8- or 16-bit image")
+    if img.mode in _SIXTEEN_BIT:
+        grey = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        img = Image.fromarray(grey, "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    try:
+        return img.convert("RGB")
+    except ValueError as err:
+        raise UnsupportedImageMode(f"has mode {img.mode!r}, which Pillow cannot convert to RGB ({err})") from err
 
 
 @dataclass(frozen=True)
@@ -153,9 +194,16 @@ def read_action_folder(root: str | Path) -> list[ImageRecord]:
         raise DataLayoutError(f"{meta}: missing; an action folder needs a {METADATA_FILE} with "
                               f"one JSON object per image (file_name, action, subject)")
     try:
-        text = meta.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataLayoutError(f"{meta}: cannot be read as UTF-8 text: {err}") from err
+        raw_bytes = meta.read_bytes()
+    except OSError as err:
+        raise DataLayoutError(f"{meta}: cannot be read: {err}") from err
+    try:  # utf-8-sig: a BOM (Windows editors) is dropped; CRLF line ends are split by splitlines
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw_bytes.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw_bytes.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataLayoutError(f"{meta}:{line}: not UTF-8 text (byte 0x{raw_bytes[err.start]:02x} at column "
+                              f"{column}); save the file as UTF-8") from err
 
     records: list[ImageRecord] = []
     seen: dict[str, int] = {}
@@ -213,11 +261,13 @@ def records_of_action(records: list[ImageRecord], action: str, pool: bool = Fals
 
 
 def verify_images(records: Iterable[ImageRecord]) -> None:
-    """Fully decode every image once, so corrupt files fail at setup, not mid-training."""
+    """Fully decode every image once, as training will (:func:`open_rgb`), so corrupt files and
+    unsupported modes fail at setup, not mid-training."""
     for record in records:
         try:
-            with Image.open(record.path) as img:
-                img.load()
+            open_rgb(record.path)
+        except UnsupportedImageMode as err:
+            raise DataLayoutError(f"{record.where}: image {record.file_name!r} {err}") from err
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, ...)
             raise DataLayoutError(f"{record.where}: image {record.file_name!r} is unreadable "
                                   f"or corrupt ({type(err).__name__}: {err})") from err

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .layout import DataLayoutError, ImageRecord, records_of_action, verify_images
+from .layout import DataLayoutError, ImageRecord, open_rgb, records_of_action, verify_images
 
 ActionDifferent = Literal["require", "other_action"]
 ContextPartners = Literal["auto", "exemplars", "pool", "pool_and_exemplars"]
@@ -64,9 +64,9 @@ def image_key(path: str, resolution: int) -> int:
 
 
 def load_image(path, resolution: int) -> torch.Tensor:
-    """RGB, shorter side resized to ``resolution`` (bicubic), center crop; ``[3, R, R]`` in [-1, 1]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
+    """RGB (upright, transparency on white, 16 bits scaled: :func:`open_rgb`), shorter side resized
+    to ``resolution`` (bicubic), center crop; ``[3, R, R]`` in [-1, 1]."""
+    img = open_rgb(path)
     w, h = img.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
