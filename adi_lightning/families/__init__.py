@@ -9,13 +9,15 @@ from __future__ import annotations
 from adi_lightning.backbone import BackboneError
 from adi_lightning.families.base import BackboneFamily, Features
 from adi_lightning.families.sd import StableDiffusionFamily
+from adi_lightning.families.sdxl import StableDiffusionXLFamily
 
 #: Supported pipeline classes (``model_index.json`` ``_class_name``) and their family.
 FAMILIES: dict[str, type[BackboneFamily]] = {
     StableDiffusionFamily.pipeline_class_name: StableDiffusionFamily,
+    StableDiffusionXLFamily.pipeline_class_name: StableDiffusionXLFamily,
 }
 #: Known pipeline classes without a family yet, with what they are.
-NOT_YET: dict[str, str] = {"StableDiffusionXLPipeline": "SDXL"}
+NOT_YET: dict[str, str] = {"StableDiffusion3Pipeline": "SD3, an MMDiT", "FluxPipeline": "FLUX, an MMDiT"}
 
 
 def family_class(class_name: str, source: str = "the pipeline") -> type[BackboneFamily]:
@@ -39,4 +41,5 @@ def family_of(pipe) -> BackboneFamily:
     return family_class(type(pipe).__name__, f"a {type(pipe).__name__} object")(pipe)
 
 
-__all__ = ["BackboneFamily", "Features", "FAMILIES", "family_class", "family_of", "StableDiffusionFamily"]
+__all__ = ["BackboneFamily", "Features", "FAMILIES", "family_class", "family_of", "StableDiffusionFamily",
+           "StableDiffusionXLFamily"]
