@@ -32,6 +32,10 @@ def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None, token: str | None = None) -> Path:
     """Write a one-vector embedding file; returns its path."""
     table, meta = read_identifier(identifier)
+    text_dims = json.loads(meta.get("text_dims", "[]"))
+    if len(text_dims) > 1:
+        raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, e.g. SDXL): "
+                         "a one-vector export (SDXL's clip_l / clip_g) is not supported yet")
     token = token or meta.get("placeholder_token") or "<A>"
     vector = single_vector(table, row).float().contiguous()
     paths = json.loads(meta.get("layer_paths", "[]"))

@@ -40,8 +40,8 @@ class ADIModule(L.LightningModule):
 
     Args:
         pretrained_model_name_or_path: A local diffusers pipeline folder or a hub id (hub ids need
-            the weights in the local cache when offline); its ``model_index.json`` picks the
-            backbone family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``).
+            the weights in the local cache when offline); its ``model_index.json`` picks the backbone
+            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
         placeholder_token: The identifier string used in prompts; must not already exist in the
             vocabulary nor be a word of the prompt templates.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
@@ -234,6 +234,7 @@ class ADIModule(L.LightningModule):
             "mask_combine": self.hparams.mask_combine,
             "mask_statistic": self.hparams.mask_statistic,
             "timestep_sampling": self.hparams.timestep_sampling,
+            "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
             "git_revision": git_revision(),
