@@ -56,13 +56,14 @@ def test_metric_on_hand_made_judgements_sums_over_batches():
                   "jumping", ["cat", "cat", "dog", "dog"], SHARED)
     metric.update(judged("jumping dog red plain park"), "jumping", ["dog"], SHARED)
     values = {k: float(v) for k, v in metric.compute().items()}
+    assert math.isnan(values.pop("leak_pool_appearance"))  # no context pool given
     assert values == pytest.approx({
         "action_acc": 4 / 5, "subject_acc": 3 / 5, "both_correct": 2 / 5,
         "clean_both_correct": 1 / 5,  # image 1 is right but wears the exemplars' whole look
         "leak_subject": 1 / 5, "leak_colour": 1 / 5, "leak_pattern": 2 / 5, "leak_background": 1 / 5,
         "appearance_leak": 1 / 5,
     }, abs=1e-7)
-    assert list(values) == [n for n in metric_names(FACTORS) if not n.endswith(("_untrained", "_excess"))]
+    assert [*values, "leak_pool_appearance"] == [n for n in metric_names(FACTORS) if not n.endswith(("_untrained", "_excess"))]
 
 
 def test_attribute_leaks_and_their_excess_over_the_untrained_identifier():
@@ -114,6 +115,25 @@ def test_clean_both_correct_on_a_hand_made_case():
     assert values["clean_both_correct"] == values["both_correct"] == pytest.approx(3 / 5)
     assert math.isnan(values["appearance_leak"]) and math.isnan(values["leak_colour"])
     assert values["leak_subject"] == pytest.approx(1 / 5)
+
+
+def test_pool_appearance_leak_counts_the_context_pools_looks_not_the_exemplars():
+    """ADI's context partners come from a pool of other looks: an image wearing one pool image's
+    whole look (and no exemplar's) is a pool leak; without a pool the rate is unknown (NaN)."""
+    pool = [{"subject": "man", "colour": "red", "pattern": "plain", "background": "park"},
+            {"subject": "woman", "colour": "purple", "pattern": "plain", "background": "night"},
+            {"subject": "child", "colour": "yellow", "pattern": "striped", "background": "beach"}]  # = exemplars' look
+    rows = judged("jumping cat red plain park",  # the first pool image's look
+                  "jumping cat purple plain park",  # a mix: no single pool image
+                  "jumping dog yellow striped beach",  # the exemplars' look: an appearance leak, not a pool leak
+                  "jumping dog blue dotted street")  # nobody's
+    flags = judge_rows(rows, "jumping", ["cat", "cat", "dog", "dog"], SHARED, FACTORS, pool)
+    assert [f["leak_pool_appearance"] for f in flags] == [True, False, False, False]
+    assert [f["appearance_leak"] for f in flags] == [False, False, True, False]
+    metric = ActionBenchMetric(FACTORS)
+    metric.update(rows, "jumping", ["cat", "cat", "dog", "dog"], SHARED, pool)
+    assert float(metric.compute()["leak_pool_appearance"]) == pytest.approx(1 / 4)
+    assert math.isnan(rates(rows, ["cat", "cat", "dog", "dog"], SHARED)["leak_pool_appearance"])
 
 
 def test_leaks_are_nan_when_unknown_and_lengths_must_match():

@@ -15,6 +15,9 @@ them (torchmetrics states summed over batches and DDP ranks) and turns them into
   NaN when no appearance factor is known.
 - ``clean_both_correct``: action and subject correct and no ``appearance_leak``; when no
   appearance factor is known it equals ``both_correct``.
+- ``leak_pool_appearance``: the judged appearance tuple equals that of one context-pool image (a
+  context-different partner only, never trained on) and of no exemplar: ADI's context test may
+  swap the pool's looks in rather than remove the exemplars'. NaN without a pool.
 
 :func:`with_untrained` adds, for every leak rate, ``<name>_untrained`` (the same rate for the
 untrained identifier on the same prompts and seeds) and ``<name>_excess`` (trained - untrained).
@@ -35,7 +38,8 @@ RATES = {"action_correct": "action_acc", "subject_correct": "subject_acc", "both
 
 def leak_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
     """The leak metrics for a judge naming ``factors`` (besides action and subject)."""
-    return ("leak_subject", *(f"leak_{f}" for f in factors if f != "subject"), "appearance_leak")
+    return ("leak_subject", *(f"leak_{f}" for f in factors if f != "subject"), "appearance_leak",
+            "leak_pool_appearance")
 
 
 def metric_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
@@ -49,7 +53,8 @@ METRIC_NAMES = metric_names()
 
 
 def judge_rows(judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
-               exemplars: Sequence[Mapping[str, str]] = (), factors: Sequence[str] = ()) -> list[dict]:
+               exemplars: Sequence[Mapping[str, str]] = (), factors: Sequence[str] = (),
+               pool: Sequence[Mapping[str, str]] = ()) -> list[dict]:
     """Per-image flags: the one copy of the ActionBench rules.
 
     Args:
@@ -57,6 +62,7 @@ def judge_rows(judged: Sequence[Mapping[str, str]], target_action: str, target_s
         target_action: The learned action A. target_subject: ``[N]`` prompted subjects.
         exemplars: One dict of known attributes per exemplar image.
         factors: The judge's factors besides action and subject (fixes the leak flags' names).
+        pool: One dict of known attributes per context-pool image (empty: no pool).
 
     Returns ``[N]`` dicts with the flags of :data:`RATES` and of :func:`leak_names` (``None``:
     not known, i.e. no exemplar has a value for that attribute).
@@ -67,6 +73,7 @@ def judge_rows(judged: Sequence[Mapping[str, str]], target_action: str, target_s
     values = {k: {e[k] for e in exemplars if k in e} for k in ("subject", *factors)}
     appearance = [f for f in factors if values[f]]
     tuples = {tuple(e[f] for f in appearance) for e in exemplars if all(f in e for f in appearance)}
+    pool_tuples = {tuple(e[f] for f in appearance) for e in pool if all(f in e for f in appearance)} - tuples
     out = []
     for row, subject in zip(judged, target_subject):
         flags: dict[str, bool | None] = {"action_correct": row["action"] == target_action,
@@ -75,7 +82,9 @@ def judge_rows(judged: Sequence[Mapping[str, str]], target_action: str, target_s
         for k in ("subject", *factors):
             leak = row.get(k) in values[k] and (k != "subject" or row[k] != subject)
             flags[f"leak_{k}"] = leak if values[k] else None
-        flags["appearance_leak"] = tuple(row.get(f) for f in appearance) in tuples if appearance else None
+        look = tuple(row.get(f) for f in appearance)
+        flags["appearance_leak"] = look in tuples if appearance else None
+        flags["leak_pool_appearance"] = look in pool_tuples if appearance and pool_tuples else None
         flags["clean_both_correct"] = flags["both_correct"] and not flags["appearance_leak"]
         out.append(flags)
     return out
@@ -100,9 +109,9 @@ class ActionBenchMetric(Metric):
             self.add_state(f"known_{flag}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
-               exemplars: Sequence[Mapping[str, str]] = ()) -> None:
+               exemplars: Sequence[Mapping[str, str]] = (), pool: Sequence[Mapping[str, str]] = ()) -> None:
         """``judged``, ``target_subject``: ``[N]`` per image; see :func:`judge_rows`."""
-        rows = judge_rows(judged, target_action, target_subject, exemplars, self.factors)
+        rows = judge_rows(judged, target_action, target_subject, exemplars, self.factors, pool)
         for flag in self.flag_names:
             known = [r[flag] for r in rows if r[flag] is not None]
             setattr(self, f"hits_{flag}", getattr(self, f"hits_{flag}") + sum(known))
