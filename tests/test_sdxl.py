@@ -200,9 +200,70 @@ def test_per_sample_gradients_stay_exact_with_every_speed_switch(sdxl_pipeline, 
     assert expected[:, pooled_row].abs().sum() > 0 and expected[:, :, D1:].abs().sum() > 0
 
 
-def test_one_vector_export_refuses_an_sdxl_identifier(sdxl_pipeline, make_module, tmp_path):
+@pytest.fixture()
+def trained_sdxl_identifier(sdxl_pipeline, make_module, tmp_path) -> Path:
+    """A 17-row SDXL identifier whose rows differ (random steps away from the initializer)."""
+    module = make_module(pretrained_model_name_or_path=sdxl_pipeline)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(17, D1 + D2, generator=torch.Generator().manual_seed(0)))
+    return module.save_identifier(tmp_path / "xl.safetensors")
+
+
+def test_clip_l_clip_g_export_loads_through_load_textual_inversion_as_install_identifier_draws_it(
+        sdxl_pipeline, make_module, trained_sdxl_identifier, tmp_path):
+    """The README's snippet: ``load_file`` then one ``load_textual_inversion`` per key, on the stock
+    pipeline, draws what ``install_identifier`` draws from a one-row identifier holding the same
+    vector (within 1/255 per pixel)."""
+    from safetensors.torch import load_file
+
     from adi_lightning.export import main as export_main
 
-    path = make_module(pretrained_model_name_or_path=sdxl_pipeline).save_identifier(tmp_path / "xl.safetensors")
-    assert export_main(["--identifier", str(path), "--out", str(tmp_path / "x.safetensors")]) == 1
-    assert not (tmp_path / "x.safetensors").exists()
+    out = tmp_path / "xl_action.safetensors"
+    assert export_main(["--identifier", str(trained_sdxl_identifier), "--format", "sdxl", "--out", str(out)]) == 0
+    state_dict = load_file(out)
+    table, _ = read_identifier(trained_sdxl_identifier)
+    assert set(state_dict) == {"clip_l", "clip_g"}  # tiny widths here; SDXL base: [1, 768] and [1, 1280]
+    assert torch.equal(torch.cat([state_dict["clip_l"], state_dict["clip_g"]], dim=-1), table.mean(0, keepdim=True))
+    assert state_dict["clip_l"].shape == (1, D1) and state_dict["clip_g"].shape == (1, D2)
+
+    one_row = make_module(pretrained_model_name_or_path=sdxl_pipeline, layerwise=False)
+    with torch.no_grad():
+        one_row.identifier.embedding.copy_(table.mean(0, keepdim=True))
+    installed = _stock(sdxl_pipeline)
+    adi_lightning.install_identifier(installed, one_row.save_identifier(tmp_path / "one_row.safetensors"))
+    pipe = _stock(sdxl_pipeline)
+    pipe.load_textual_inversion(state_dict["clip_l"], token="<A>", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state_dict["clip_g"], token="<A>", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    for encoder, part in ((pipe.text_encoder, "clip_l"), (pipe.text_encoder_2, "clip_g")):
+        assert torch.equal(encoder.get_input_embeddings().weight[-1], state_dict[part][0])
+
+    def draw(p, prompt):
+        return p(prompt, num_inference_steps=2, guidance_scale=3.0, output_type="np",
+                 generator=torch.Generator().manual_seed(1)).images
+
+    for prompt in ("a photo of a dog <A>", "a photo of a cat <A>"):
+        loaded = draw(pipe, prompt)
+        assert np.abs(loaded - draw(installed, prompt)).max() <= 1 / 255, prompt
+        assert (loaded != draw(pipe, prompt.replace(" <A>", ""))).any()  # the vector is used
+
+
+def test_sdxl_export_keeps_one_row_and_each_format_refuses_the_other_family(
+        trained_sdxl_identifier, make_module, tmp_path):
+    from safetensors.torch import load_file
+
+    from adi_lightning.export import export_identifier, main as export_main
+
+    table, _ = read_identifier(trained_sdxl_identifier)
+    row = load_file(export_identifier(trained_sdxl_identifier, tmp_path / "row6.safetensors", "sdxl", row=6))
+    assert torch.equal(row["clip_l"], table[6:7, :D1]) and torch.equal(row["clip_g"], table[6:7, D1:])
+    # ti / webui would write one [1, D1 + D2] vector that no SDXL loader reads; sdxl needs two encoders.
+    for fmt in ("ti", "webui"):
+        with pytest.raises(ValueError, match="use --format sdxl"):
+            export_identifier(trained_sdxl_identifier, tmp_path / "x", fmt)
+    sd_identifier = make_module().save_identifier(tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match="use --format ti or webui"):
+        export_identifier(sd_identifier, tmp_path / "x", "sdxl")
+    assert export_main(["--identifier", str(trained_sdxl_identifier), "--out", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
