@@ -25,13 +25,6 @@ METHODS = {"adi": [], "pplus": ["--model.mask_threshold=1.0"],
            "ti": ["--model.mask_threshold=1.0", "--model.layerwise=false"]}
 
 
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory) -> str:
-    from adi_lightning.tiny import build_tiny_sdxl_pipeline
-
-    return str(build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "pipeline"))
-
-
 def _stock(path: str):
     from diffusers import StableDiffusionXLPipeline
 
@@ -49,8 +42,8 @@ class Recorder:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
 
 
-def test_sdxl_folder_loads_as_the_sdxl_family(sdxl_pipeline, make_module):
-    module = make_module(pretrained_model_name_or_path=sdxl_pipeline)
+def test_sdxl_folder_loads_as_the_sdxl_family(tiny_sdxl_pipeline, make_module):
+    module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)
     family = module.family
     assert isinstance(family, StableDiffusionXLFamily) and module.info.family == "sdxl"
     paths = module.identifier.layer_paths
@@ -67,8 +60,8 @@ def test_sdxl_folder_loads_as_the_sdxl_family(sdxl_pipeline, make_module):
 
 @torch.no_grad()
 def test_row_l_reaches_only_layer_l_in_both_encoders_parts_and_the_pooled_row_only_the_pooled_embedding(
-        sdxl_pipeline, make_module):
-    module = make_module(pretrained_model_name_or_path=sdxl_pipeline)
+        tiny_sdxl_pipeline, make_module):
+    module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)
     family, layers = module.family, module.identifier.num_layers
     recorders = []
     for attn in cross_attention_layers(module.unet).values():
@@ -98,11 +91,11 @@ def test_row_l_reaches_only_layer_l_in_both_encoders_parts_and_the_pooled_row_on
             assert torch.equal(pooled, base_pooled) != (part == 1 and layer == family.pooled_layer), (layer, part)
 
 
-def test_conditioning_matches_the_stock_pipeline(sdxl_pipeline, make_module):
-    module = make_module(pretrained_model_name_or_path=sdxl_pipeline)
+def test_conditioning_matches_the_stock_pipeline(tiny_sdxl_pipeline, make_module):
+    module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)
     family, layers = module.family, module.identifier.num_layers
     # Plain prompts: exactly StableDiffusionXLPipeline.encode_prompt, repeated for every layer.
-    pipe = _stock(sdxl_pipeline)
+    pipe = _stock(tiny_sdxl_pipeline)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a dog", device="cpu")
     inputs = family.prompt_inputs(["a photo of a dog"], None, layers, torch.float32)
     torch.testing.assert_close(inputs["prompt_embeds"], embeds.repeat(1, layers, 1), rtol=0, atol=1e-6)
@@ -117,10 +110,10 @@ def test_conditioning_matches_the_stock_pipeline(sdxl_pipeline, make_module):
     assert torch.equal(added["time_ids"], stock_ids.repeat(2, 1)) and added["text_embeds"].shape == (2, P)
 
 
-def test_float16_vae_encodes_in_float32_as_force_upcast_asks(sdxl_pipeline):
+def test_float16_vae_encodes_in_float32_as_force_upcast_asks(tiny_sdxl_pipeline):
     from adi_lightning.backbone import load_backbone
 
-    family = load_backbone(sdxl_pipeline, "float16")
+    family = load_backbone(tiny_sdxl_pipeline, "float16")
     assert family.vae.dtype == torch.float16 and family.vae.config.force_upcast
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     latents = family.encode_images(pixels)
@@ -130,8 +123,8 @@ def test_float16_vae_encodes_in_float32_as_force_upcast_asks(sdxl_pipeline):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_fit_predict_and_install_identifier_give_the_same_pixels(method, sdxl_pipeline, tiny_data, tmp_path):
-    common = ["--config", str(TINY), f"--model.pretrained_model_name_or_path={sdxl_pipeline}",
+def test_fit_predict_and_install_identifier_give_the_same_pixels(method, tiny_sdxl_pipeline, tiny_data, tmp_path):
+    common = ["--config", str(TINY), f"--model.pretrained_model_name_or_path={tiny_sdxl_pipeline}",
               "--model.num_inference_steps=2", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false", *METHODS[method]]
     main(args=["fit", *common, f"--data.root={tiny_data}", f"--trainer.default_root_dir={tmp_path / 'fit'}",
@@ -147,7 +140,7 @@ def test_fit_predict_and_install_identifier_give_the_same_pixels(method, sdxl_pi
     (out,) = (tmp_path / "predict").iterdir()
     singles = sorted((out / "images" / "predict").glob("*.png"))
     assert singles
-    pipe = _stock(sdxl_pipeline)
+    pipe = _stock(tiny_sdxl_pipeline)
     before = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=3.0, output_type="np",
                   generator=torch.Generator().manual_seed(1)).images
     adi_lightning.install_identifier(pipe, identifier)
@@ -165,13 +158,13 @@ def test_fit_predict_and_install_identifier_give_the_same_pixels(method, sdxl_pi
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
-def test_an_sd_identifier_does_not_fit_sdxl(make_module, sdxl_pipeline, tmp_path):
+def test_an_sd_identifier_does_not_fit_sdxl(make_module, tiny_sdxl_pipeline, tmp_path):
     path = make_module().save_identifier(tmp_path / "sd.safetensors")
     with pytest.raises(ValueError, match="D=32 but the pipeline's text encoder width is 80"):
-        adi_lightning.install_identifier(_stock(sdxl_pipeline), path)
+        adi_lightning.install_identifier(_stock(tiny_sdxl_pipeline), path)
 
 
-def test_per_sample_gradients_stay_exact_with_every_speed_switch(sdxl_pipeline, make_module, tiny_data):
+def test_per_sample_gradients_stay_exact_with_every_speed_switch(tiny_sdxl_pipeline, make_module, tiny_data):
     """The shared text encoding carries SDXL's two features (context and pooled) through one VJP
     per member; checkpointing covers both text encoders."""
     from adi_lightning.data import ActionTripleDataModule
@@ -180,12 +173,12 @@ def test_per_sample_gradients_stay_exact_with_every_speed_switch(sdxl_pipeline, 
                                 repeats=2, seed=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    reference = make_module(pretrained_model_name_or_path=sdxl_pipeline, share_text_encoding=False,
+    reference = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline, share_text_encoding=False,
                             cache_latents=False)
     loss, per_sample = reference.compute_loss(batch)
     table = reference.identifier.embedding
     expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
-    module = make_module(pretrained_model_name_or_path=sdxl_pipeline, share_text_encoding=True,
+    module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline, share_text_encoding=True,
                          gradient_checkpointing=True, channels_last=True)
     module.train()
     from adi_lightning import speed
@@ -201,16 +194,16 @@ def test_per_sample_gradients_stay_exact_with_every_speed_switch(sdxl_pipeline, 
 
 
 @pytest.fixture()
-def trained_sdxl_identifier(sdxl_pipeline, make_module, tmp_path) -> Path:
+def trained_sdxl_identifier(tiny_sdxl_pipeline, make_module, tmp_path) -> Path:
     """A 17-row SDXL identifier whose rows differ (random steps away from the initializer)."""
-    module = make_module(pretrained_model_name_or_path=sdxl_pipeline)
+    module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)
     with torch.no_grad():
         module.identifier.embedding.add_(torch.randn(17, D1 + D2, generator=torch.Generator().manual_seed(0)))
     return module.save_identifier(tmp_path / "xl.safetensors")
 
 
 def test_clip_l_clip_g_export_loads_through_load_textual_inversion_as_install_identifier_draws_it(
-        sdxl_pipeline, make_module, trained_sdxl_identifier, tmp_path):
+        tiny_sdxl_pipeline, make_module, trained_sdxl_identifier, tmp_path):
     """The README's snippet: ``load_file`` then one ``load_textual_inversion`` per key, on the stock
     pipeline, draws what ``install_identifier`` draws from a one-row identifier holding the same
     vector (within 1/255 per pixel)."""
@@ -226,12 +219,12 @@ def test_clip_l_clip_g_export_loads_through_load_textual_inversion_as_install_id
     assert torch.equal(torch.cat([state_dict["clip_l"], state_dict["clip_g"]], dim=-1), table.mean(0, keepdim=True))
     assert state_dict["clip_l"].shape == (1, D1) and state_dict["clip_g"].shape == (1, D2)
 
-    one_row = make_module(pretrained_model_name_or_path=sdxl_pipeline, layerwise=False)
+    one_row = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline, layerwise=False)
     with torch.no_grad():
         one_row.identifier.embedding.copy_(table.mean(0, keepdim=True))
-    installed = _stock(sdxl_pipeline)
+    installed = _stock(tiny_sdxl_pipeline)
     adi_lightning.install_identifier(installed, one_row.save_identifier(tmp_path / "one_row.safetensors"))
-    pipe = _stock(sdxl_pipeline)
+    pipe = _stock(tiny_sdxl_pipeline)
     pipe.load_textual_inversion(state_dict["clip_l"], token="<A>", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
     pipe.load_textual_inversion(state_dict["clip_g"], token="<A>", text_encoder=pipe.text_encoder_2,
