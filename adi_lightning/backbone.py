@@ -1,12 +1,14 @@
-"""Load and freeze a Stable Diffusion pipeline: a local diffusers folder or a hub id.
+"""Load and freeze a diffusers pipeline (a local folder or a hub id) as its backbone family.
 
-One path for every backbone: the tiny test pipeline, the toy pipeline and real SD 1.x / 2.x
-weights all go through ``StableDiffusionPipeline.from_pretrained`` here.
+One path for every backbone: the tiny test pipelines, the toy pipeline and real weights all go
+through :func:`load_backbone`: the ``_class_name`` of the folder's ``model_index.json`` picks the
+family (:mod:`adi_lightning.families`), whose stock pipeline class ``from_pretrained`` loads it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -29,9 +31,11 @@ class BackboneError(ValueError):
 
 @dataclass
 class BackboneInfo:
-    """What was found in the pipeline, reported at load time."""
+    """What was found in the pipeline, reported at load time (``text_dim``: the identifier's row
+    width D, the sum of the text encoders' widths)."""
 
     source: str
+    family: str
     num_cross_attention_layers: int
     text_dim: int
     prediction_type: str
@@ -40,7 +44,7 @@ class BackboneInfo:
 
     def describe(self) -> str:
         return (
-            f"backbone {self.source}: {self.num_cross_attention_layers} cross-attention layers, "
+            f"backbone {self.source} ({self.family}): {self.num_cross_attention_layers} cross-attention layers, "
             f"text width D={self.text_dim}, prediction={self.prediction_type}, "
             f"latent channels={self.latent_channels}, VAE factor={self.vae_scale_factor}"
         )
@@ -77,20 +81,29 @@ def check_pipeline_source(name_or_path: str) -> None:
         raise BackboneError(f"{key}={name_or_path!r}: no such folder (and not a hub id like 'org/name')")
 
 
-def load_pipeline(
+def pipeline_class_name(name_or_path: str, local_files_only: bool, revision: str | None = None) -> str:
+    """``_class_name`` of the pipeline's ``model_index.json`` (a local folder, or a hub id's cached config)."""
+    local = Path(os.path.expanduser(name_or_path))
+    if local.is_dir():
+        return json.loads((local / "model_index.json").read_text()).get("_class_name", "")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(name_or_path, local_files_only=local_files_only, revision=revision)["_class_name"]
+
+
+def load_backbone(
     name_or_path: str,
     weight_dtype: str = "float32",
     variant: str | None = None,
     revision: str | None = None,
     local_files_only: bool | None = None,
 ):
-    """Load a ``StableDiffusionPipeline`` with its parts frozen, in eval mode.
+    """Load a pipeline as its :class:`~adi_lightning.families.BackboneFamily`, parts frozen, in eval mode.
 
     A relative folder that does not exist from the working directory is looked up in the project
     (``adi_lightning.paths.resolve_project_path``: the shipped toy pipeline from any directory).
     """
-    from diffusers import StableDiffusionPipeline
-
+    from adi_lightning.families import family_class
     from adi_lightning.paths import resolve_project_path
 
     name_or_path = resolve_project_path(name_or_path)
@@ -99,9 +112,6 @@ def load_pipeline(
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     kwargs = dict(
         dtype=resolve_dtype(weight_dtype),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
         local_files_only=local_files_only,
         low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None,
     )
@@ -109,29 +119,47 @@ def load_pipeline(
         kwargs["variant"] = variant
     if revision:
         kwargs["revision"] = revision
+    local = Path(os.path.expanduser(name_or_path))
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(os.path.expanduser(name_or_path), **kwargs)
+        class_name = pipeline_class_name(name_or_path, local_files_only, revision)
+        family = family_class(class_name, f"model.pretrained_model_name_or_path={name_or_path!r}")
+        missing = [p for p in (*family.text_parts, *family.tokenizer_parts) if local.is_dir() and not (local / p).is_dir()]
+        if missing:
+            raise BackboneError(f"model.pretrained_model_name_or_path={name_or_path!r} is a {class_name} folder "
+                                f"missing {missing}")
+        pipe = family.pipeline_class().from_pretrained(os.path.expanduser(name_or_path), **kwargs, **family.load_kwargs)
+    except BackboneError:
+        raise
     except Exception as err:
-        local = Path(os.path.expanduser(name_or_path))
         hint = "" if local.exists() else f"; there is no local folder {str(local.absolute())!r} either"
         raise BackboneError(
             f"model.pretrained_model_name_or_path={name_or_path!r} could not be loaded as a hub id "
             f"(local_files_only={local_files_only}){hint}: {type(err).__name__}: {err}"
         ) from err
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+    backbone = family(pipe)
+    for part in backbone.modules().values():
         part.requires_grad_(False)
         part.eval()
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return backbone
+
+
+def load_pipeline(name_or_path: str, weight_dtype: str = "float32", **kwargs):
+    """The frozen stock pipeline of :func:`load_backbone` (e.g. ``StableDiffusionPipeline``)."""
+    return load_backbone(name_or_path, weight_dtype, **kwargs).pipe
 
 
 def describe_pipeline(pipe, source: str) -> BackboneInfo:
+    """What :class:`BackboneInfo` reports about a loaded pipeline of a supported family."""
     from adi_lightning.conditioning import cross_attention_layers
+    from adi_lightning.families import family_of
 
+    family = family_of(pipe)
     return BackboneInfo(
         source=source,
+        family=family.name,
         num_cross_attention_layers=len(cross_attention_layers(pipe.unet)),
-        text_dim=pipe.text_encoder.config.hidden_size,
+        text_dim=family.identifier_dim,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
         latent_channels=pipe.unet.config.in_channels,
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),

@@ -134,17 +134,31 @@ def encode_layerwise(
     Returns:
         ``[N, L*T, D_text]``: the per-row encodings concatenated along the token axis.
     """
+    output, r = call_with_rows(text_encoder, overlay, input_ids, rows, num_layers)
+    return spread_over_layers(output[0], r, num_layers)
+
+
+def call_with_rows(text_encoder: nn.Module, overlay: IdentifierTokenEmbedding, input_ids: torch.Tensor,
+                   rows: torch.Tensor, num_layers: int, **kwargs) -> tuple[object, int]:
+    """``(text_encoder output, R)`` for the ``[N, T]`` prompts each repeated once per identifier
+    row (``rows`` ``[N, R, D]``, R = num_layers or 1), the placeholder embedding as that row: one
+    encoder call over ``N*R`` prompts, prompt-major. ``kwargs`` go to the encoder."""
     n, r, d = rows.shape
     if n != input_ids.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts but identifier rows for {n}")
     if r not in (1, num_layers):
         raise ValueError(f"identifier has {r} rows; the UNet has {num_layers} cross-attention layers")
-    tokens = input_ids.shape[1]
     ids = input_ids.repeat_interleave(r, dim=0)
     with overlay.rows(rows.reshape(n * r, d)):
-        hidden = text_encoder(ids)[0]
-    hidden = hidden.reshape(n, r * tokens, hidden.shape[-1])
-    if r == 1 and num_layers > 1:
+        return text_encoder(ids, **kwargs), r
+
+
+def spread_over_layers(hidden: torch.Tensor, rows: int, num_layers: int) -> torch.Tensor:
+    """``[N*R, T, C]`` per-row encodings (prompt-major) -> ``[N, L*T, C]`` along the token axis;
+    one shared row (R = 1) is repeated for every layer."""
+    tokens = hidden.shape[1]
+    hidden = hidden.reshape(hidden.shape[0] // rows, rows * tokens, hidden.shape[-1])
+    if rows == 1 and num_layers > 1:
         hidden = hidden.repeat(1, num_layers, 1)
     return hidden
 

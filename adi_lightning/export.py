@@ -5,6 +5,13 @@ textual-inversion embeddings only, so an L-row layer-wise identifier must be squ
 vector. That is lossy: every cross-attention layer then sees the same vector, which is exactly
 what ADI's layer-wise tokens avoid. The default keeps the mean of the rows; ``--row N`` keeps one
 row (e.g. a mid-block row). A Textual-Inversion identifier (one shared row) exports losslessly.
+
+Formats: ``ti`` (diffusers, ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x
+identifiers; ``sdxl`` for SDXL identifiers (two text encoders): the community's SDXL embedding
+layout, ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` (768 and 1280 for SDXL base), the one vector
+split by the identifier's recorded ``text_dims``. diffusers loads it with one
+``load_textual_inversion(tensor, token=..., text_encoder=..., tokenizer=...)`` call per key (a
+path to the file is refused: the file has two tensors); README "SDXL" shows the calls.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ import torch
 from adi_lightning.identifier import read_identifier
 from adi_lightning.io import atomic_path, atomic_save_safetensors
 
+#: ``--format sdxl`` keys, in row order: ``text_encoder`` (CLIP ViT-L) then ``text_encoder_2``
+#: (OpenCLIP bigG), as :attr:`adi_lightning.families.StableDiffusionXLFamily.text_parts`.
+SDXL_KEYS = ("clip_l", "clip_g")
+FORMATS = ("ti", "webui", "sdxl")
+
 
 def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
     """``[1, D]``: the mean of the rows, or one row."""
@@ -30,8 +42,23 @@ def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
 
 
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None, token: str | None = None) -> Path:
-    """Write a one-vector embedding file; returns its path."""
+    """Write a one-vector embedding file (``fmt`` in :data:`FORMATS`); returns its path.
+
+    ValueError when the format does not fit the identifier's text encoders (``sdxl`` needs two
+    recorded ``text_dims``; ``ti`` / ``webui`` one) or ``row`` is out of range.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     table, meta = read_identifier(identifier)
+    text_dims = json.loads(meta.get("text_dims", "[]")) or [table.shape[1]]  # files before SDXL: one encoder
+    if sum(text_dims) != table.shape[1]:
+        raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {table.shape[1]}")
+    if fmt == "sdxl" and len(text_dims) != len(SDXL_KEYS):
+        raise ValueError(f"--format sdxl needs an SDXL identifier (one vector per text encoder, widths D1 + D2); "
+                         f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: use --format ti or webui")
+    if fmt != "sdxl" and len(text_dims) > 1:
+        raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, SDXL): "
+                         "use --format sdxl (clip_l / clip_g)")
     token = token or meta.get("placeholder_token") or "<A>"
     vector = single_vector(table, row).float().contiguous()
     paths = json.loads(meta.get("layer_paths", "[]"))
@@ -44,22 +71,25 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
         return atomic_save_safetensors({token: vector}, out, {"source": str(identifier), "kept": kept})
-    if fmt == "webui":
-        # AUTOMATIC1111 embedding .pt layout.
-        payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
-                   "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None}
-        with atomic_path(out) as tmp:
-            torch.save(payload, tmp)
-        return Path(out)
-    raise ValueError(f"--format must be 'ti' or 'webui', got {fmt!r}")
+    if fmt == "sdxl":
+        # One [1, D_i] tensor per text encoder; the token is the caller's (stored for reference only).
+        parts = {key: part.contiguous() for key, part in zip(SDXL_KEYS, vector.split(text_dims, dim=-1))}
+        return atomic_save_safetensors(parts, out, {"source": str(identifier), "kept": kept, "token": token})
+    # AUTOMATIC1111 embedding .pt layout.
+    payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
+               "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None}
+    with atomic_path(out) as tmp:
+        torch.save(payload, tmp)
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adi_lightning.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--identifier", required=True, help="identifier.safetensors written by adi-lightning")
-    parser.add_argument("--format", default="ti", choices=["ti", "webui"],
-                        help="ti: diffusers load_textual_inversion (.safetensors); webui: AUTOMATIC1111 (.pt)")
+    parser.add_argument("--format", default="ti", choices=FORMATS,
+                        help="ti: diffusers load_textual_inversion (.safetensors); webui: AUTOMATIC1111 (.pt); "
+                             "sdxl: an SDXL identifier's clip_l / clip_g (.safetensors)")
     parser.add_argument("--out", required=True, help="output file")
     parser.add_argument("--row", type=int, default=None, help="keep this row instead of the mean of all rows")
     parser.add_argument("--token", default=None, help="token name stored in the file (default: the identifier's)")

@@ -5,128 +5,42 @@
     image = pipe("a photo of a corgi <A>").images[0]
     adi_lightning.remove_identifier(pipe)
 
-``install_identifier`` adds the placeholder to the tokenizer, puts the identifier overlay into
-the text encoder, a :class:`LayerwiseCrossAttnProcessor` on every ``attn2``, and wraps the text
-encoder so that every prompt (negative prompts too, hence classifier-free guidance) comes out as
-the L per-layer encodings concatenated along the token axis.
+``install_identifier`` puts a :class:`LayerwiseCrossAttnProcessor` on every ``attn2`` and hands the
+text side to the pipeline's backbone family (:meth:`~adi_lightning.families.BackboneFamily.install_text`):
+the placeholder in a copy of each tokenizer, the identifier overlay in each text encoder, and a
+stand-in text encoder through which every prompt (negative prompts too, hence classifier-free
+guidance) comes out as the L per-layer encodings concatenated along the token axis.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from adi_lightning.conditioning import (
-    cross_attention_layers,
-    tokenize,
-    encode_layerwise,
-    encode_plain,
-    install_layerwise_processors,
-    remove_layerwise_processors,
-)
-from adi_lightning.prompts import check_identifier_prompts
-from adi_lightning.identifier import (
-    add_placeholder_token,
-    install_overlay,
-    read_identifier,
-    remove_overlay,
-    rows_for_layers,
-)
+from adi_lightning.conditioning import cross_attention_layers, install_layerwise_processors, remove_layerwise_processors
+from adi_lightning.identifier import read_identifier, rows_for_layers
 
 
-class LayerwiseTextEncoder(nn.Module):
-    """Stands in for ``pipe.text_encoder``: ``[B, T]`` ids in, ``[B, L*T, D]`` encodings out.
-
-    Prompts containing the placeholder are encoded once per identifier row in one call; other
-    prompts (e.g. the negative prompt) are encoded once and repeated for every layer.
-    """
-
-    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, num_layers: int):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.register_buffer("table", table.detach().float().clone(), persistent=False)
-        self.placeholder_id = placeholder_id
-        self.num_layers = num_layers
-
-    @property
-    def config(self):
-        return self.text_encoder.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
-
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states=None, **kwargs):
-        if output_hidden_states:
-            raise ValueError("clip_skip / hidden states are not supported with a layer-wise identifier")
-        # The stock pipeline tokenizes the negative prompt to the positive embedding's length
-        # (L*T): the first T tokens are the ordinary T-token encoding of it.
-        input_ids = input_ids[:, : self.text_encoder.config.max_position_embeddings]
-        if bool((input_ids == self.placeholder_id).any()):
-            rows = self.table.unsqueeze(0).expand(input_ids.shape[0], *self.table.shape)
-            overlay = self.text_encoder.embeddings.token_embedding
-            hidden = encode_layerwise(self.text_encoder, overlay, input_ids, rows, self.num_layers)
-        else:
-            hidden = encode_plain(self.text_encoder, input_ids, self.num_layers)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden)
-
-
-def stock_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
-    """A ``StableDiffusionPipeline`` over already loaded components (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def prompt_embeddings(text_encoder, tokenizer, prompts: list[str], num_layers: int,
-                      rows: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``: the prompts with the
-    identifier ``rows`` ``[N, R, D]`` (None: plain prompts) and the empty negative prompt. Raises
-    ValueError for a prompt whose identifier would be cut off or is joined to a word
-    (:func:`adi_lightning.prompts.check_identifier_prompts`)."""
-    device = text_encoder.device
-    ids = tokenize(tokenizer, prompts, device)
-    if rows is None:
-        embeds = encode_plain(text_encoder, ids, num_layers)
-    else:
-        overlay = text_encoder.embeddings.token_embedding
-        token = tokenizer.convert_ids_to_tokens(overlay.placeholder_id)
-        check_identifier_prompts(tokenizer, token, overlay.placeholder_id, prompts, "prompt")
-        embeds = encode_layerwise(text_encoder, overlay, ids, rows, num_layers)
-    negative = encode_plain(text_encoder, tokenize(tokenizer, [""] * len(prompts), device), num_layers)
-    return embeds.to(dtype), negative.to(dtype)
-
-
-def run_seeded(pipe, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int], image=None, **kwargs) -> list:
-    """One image per (embedding, seed), each from its own seeded generator (so a grid cell does
-    not depend on the batch it was generated in)."""
+def run_seeded(pipe, inputs: dict[str, torch.Tensor], seeds: list[int], image=None, **kwargs) -> list:
+    """One image per (prompt, seed), each from its own seeded generator (so a grid cell does not
+    depend on the batch it was generated in). ``inputs``: the family's stock-pipeline inputs
+    (:meth:`~adi_lightning.families.BackboneFamily.prompt_inputs`), each ``[N, ...]``."""
     outputs = []
     for i, seed in enumerate(seeds):
         generator = torch.Generator(pipe.device).manual_seed(int(seed))
         extra = {} if image is None else {"image": image[i]}
-        out = pipe(prompt_embeds=embeds[i : i + 1], negative_prompt_embeds=negative[i : i + 1],
-                   generator=generator, output_type="pil", **extra, **kwargs)
+        one = {name: value[i : i + 1] for name, value in inputs.items()}
+        out = pipe(**one, generator=generator, output_type="pil", **extra, **kwargs)
         outputs.append(out.images[0])
     return outputs
 
 
 @dataclass
 class _Installed:
-    tokenizer: object
-    text_encoder: nn.Module
+    family: object
+    text: dict
     processors: dict
 
 
@@ -134,29 +48,24 @@ def install_identifier(pipe, identifier_path: str | Path, token: str | None = No
     """Make ``pipe`` accept prompts with the identifier's placeholder (e.g. ``<A>``).
 
     Args:
-        pipe: A diffusers Stable Diffusion pipeline (SD 1.x / 2.x).
+        pipe: A stock diffusers pipeline of a supported family (``StableDiffusionPipeline``).
         identifier_path: An ``identifier.safetensors`` written by adi-lightning.
         token: The placeholder to use in prompts; defaults to the one saved in the file.
 
     Raises a clear error if the pipeline's ``attn2`` layers or text width differ from the file's.
     Returns the pipeline (changed in place).
     """
+    from adi_lightning.families import family_of
+
     if getattr(pipe, "_adi_installed", None) is not None:
         remove_identifier(pipe)
+    family = family_of(pipe)
     table, meta = read_identifier(identifier_path)
     layer_paths = list(cross_attention_layers(pipe.unet))
-    rows = rows_for_layers(identifier_path, table, meta, layer_paths, pipe.text_encoder.config.hidden_size)
+    rows = rows_for_layers(identifier_path, table, meta, layer_paths, family.identifier_dim)
     token = token or meta.get("placeholder_token") or "<A>"
-
-    saved = _Installed(pipe.tokenizer, pipe.text_encoder, {})
-    tokenizer = copy.deepcopy(pipe.tokenizer)  # the original is restored untouched on removal
-    placeholder_id = add_placeholder_token(tokenizer, token)
-    install_overlay(pipe.text_encoder, placeholder_id)
-    saved.processors = install_layerwise_processors(pipe.unet)
-    wrapper = LayerwiseTextEncoder(pipe.text_encoder, rows.to(pipe.text_encoder.device), placeholder_id, len(layer_paths))
-    pipe.tokenizer = tokenizer
-    pipe.text_encoder = wrapper
-    pipe._adi_installed = saved
+    text = family.install_text(rows, token, len(layer_paths))
+    pipe._adi_installed = _Installed(family, text, install_layerwise_processors(pipe.unet))
     return pipe
 
 
@@ -166,8 +75,6 @@ def remove_identifier(pipe):
     if saved is None:
         return pipe
     remove_layerwise_processors(pipe.unet, saved.processors)
-    remove_overlay(saved.text_encoder)
-    pipe.tokenizer = saved.tokenizer
-    pipe.text_encoder = saved.text_encoder
+    saved.family.remove_text(saved.text)
     pipe._adi_installed = None
     return pipe

@@ -204,6 +204,20 @@ class LayerwiseIdentifier(nn.Module):
             return torch.arange(self.num_layers, dtype=torch.int64)
         return torch.zeros(self.num_layers, dtype=torch.int64)
 
+    def load(self, path: str | Path, dim: int) -> None:
+        """Copy the rows of an identifier file into the table, mapped by ``attn2`` path
+        (:func:`rows_for_layers`; ``dim``: the pipeline's row width D). ValueError when the file
+        does not fit these layers, this width or this row count (layer-wise or not)."""
+        table, meta = read_identifier(path)
+        rows = rows_for_layers(path, table, meta, self.layer_paths, dim)
+        if rows.shape[0] != self.num_rows:
+            raise ValueError(
+                f"identifier {path} has {rows.shape[0]} rows but model.layerwise="
+                f"{self.layerwise} needs {self.num_rows}"
+            )
+        with torch.no_grad():
+            self.embedding.copy_(rows)
+
     def save(self, path: str | Path, metadata: dict[str, str], table: torch.Tensor | None = None) -> Path:
         """Write the table (or ``table`` ``[R, D]``, e.g. an earlier copy of it) atomically as
         safetensors, with the row paths and provenance. Raises FloatingPointError if non-finite.

@@ -1,63 +1,47 @@
-"""ADIModule: frozen Stable Diffusion + the trainable layer-wise identifier.
+"""ADIModule: a frozen diffusion backbone + the trainable layer-wise identifier.
 
 The module owns the loss; :class:`~adi_lightning.callbacks.GradientMaskCallback` owns the
-masking and :class:`~adi_lightning.callbacks.ImageGridCallback` the image grids.
+masking and :class:`~adi_lightning.callbacks.ImageGridCallback` the image grids. What differs
+between backbone families (text encoders, conditioning, stock pipeline) is behind
+``self.family`` (:class:`~adi_lightning.families.BackboneFamily`); the module never asks which.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.fabric.utilities.seed import _set_rng_states
 import torch
 import torch.nn.functional as F
 
 from adi_lightning import backbone as bb
 from adi_lightning import generation
-from adi_lightning.conditioning import cross_attention_layers, encode_layerwise, install_layerwise_processors, tokenize
-from adi_lightning.identifier import (
-    LayerwiseIdentifier,
-    check_initializer_word,
-    add_placeholder_token,
-    initializer_embedding,
-    install_overlay,
-    read_identifier,
-    rows_for_layers,
-    token_embedding_owner,
-)
-from adi_lightning.data.triples import triple_key
+from adi_lightning.conditioning import cross_attention_layers, install_layerwise_processors
+from adi_lightning.checks import check_data_fits_model, check_model_settings
+from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
+from adi_lightning.identifier import LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
 from adi_lightning.prompts import check_run_prompts
-from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, MaskCombine, MaskStatistic, UpdateFrom, check_threshold
-from adi_lightning.resume import check_identifier_fits
+from adi_lightning.masking import MaskCombine, MaskStatistic, UpdateFrom
+from adi_lightning.resume import check_identifier_fits, rng_states_for_checkpoint
 from adi_lightning import speed
 
 log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
 
 
-def _rng_states_for_checkpoint() -> dict:
-    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
-    states = _collect_rng_states()
-    # Training randomness is keyed per triple; CUDA states would only break a resume on fewer GPUs.
-    states.pop("torch.cuda", None)
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
-    return states
-
-
 class ADIModule(L.LightningModule):
     """Learn an action identifier ``<A>`` with ADI (layer-wise tokens + gradient masking).
 
     Args:
-        pretrained_model_name_or_path: A local diffusers Stable Diffusion pipeline folder or a
-            hub id (hub ids need the weights in the local cache when offline).
+        pretrained_model_name_or_path: A local diffusers pipeline folder or a hub id (hub ids need
+            the weights in the local cache when offline); its ``model_index.json`` picks the backbone
+            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
         placeholder_token: The identifier string used in prompts; must not already exist in the
             vocabulary nor be a word of the prompt templates.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
@@ -126,7 +110,7 @@ class ADIModule(L.LightningModule):
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3,
         weight_decay: float = 0.0,
-        timestep_sampling: Literal["uniform", "importance", "cubic"] = "importance",
+        timestep_sampling: TimestepSampling = "importance",
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None,
         revision: str | None = None,
@@ -143,61 +127,48 @@ class ADIModule(L.LightningModule):
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
-        check_threshold(mask_threshold)
-        if mask_combine not in MASK_COMBINES:
-            raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
-        if mask_statistic not in MASK_STATISTICS:
-            raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
-        if update_from not in UPDATE_FROMS:
-            raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
-        if timestep_sampling not in ("uniform", "importance", "cubic"):
-            raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
-        if not learning_rate > 0:
-            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
-        if not weight_decay >= 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
-        if num_inference_steps < 1:
-            raise ValueError("model.num_inference_steps must be >= 1")
+        check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
+                             learning_rate, weight_decay, num_inference_steps)
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
 
-        pipe = bb.load_pipeline(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
-        self.info = bb.describe_pipeline(pipe, pretrained_model_name_or_path)
-        log.info(self.info.describe())
-        self.tokenizer = pipe.tokenizer
-        self.text_encoder = pipe.text_encoder
-        self.vae = pipe.vae
-        self.unet = pipe.unet
-        self.inference_scheduler = pipe.scheduler
         from diffusers import DDPMScheduler
 
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
+        self.info = bb.describe_pipeline(self.family.pipe, pretrained_model_name_or_path)
+        log.info(self.info.describe())
+        for name, part in self.family.modules().items():  # unet, vae, text_encoder(s): diffusers' names
+            self.add_module(name, part)
+        self.inference_scheduler = self.family.pipe.scheduler
+        self.noise_scheduler = DDPMScheduler.from_config(self.inference_scheduler.config)
 
-        self.placeholder_id = add_placeholder_token(self.tokenizer, placeholder_token)
-        install_overlay(self.text_encoder, self.placeholder_id)
+        self.placeholder_id = self.family.add_placeholder(placeholder_token)
         install_layerwise_processors(self.unet)
         layer_paths = list(cross_attention_layers(self.unet))
-        init = initializer_embedding(self.tokenizer, self.overlay.base, initializer_token)
-        self.identifier = LayerwiseIdentifier(init, layer_paths, layerwise)
+        self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths, layerwise)
         if identifier_path:
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
-        self._pipeline = None
 
         self.latent_cache = speed.LatentCache()
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if gradient_checkpointing:
-            speed.enable_gradient_checkpointing(self.unet, self.text_encoder)
+            speed.enable_gradient_checkpointing(self.unet, *self.family.text_encoders)
         # Not a registered submodule (it wraps self.unet): the state dict and summary stay as they are.
         self.__dict__["_train_unet"] = speed.compile_unet(self.unet) if compile_unet else self.unet
 
     # ----------------------------------------------------------------- setup
     @property
+    def tokenizer(self):
+        """The backbone's (first) tokenizer, with the placeholder added."""
+        return self.family.tokenizer
+
+    @property
     def overlay(self):
-        """The identifier overlay inside the text encoder (not registered twice as a submodule)."""
-        return token_embedding_owner(self.text_encoder).token_embedding
+        """The identifier overlay inside the (first) text encoder (not registered twice as a submodule)."""
+        return self.family.overlay
 
     @property
     def masking_enabled(self) -> bool:
@@ -211,11 +182,11 @@ class ADIModule(L.LightningModule):
     def train(self, mode: bool = True):
         """Lightning calls ``train()`` on the whole module; the backbone must stay in eval mode."""
         super().train(mode)
-        for part in (self.unet, self.vae, self.text_encoder):
+        for part in self.family.modules().values():
             part.eval()
         if mode and self.hparams.gradient_checkpointing:
             # transformers checkpoints only layers in training mode; attention dropout is 0 (checked).
-            for layer in speed.checkpointed_text_layers(self.text_encoder):
+            for layer in speed.checkpointed_text_layers(*self.family.text_encoders):
                 layer.train()
         return self
 
@@ -228,19 +199,8 @@ class ADIModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
-        add_placeholder_token(self.tokenizer, self.hparams.placeholder_token, templates)
-        if stage == "fit" and datamodule is not None and getattr(datamodule, "with_partners", self.masking_enabled) != self.masking_enabled:
-            raise ValueError(
-                f"data.with_partners={datamodule.with_partners} but model.mask_threshold="
-                f"{self.hparams.mask_threshold} (masking {'on' if self.masking_enabled else 'off'}): "
-                "masking needs triples, and only masking needs them"
-            )
-        dataset = getattr(datamodule, "train_dataset", None) if stage == "fit" else None
-        if self.hparams.update_from != "anchor" and getattr(dataset, "context_source", "exemplars") != "exemplars":
-            raise ValueError(
-                f"model.update_from={self.hparams.update_from!r} would train on context-pool images, which are "
-                f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
-                "use model.update_from=anchor or data.context_partners=exemplars")
+        self.family.add_placeholder(self.hparams.placeholder_token, templates)
+        check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from)
         if datamodule is not None:
             check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
@@ -274,6 +234,7 @@ class ADIModule(L.LightningModule):
             "mask_combine": self.hparams.mask_combine,
             "mask_statistic": self.hparams.mask_statistic,
             "timestep_sampling": self.hparams.timestep_sampling,
+            "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
             "git_revision": git_revision(),
@@ -284,15 +245,7 @@ class ADIModule(L.LightningModule):
         return self.identifier.save(path, self.identifier_metadata())
 
     def load_identifier(self, path: str | Path) -> None:
-        table, meta = read_identifier(path)
-        rows = rows_for_layers(path, table, meta, self.identifier.layer_paths, self.identifier.dim)
-        if rows.shape[0] != self.identifier.num_rows:
-            raise ValueError(
-                f"identifier {path} has {rows.shape[0]} rows but model.layerwise="
-                f"{self.hparams.layerwise} needs {self.identifier.num_rows}"
-            )
-        with torch.no_grad():
-            self.identifier.embedding.copy_(rows)
+        self.identifier.load(path, self.family.identifier_dim)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the identifier (the backbone is frozen and reloadable), and refresh the
@@ -301,7 +254,7 @@ class ADIModule(L.LightningModule):
             self.save_identifier()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("identifier.")}
         checkpoint["adi_identifier"] = {"layer_paths": self.identifier.layer_paths, "rows": self.identifier.num_rows}
-        checkpoint["adi_rng_states"] = _rng_states_for_checkpoint()  # Lightning does not save them itself
+        checkpoint["adi_rng_states"] = rng_states_for_checkpoint()  # Lightning does not save them itself
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_identifier_fits(checkpoint, self.identifier)
@@ -314,17 +267,6 @@ class ADIModule(L.LightningModule):
             log.info("identifier written to %s", path)
 
     # ---------------------------------------------------------------- training
-    def _sample_timesteps(self, generator: torch.Generator) -> torch.Tensor:
-        steps = self.noise_scheduler.config.num_train_timesteps
-        if self.hparams.timestep_sampling == "uniform":
-            return torch.randint(0, steps, (1,), generator=generator)
-        if self.hparams.timestep_sampling == "cubic":
-            u = torch.rand((1,), generator=generator, dtype=torch.float64)
-            return ((1.0 - u**3) * steps).long().clamp(0, steps - 1)
-        t = torch.arange(steps, dtype=torch.float64)
-        weights = 1.0 - 0.5 * torch.cos(math.pi * t / steps)
-        return torch.multinomial(weights, 1, generator=generator)
-
     def _record_role_grads(self, batch_size: int, roles: int):
         """Tensor hook on the per-sample identifier view: one gradient per sample, exactly."""
         samples = batch_size * roles
@@ -350,43 +292,31 @@ class ADIModule(L.LightningModule):
             raise ValueError(f"masking needs (anchor, context, action) triples, got {roles} images per item")
         samples = batch_size * roles
         latents = self._latents(batch, pixels)
-        noise, timesteps = [], []
-        for key in batch["key"].tolist():
-            gen = torch.Generator().manual_seed(triple_key(key, self.global_step))
-            timesteps.append(self._sample_timesteps(gen).repeat(roles))
-            noise.append(torch.randn((1, *latents.shape[1:]), generator=gen).repeat(roles, 1, 1, 1))
-        noise = torch.cat(noise).to(latents)
-        timesteps = torch.cat(timesteps).to(latents.device)
+        noise, timesteps = keyed_noise_and_timesteps(batch["key"].tolist(), self.global_step, roles, latents,
+                                                     self.noise_scheduler.config.num_train_timesteps,
+                                                     self.hparams.timestep_sampling)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
         prompts = [t.format(self.hparams.placeholder_token) for t in batch["template"] for _ in range(roles)]
-        ids = tokenize(self.tokenizer, prompts, latents.device)
         table = self.identifier.embedding
         per_sample = table.unsqueeze(0).expand(samples, *table.shape)
         if self.masking_enabled and torch.is_grad_enabled():
             per_sample.register_hook(self._record_role_grads(batch_size, roles))
-        if self.hparams.share_text_encoding and roles > 1:
-            context = speed.encode_layerwise_shared(
-                self.text_encoder, self.overlay, ids, per_sample, self.identifier.num_layers, roles
-            )
-        else:
-            context = encode_layerwise(self.text_encoder, self.overlay, ids, per_sample, self.identifier.num_layers)
+        shared = roles if self.hparams.share_text_encoding else 1
+        features = self.family.encode(self.family.tokenize(prompts, latents.device), per_sample,
+                                      self.identifier.num_layers, shared)
         # Not self.unet.dtype: diffusers' dtype property walks every submodule (about 3 ms a call).
         unet_dtype = next(self.unet.parameters()).dtype
-        pred = self._train_unet(noisy.to(unet_dtype), timesteps, context.to(unet_dtype)).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        conditioning = self.family.unet_inputs(features, unet_dtype, tuple(pixels.shape[-2:]))
+        pred = self._train_unet(noisy.to(unet_dtype), timesteps, **conditioning).sample
+        target = training_target(self.noise_scheduler, latents, noise, timesteps)
         per_sample_loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample_loss.mean(), per_sample_loss
 
-    @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
-        return latents.float() * self.vae.config.scaling_factor
+        return self.family.encode_images(pixels)
 
     def _latents(self, batch: dict, pixels: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latents ``[B*R, C, h, w]``; from the cache when the batch names its images."""
@@ -422,29 +352,20 @@ class ADIModule(L.LightningModule):
             return self.hparams.image_size
         return self.unet.config.sample_size * self.info.vae_scale_factor
 
-    def pipeline(self):
-        """The stock diffusers pipeline over this module's components (built once)."""
-        if self._pipeline is None:
-            self._pipeline = generation.stock_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet,
-                                                       self.inference_scheduler)
-        return self._pipeline
-
     @torch.no_grad()
-    def prompt_embeddings(self, prompts: list[str], table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(prompt_embeds, negative_prompt_embeds)``, each ``[N, L*T, D]``, for the stock pipeline.
-
-        ``table`` ``[R, D]`` replaces the learned identifier (e.g. ``identifier.initial``, the untrained one).
-        """
+    def prompt_embeddings(self, prompts: list[str], table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The stock pipeline's prompt inputs (``prompt_embeds``, ``negative_prompt_embeds``, ...; each
+        ``[N, ...]``, :meth:`~adi_lightning.families.BackboneFamily.prompt_inputs`). ``table`` ``[R, D]``
+        replaces the learned identifier (e.g. ``identifier.initial``, the untrained one)."""
         table = self.identifier.embedding if table is None else table
-        return generation.prompt_embeddings(self.text_encoder, self.tokenizer, prompts, self.identifier.num_layers,
-                                            table.unsqueeze(0).expand(len(prompts), *table.shape), self.unet.dtype)
+        return self.family.prompt_inputs(prompts, table.unsqueeze(0).expand(len(prompts), *table.shape),
+                                         self.identifier.num_layers, self.unet.dtype)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], table: torch.Tensor | None = None):
-        """One seeded image per (prompt, seed) through the stock ``StableDiffusionPipeline``;
+        """One seeded image per (prompt, seed) through the family's stock pipeline;
         ``table`` as in :meth:`prompt_embeddings` (``self.identifier.initial``: the untrained identifier)."""
-        embeds, negative = self.prompt_embeddings(prompts, table)
-        return generation.run_seeded(self.pipeline(), embeds, negative, seeds,
+        return generation.run_seeded(self.family.stock_pipeline(), self.prompt_embeddings(prompts, table), seeds,
                                      num_inference_steps=self.hparams.num_inference_steps,
                                      guidance_scale=self.hparams.guidance_scale,
                                      height=self.generation_size, width=self.generation_size)
@@ -454,16 +375,11 @@ class ADIModule(L.LightningModule):
                 steps: int = 30, guidance: float = 7.5):
         """Image-to-image with the frozen backbone and plain prompts (no identifier): used to
         make action-different partners that keep the anchor's context."""
-        from diffusers import StableDiffusionImg2ImgPipeline
-
         if self._trainer is not None:
             self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
-        pipe = StableDiffusionImg2ImgPipeline(**self.pipeline().components, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        embeds, negative = generation.prompt_embeddings(self.text_encoder, self.tokenizer, prompts,
-                                                        self.identifier.num_layers, None, self.unet.dtype)
-        return generation.run_seeded(pipe, embeds, negative, seeds, image=images, strength=strength,
-                                     num_inference_steps=steps, guidance_scale=guidance)
+        inputs = self.family.prompt_inputs(prompts, None, self.identifier.num_layers, self.unet.dtype)
+        return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
+                                     strength=strength, num_inference_steps=steps, guidance_scale=guidance)
 
     def _generation_step(self, batch: dict) -> dict:
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]

@@ -194,3 +194,16 @@ def check_identifier_fits(checkpoint: dict, identifier) -> None:
     if tuple(table.shape) != (identifier.num_rows, identifier.dim):
         raise ValueError(f"the checkpoint's identifier is {tuple(table.shape)} (rows, width) but this pipeline and "
                          f"model.layerwise need {(identifier.num_rows, identifier.dim)}")
+
+
+def rng_states_for_checkpoint() -> dict:
+    """Global RNG states (Lightning's ``_collect_rng_states``) in types that
+    ``torch.load(weights_only=True)`` accepts; a checkpoint stores them as ``adi_rng_states``."""
+    from lightning.fabric.utilities.seed import _collect_rng_states
+
+    states = _collect_rng_states()
+    # Training randomness is keyed per triple; CUDA states would only break a resume on fewer GPUs.
+    states.pop("torch.cuda", None)
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    states["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    return states

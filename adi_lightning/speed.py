@@ -3,7 +3,7 @@
 - :class:`LatentCache`: the VAE latents of the exemplars, encoded once per (image, flip).
   ``latent_dist.mode()`` is deterministic, so a cached latent is the latent the uncached path
   would compute; a cache hit only skips the VAE encoder.
-- :func:`encode_layerwise_shared`: the three members of a triple share one prompt and (by value)
+- :func:`encode_shared`: the three members of a triple share one prompt and (by value)
   one identifier table, so their L layer-wise encodings are equal. The encoder runs ONCE per
   triple (B*L prompts instead of 3B*L), and the backward pass runs one vector-Jacobian product per
   role through that single forward graph: each sample's identifier gradient is exactly the one the
@@ -22,8 +22,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from adi_lightning.conditioning import encode_layerwise
 
 
 class LatentCache:
@@ -80,53 +78,53 @@ class _SharedEncoding(torch.autograd.Function):
     Input ``rows`` is the per-sample identifier view ``[B*roles, R, D]`` (the tensor ADI's hook
     watches); members of a triple hold the same values, so the encoding of member 0 is the
     encoding of all. The returned gradient for sample ``(b, r)`` is ``J_b^T g_{b,r}``: exactly what
-    the unshared path computes for that sample.
+    the unshared path computes for that sample. ``encode(ids, rows)`` returns a tuple of tensors
+    (a family's text features, :meth:`~adi_lightning.families.BackboneFamily.encode_text`).
     """
 
     @staticmethod
-    def forward(ctx, rows, text_encoder, overlay, input_ids, num_layers, roles):
+    def forward(ctx, rows, encode, input_ids, roles):
         batch = rows.shape[0] // roles
         with torch.enable_grad():
             leaf = rows.detach()[::roles].clone().requires_grad_(True)
-            hidden = encode_layerwise(text_encoder, overlay, input_ids[::roles], leaf, num_layers)
-        ctx.leaf, ctx.hidden, ctx.roles, ctx.batch = leaf, hidden, roles, batch
-        return hidden.detach().repeat_interleave(roles, dim=0)
+            features = encode(input_ids[::roles], leaf)
+        ctx.leaf, ctx.features, ctx.roles, ctx.batch = leaf, features, roles, batch
+        return tuple(f.detach().repeat_interleave(roles, dim=0) for f in features)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_outs):
         roles, batch = ctx.roles, ctx.batch
-        grad_out = grad_out.reshape(batch, roles, *grad_out.shape[1:])
+        grad_outs = [g.reshape(batch, roles, *g.shape[1:]) for g in grad_outs]
         grads = []
         # The inner graph is retained: the outer graph may be walked again (retain_graph=True, as in
         # per-sample autograd.grad checks); it is freed with this node when the step's graph goes.
         for role in range(roles):
-            (grad,) = torch.autograd.grad(ctx.hidden, ctx.leaf, grad_out[:, role].to(ctx.hidden.dtype), retain_graph=True)
+            cotangents = [g[:, role].to(f.dtype) for g, f in zip(grad_outs, ctx.features)]
+            (grad,) = torch.autograd.grad(ctx.features, ctx.leaf, cotangents, retain_graph=True)
             grads.append(grad)
-        return torch.stack(grads, dim=1).flatten(0, 1), None, None, None, None, None
+        return torch.stack(grads, dim=1).flatten(0, 1), None, None, None
 
 
-def encode_layerwise_shared(
-    text_encoder: nn.Module,
-    overlay: nn.Module,
+def encode_shared(
+    encode: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, ...]],
     input_ids: torch.Tensor,
-    rows: torch.Tensor,
-    num_layers: int,
+    rows: torch.Tensor | None,
     roles: int,
-) -> torch.Tensor:
-    """Like :func:`~adi_lightning.conditioning.encode_layerwise` for ``B*roles`` prompts whose
-    consecutive groups of ``roles`` are identical (ids and row values), with one encoder forward
+) -> tuple[torch.Tensor, ...]:
+    """``encode(input_ids, rows)`` for ``B*roles`` prompts whose consecutive groups of ``roles`` are
+    identical (ids ``[B*roles, ...]`` and row values ``[B*roles, R, D]``), with one encoder forward
     per group. Without gradients, or with ``roles == 1``, it is the plain call."""
-    if roles == 1 or not (torch.is_grad_enabled() and rows.requires_grad):
+    if roles == 1 or rows is None or not (torch.is_grad_enabled() and rows.requires_grad):
         if roles > 1:
-            hidden = encode_layerwise(text_encoder, overlay, input_ids[::roles], rows[::roles], num_layers)
-            return hidden.repeat_interleave(roles, dim=0)
-        return encode_layerwise(text_encoder, overlay, input_ids, rows, num_layers)
+            features = encode(input_ids[::roles], None if rows is None else rows[::roles])
+            return tuple(f.repeat_interleave(roles, dim=0) for f in features)
+        return encode(input_ids, rows)
     if rows.shape[0] % roles or input_ids.shape[0] != rows.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts / {rows.shape[0]} row sets are not groups of {roles}")
-    return _SharedEncoding.apply(rows, text_encoder, overlay, input_ids, num_layers, roles)
+    return _SharedEncoding.apply(rows, encode, input_ids, roles)
 
 
-def enable_gradient_checkpointing(unet: nn.Module, text_encoder: nn.Module) -> None:
+def enable_gradient_checkpointing(unet: nn.Module, *text_encoders: nn.Module) -> None:
     """Non-reentrant activation checkpointing through the libraries' own switches.
 
     diffusers checkpoints whenever gradients are on; transformers only in ``training`` mode, so
@@ -135,24 +133,27 @@ def enable_gradient_checkpointing(unet: nn.Module, text_encoder: nn.Module) -> N
     frozen encoder computes exactly what it computes in eval mode.
     """
     unet.enable_gradient_checkpointing()
-    dropout = float(getattr(getattr(text_encoder, "config", None), "attention_dropout", 0.0) or 0.0)
-    if dropout:
-        raise ValueError(
-            f"model.gradient_checkpointing needs the text encoder's attention_dropout to be 0 (got {dropout}): "
-            "transformers checkpoints only layers in training mode, where dropout would change the encoding"
-        )
-    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # transformers < 5
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for text_encoder in text_encoders:
+        dropout = float(getattr(getattr(text_encoder, "config", None), "attention_dropout", 0.0) or 0.0)
+        if dropout:
+            raise ValueError(
+                f"model.gradient_checkpointing needs the text encoder's attention_dropout to be 0 (got {dropout}): "
+                "transformers checkpoints only layers in training mode, where dropout would change the encoding"
+            )
+    for text_encoder in text_encoders:
+        enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5
+            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def checkpointed_text_layers(text_encoder: nn.Module) -> list[nn.Module]:
+def checkpointed_text_layers(*text_encoders: nn.Module) -> list[nn.Module]:
     """The text-encoder layers transformers checkpoints (its ``GradientCheckpointingLayer`` s, switched on)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in text_encoder.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    return [m for text_encoder in text_encoders for m in text_encoder.modules()
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
 
 
 def compile_unet(unet: nn.Module, **kwargs) -> Callable:

@@ -108,11 +108,8 @@ def _text_encoder_time(module, items: int, roles: int, precision: str, device: s
     """Median seconds of the text-encoder forward+backward for this batch shape, alone."""
     import torch
 
-    from adi_lightning import speed
-    from adi_lightning.conditioning import encode_layerwise, tokenize
-
     prompts = [f"a photo of a person {module.hparams.placeholder_token}"] * (items * roles)
-    ids = tokenize(module.tokenizer, prompts, module.device)
+    ids = module.family.tokenize(prompts, module.device)
     table = module.identifier.embedding
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
     times = []
@@ -124,12 +121,9 @@ def _text_encoder_time(module, items: int, roles: int, precision: str, device: s
             rows = table.unsqueeze(0).expand(len(prompts), *table.shape)
             if module.masking_enabled:
                 rows.register_hook(lambda g: None)
-            if module.hparams.share_text_encoding and roles > 1:
-                context = speed.encode_layerwise_shared(module.text_encoder, module.overlay, ids, rows,
-                                                        module.identifier.num_layers, roles)
-            else:
-                context = encode_layerwise(module.text_encoder, module.overlay, ids, rows, module.identifier.num_layers)
-        context.float().square().mean().backward()
+            shared = roles if module.hparams.share_text_encoding else 1
+            features = module.family.encode(ids, rows, module.identifier.num_layers, shared)
+        sum(f.float().square().mean() for f in features).backward()
         _sync(device)
         times.append(time.perf_counter() - start)
     table.grad = None

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny SD pipeline and action folder, built once per session, offline."""
+"""Shared fixtures: tiny SD and SDXL pipelines and an action folder, built once per session, offline."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_dir):
     return str(tiny_dir / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tiny_dir):
+    """``<tmp>/pipeline_xl``: the tiny SDXL pipeline (17 attn2 layers, D = 32 + 48, pooled 24, 32 px)."""
+    from adi_lightning.tiny import build_tiny_sdxl_pipeline
+
+    return str(build_tiny_sdxl_pipeline(tiny_dir / "pipeline_xl"))
 
 
 @pytest.fixture(scope="session")

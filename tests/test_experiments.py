@@ -1,9 +1,10 @@
 """Every ``experiments/*.yaml`` parses and instantiates (model, data module, trainer).
 
 Real-weight experiments name local folders (``models/...``, ``data/...``) that a test machine
-does not have, so the backbone and data folder are always swapped for the session's tiny ones;
-every other value must reach the instantiated objects as written. New experiments are picked
-up by the glob.
+does not have, so the backbone and data folder are always swapped for the session's tiny ones
+(the tiny pipeline of the experiment's family: ``sdxl_*.yaml`` are SDXL experiments); every
+other value must reach the instantiated objects as written. New experiments are picked up by
+the glob.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ from adi_lightning.module import ADIModule
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if not p.is_symlink())
 SWAPPED = {"pretrained_model_name_or_path", "root"}  # replaced by the tiny fixtures below
+# Family name -> (tiny pipeline fixture, its attn2 layer count). The weights folder is not here to
+# read its model_index.json, so an experiment's family is its file name's prefix.
+TINY_BACKBONES = {"sd": ("tiny_pipeline", 16), "sdxl": ("tiny_sdxl_pipeline", 17)}
+
+
+def family(experiment: Path) -> str:
+    return "sdxl" if experiment.name.startswith("sdxl_") else "sd"
 
 
 def test_there_are_experiments():
     names = {p.name for p in EXPERIMENTS}
-    assert {"tiny.yaml", "jump.yaml", "sd15_jump.yaml", "sd21_jump.yaml"} <= names, names
+    assert {"tiny.yaml", "jump.yaml", "sd15_jump.yaml", "sd21_jump.yaml", "sdxl_jump.yaml"} <= names, names
 
 
 def test_toy_jumping_is_the_main_job_itself():
@@ -65,10 +73,11 @@ def plain(value) -> bool:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
-def test_experiment_instantiates(experiment, tiny_pipeline, tiny_data, tmp_path, monkeypatch):
+def test_experiment_instantiates(experiment, tiny_data, tmp_path, monkeypatch, request):
+    fixture, layers = TINY_BACKBONES[family(experiment)]
     args = [
         "--config", str(experiment),
-        f"--model.pretrained_model_name_or_path={tiny_pipeline}",
+        f"--model.pretrained_model_name_or_path={request.getfixturevalue(fixture)}",
         f"--data.root={tiny_data}",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
@@ -83,7 +92,8 @@ def test_experiment_instantiates(experiment, tiny_pipeline, tiny_data, tmp_path,
     assert isinstance(cli.model, ADIModule)
     assert isinstance(cli.datamodule, ActionTripleDataModule)
     assert cli.trainer.max_steps > 0, "an experiment must bound its training (trainer.max_steps)"
-    assert cli.model.identifier.num_rows == (16 if cli.model.hparams.layerwise else 1)
+    assert cli.model.family.name == family(experiment)
+    assert cli.model.identifier.num_rows == (layers if cli.model.hparams.layerwise else 1)
 
     for key, value in section(config, "model", experiment).items():
         if key not in SWAPPED and plain(value):

@@ -132,3 +132,14 @@ def test_cli_builds_then_skips(tmp_path, capsys):
     assert "pipeline: " in second and "skipped" in second
     assert (tmp_path / "pipeline/unet/diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
     assert main(["--out", str(tmp_path), "--resolution", "64"]) == 2
+
+
+def test_cli_builds_the_tiny_sdxl_pipeline_next_to_the_sd_one(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--sdxl"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline: built" in out and "L=17" in out and "D=32+48" in out
+    index = json.loads((tmp_path / "pipeline_xl/model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pipeline_xl"]
+    assert main(["--out", str(tmp_path), "--sdxl"]) == 0
+    assert "skipped" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""``python -m adi_lightning.tiny --out DIR``: build the tiny pipeline (DIR/pipeline) and data (DIR/data).
+"""``python -m adi_lightning.tiny --out DIR [--sdxl]``: build the tiny pipeline (DIR/pipeline; with
+``--sdxl`` the tiny SDXL pipeline, DIR/pipeline_xl) and data (DIR/data).
 
 Why: ``experiments/tiny.yaml`` points at these two folders so a user can run the whole flow on CPU
 in minutes without the hub. Each folder is built in a temporary sibling and renamed into place, so
@@ -18,6 +19,7 @@ from ..io import atomic_dir
 from .dataset import build_tiny_action_folder
 from ..conditioning import cross_attention_layers
 from .pipeline import build_tiny_pipeline
+from .sdxl import build_tiny_sdxl_pipeline
 
 PIPELINE_FILES = (
     "model_index.json",
@@ -30,10 +32,17 @@ PIPELINE_FILES = (
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 )
+#: ``--sdxl``: the second text encoder and tokenizer as well.
+SDXL_PIPELINE_FILES = (
+    *PIPELINE_FILES,
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "tokenizer_2/tokenizer_config.json",
+)
 
 
-def pipeline_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in PIPELINE_FILES)
+def pipeline_complete(path: Path, files: tuple[str, ...] = PIPELINE_FILES) -> bool:
+    return all((path / f).is_file() for f in files)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -81,10 +90,11 @@ def _describe_pipeline(path: Path) -> str:
 
     # Built from the config only (random weights): enough to count attn2 layers, no loading cost.
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
-    text = json.loads((path / "text_encoder/config.json").read_text())
+    texts = [json.loads(f.read_text()) for f in sorted(path.glob("text_encoder*/config.json"))]
     return (
-        f"attn2 layers L={len(cross_attention_layers(unet))}, text width D={text['hidden_size']}, "
-        f"vocab {text['vocab_size']}, image {_pipeline_resolution(path)} px, "
+        f"attn2 layers L={len(cross_attention_layers(unet))}, "
+        f"text width D={'+'.join(str(t['hidden_size']) for t in texts)}, "
+        f"vocab {texts[0]['vocab_size']}, image {_pipeline_resolution(path)} px, "
         f"latent {unet.config.sample_size}, {_dir_mb(path):.1f} MB"
     )
 
@@ -95,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=32, help="image size in pixels (multiple of 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if complete folders exist")
+    parser.add_argument("--sdxl", action="store_true",
+                        help="build the tiny SDXL pipeline (two text encoders) in DIR/pipeline_xl instead")
     parser.add_argument("--actions", nargs="+", default=["jumping", "standing", "waving"])
     parser.add_argument("--subjects", nargs="+", default=["red", "green", "blue", "yellow"])
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    pipe_dir, data_dir = args.out / "pipeline", args.out / "data"
+    pipe_dir, data_dir = args.out / ("pipeline_xl" if args.sdxl else "pipeline"), args.out / "data"
+    build_pipeline, files = ((build_tiny_sdxl_pipeline, SDXL_PIPELINE_FILES) if args.sdxl
+                             else (build_tiny_pipeline, PIPELINE_FILES))
 
-    if pipeline_complete(pipe_dir) and not args.force:
+    if pipeline_complete(pipe_dir, files) and not args.force:
         have = _pipeline_resolution(pipe_dir)
         if have != args.resolution:
             print(f"{pipe_dir} exists at {have} px, not {args.resolution} px: pass --force to rebuild",
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline: {pipe_dir} already complete, skipped (--force rebuilds)")
     else:
         build_atomically(
-            pipe_dir, lambda tmp: build_tiny_pipeline(tmp, seed=args.seed, sample_size=args.resolution)
+            pipe_dir, lambda tmp: build_pipeline(tmp, seed=args.seed, sample_size=args.resolution)
         )
         print(f"pipeline: built {pipe_dir}")
     print(f"  {_describe_pipeline(pipe_dir)}")

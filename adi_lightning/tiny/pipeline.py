@@ -51,8 +51,9 @@ SD_SCHEDULER = dict(
 )
 
 
-def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, projection_dim: int | None = None):
+    """A random CLIP text encoder; with ``projection_dim``, a ``CLIPTextModelWithProjection`` (SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # bos/eos/pad ids must be the tokenizer's: CLIP pools the hidden state at the first eos id
     # (the legacy argmax path is only taken when eos_token_id == 2).
@@ -60,7 +61,7 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int):
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=width * 4,
-        projection_dim=width,
+        projection_dim=projection_dim or width,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         max_position_embeddings=tokenizer.model_max_length,
@@ -70,10 +71,10 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int):
         hidden_act="quick_gelu",
     )
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()
 
 
-def _vae(block_out_channels: Sequence[int], seed: int):
+def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -88,7 +89,7 @@ def _vae(block_out_channels: Sequence[int], seed: int):
         latent_channels=4,
         norm_num_groups=min(block_out_channels),
         sample_size=32,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     ).eval()
 
 

@@ -1,0 +1,48 @@
+"""Refusals of model settings, alone and against the data, before any work starts.
+
+Each message names the key (``model.*`` / ``data.*``), the value given and what would fit.
+"""
+
+from __future__ import annotations
+
+from adi_lightning.diffusion import TIMESTEP_SAMPLINGS
+from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, check_threshold
+
+
+def check_model_settings(mask_threshold: float, mask_combine: str, mask_statistic: str, update_from: str,
+                         timestep_sampling: str, learning_rate: float, weight_decay: float,
+                         num_inference_steps: int) -> None:
+    """ValueError for a ``model.*`` value outside its range (the ADIModule arguments of that name)."""
+    check_threshold(mask_threshold)
+    if mask_combine not in MASK_COMBINES:
+        raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
+    if mask_statistic not in MASK_STATISTICS:
+        raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
+    if update_from not in UPDATE_FROMS:
+        raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
+    if timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+    if not weight_decay >= 0:
+        raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if num_inference_steps < 1:
+        raise ValueError("model.num_inference_steps must be >= 1")
+
+
+def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_from: str) -> None:
+    """ValueError when the data of ``stage`` cannot train these model settings: triples exactly when
+    masking is on (``mask_threshold < 1``), and no context-pool images in the update."""
+    masking = mask_threshold < 1.0
+    if stage == "fit" and datamodule is not None and getattr(datamodule, "with_partners", masking) != masking:
+        raise ValueError(
+            f"data.with_partners={datamodule.with_partners} but model.mask_threshold="
+            f"{mask_threshold} (masking {'on' if masking else 'off'}): "
+            "masking needs triples, and only masking needs them"
+        )
+    dataset = getattr(datamodule, "train_dataset", None) if stage == "fit" else None
+    if update_from != "anchor" and getattr(dataset, "context_source", "exemplars") != "exemplars":
+        raise ValueError(
+            f"model.update_from={update_from!r} would train on context-pool images, which are "
+            f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
+            "use model.update_from=anchor or data.context_partners=exemplars")

@@ -1,0 +1,215 @@
+"""The seam between the method and a backbone family (ARCHITECTURE.md "Backbone families").
+
+What differs between Stable Diffusion 1.x/2.x and SDXL is small and local: the tokenizers and text
+encoders, how a prompt and the identifier become UNet conditioning, the added conditions, the
+stock pipeline class and where the token-embedding overlay goes. :class:`BackboneFamily` holds
+exactly that, over one loaded diffusers pipeline; :mod:`adi_lightning.families` picks the
+implementation from the pipeline folder's ``model_index.json`` (``_class_name``).
+:class:`~adi_lightning.module.ADIModule`, the callbacks, the data and the masking math never ask
+which family they hold.
+
+Shapes used throughout: ``N`` prompts, ``L`` cross-attention layers, ``R`` identifier rows (L or 1),
+``T`` tokens per prompt, ``D`` the identifier's row width (the sum of the text encoders' widths:
+one vector per text encoder per row, in :attr:`BackboneFamily.text_parts` order).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from adi_lightning.identifier import (
+    add_placeholder_token,
+    initializer_embedding,
+    install_overlay,
+    remove_overlay,
+    token_embedding_owner,
+)
+
+Features = tuple[torch.Tensor, ...]
+
+
+class BackboneFamily:
+    """One backbone family's text side, added conditions and stock pipeline, over ``pipe``.
+
+    Subclasses set the class attributes and implement :meth:`tokenize`, :meth:`encode_text`,
+    :meth:`unet_inputs`, :meth:`pipeline_inputs` and :meth:`layerwise_text_encoder`.
+    Constructing one changes nothing in ``pipe``.
+    """
+
+    #: ``_class_name`` of the pipeline in ``model_index.json`` (a diffusers class name).
+    pipeline_class_name: ClassVar[str]
+    #: The diffusers class for image-to-image with the same components.
+    img2img_class_name: ClassVar[str]
+    #: Short name recorded in ``run_info.json``.
+    name: ClassVar[str]
+    #: Component names of the text encoders and of their tokenizers, in identifier-row order.
+    text_parts: ClassVar[tuple[str, ...]]
+    tokenizer_parts: ClassVar[tuple[str, ...]]
+    #: Extra keyword arguments of ``from_pretrained`` and of the constructor (e.g. no safety checker).
+    load_kwargs: ClassVar[dict] = {}
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def pipeline_class(cls, img2img: bool = False):
+        import diffusers
+
+        return getattr(diffusers, cls.img2img_class_name if img2img else cls.pipeline_class_name)
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        return [getattr(self.pipe, name) for name in self.text_parts]
+
+    @property
+    def tokenizers(self) -> list:
+        return [getattr(self.pipe, name) for name in self.tokenizer_parts]
+
+    @property
+    def tokenizer(self):
+        """The first tokenizer: prompt checks (placeholder position, token limit) use it; every
+        tokenizer of a family shares its vocabulary and length."""
+        return self.tokenizers[0]
+
+    @property
+    def overlay(self):
+        """The identifier overlay in the first text encoder (see :meth:`add_placeholder`)."""
+        return token_embedding_owner(self.text_encoders[0]).token_embedding
+
+    @property
+    def text_dims(self) -> list[int]:
+        """Width of each text encoder's part of an identifier row (``text_parts`` order)."""
+        return [encoder.config.hidden_size for encoder in self.text_encoders]
+
+    @property
+    def identifier_dim(self) -> int:
+        """``D``: the width of one identifier row."""
+        return sum(self.text_dims)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The frozen ``nn.Module`` parts by diffusers component name (the LightningModule
+        registers them under these names, so state-dict prefixes are diffusers')."""
+        return {**dict(zip(self.text_parts, self.text_encoders)), "vae": self.vae, "unet": self.unet}
+
+    # ------------------------------------------------------------- identifier
+    def add_placeholder(self, token: str, templates: list[str] = ()) -> int:
+        """Add ``token`` to every tokenizer (:func:`~adi_lightning.identifier.add_placeholder_token`)
+        and put the identifier overlay into every text encoder; returns the first tokenizer's id."""
+        ids = [add_placeholder_token(tokenizer, token, templates) for tokenizer in self.tokenizers]
+        for encoder, placeholder_id in zip(self.text_encoders, ids):
+            install_overlay(encoder, placeholder_id)
+        return ids[0]
+
+    def initializer_row(self, word: str) -> torch.Tensor:
+        """``[D]`` fp32: each text encoder's frozen embedding of the single-token ``word``, concatenated."""
+        return torch.cat([initializer_embedding(tokenizer, token_embedding_owner(encoder).token_embedding, word)
+                          for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)])
+
+    def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``rows [..., D]`` -> one ``[..., D_i]`` view per text encoder."""
+        return rows.split(self.text_dims, dim=-1)
+
+    # --------------------------------------------------------------- encoding
+    def tokenize(self, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """Token ids ``[N, ...]`` of every tokenizer, padded to ``model_max_length``."""
+        raise NotImplementedError
+
+    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int) -> Features:
+        """Text features of :meth:`tokenize` ids with the identifier ``rows`` ``[N, R, D]`` at the
+        placeholder (None: plain prompts), each layer-wise (the L encodings along the token axis)."""
+        raise NotImplementedError
+
+    def encode(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int, roles: int = 1) -> Features:
+        """:meth:`encode_text`; with ``roles > 1``, consecutive groups of ``roles`` prompts are equal
+        (a triple's members) and are encoded once (:func:`adi_lightning.speed.encode_shared`, exact)."""
+        from adi_lightning import speed
+
+        encode = partial(self.encode_text, num_layers=num_layers)
+        return speed.encode_shared(encode, ids, rows, roles) if roles > 1 else encode(ids, rows)
+
+    def negative(self, count: int, num_layers: int, device: torch.device | None = None) -> Features:
+        """Features of the unconditional (empty) prompt, as the stock pipeline makes them."""
+        return self.encode_text(self.tokenize([""] * count, device), None, num_layers)
+
+    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+        """Keyword arguments of ``UNet2DConditionModel.forward`` for training images of ``size`` px."""
+        raise NotImplementedError
+
+    def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
+        """``prompt_embeds``-style keyword arguments of the stock pipeline's ``__call__``."""
+        raise NotImplementedError
+
+    def prompt_inputs(self, prompts: list[str], rows: torch.Tensor | None, num_layers: int, dtype: torch.dtype) -> dict:
+        """Stock-pipeline inputs (each ``[N, ...]``) for ``prompts`` with the identifier ``rows``
+        ``[N, R, D]`` (None: plain prompts) and the family's unconditional prompt. Raises ValueError for
+        a prompt whose identifier would be cut off or is joined to a word
+        (:func:`adi_lightning.prompts.check_identifier_prompts`)."""
+        from adi_lightning.prompts import check_identifier_prompts
+
+        device = self.text_encoders[0].device
+        if rows is not None:
+            placeholder_id = self.overlay.placeholder_id
+            token = self.tokenizer.convert_ids_to_tokens(placeholder_id)
+            check_identifier_prompts(self.tokenizer, token, placeholder_id, prompts, "prompt")
+        features = self.encode_text(self.tokenize(prompts, device), rows, num_layers)
+        return self.pipeline_inputs(features, self.negative(len(prompts), num_layers, device), dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents ``[N, C, h, w]`` of ``pixels`` ``[N, 3, H, W]`` in [-1, 1] (the
+        deterministic ``latent_dist.mode()``), fp32."""
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return latents.float() * self.vae.config.scaling_factor
+
+    # -------------------------------------------------------------- pipelines
+    def stock_pipeline(self, img2img: bool = False):
+        """The loaded stock pipeline itself, or its image-to-image sibling over the same components."""
+        if not img2img:
+            return self.pipe
+        pipe = self.pipeline_class(img2img=True)(**{**self.pipe.components, **self.load_kwargs})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def layerwise_text_encoder(self, index: int, encoder: nn.Module, rows: torch.Tensor, placeholder_id: int,
+                               num_layers: int) -> nn.Module:
+        """A stand-in for text encoder ``index`` of a stock pipeline that turns placeholder prompts
+        into layer-wise features, with ``rows`` ``[R, D_index]`` its part of the identifier."""
+        raise NotImplementedError
+
+    def install_text(self, rows: torch.Tensor, token: str, num_layers: int) -> dict:
+        """Install the identifier ``rows`` ``[R, D]`` into ``self.pipe``'s text side: a copy of each
+        tokenizer with ``token`` added, the overlay, and each text encoder replaced by
+        :meth:`layerwise_text_encoder`. Returns what :meth:`remove_text` restores."""
+        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
+        # Copies: the originals are restored untouched on removal; all added before anything changes.
+        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
+        ids = [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+        parts = zip(self.tokenizer_parts, tokenizers, ids, self.text_parts, self.split_rows(rows))
+        for index, (tokenizer_name, tokenizer, placeholder_id, encoder_name, part_rows) in enumerate(parts):
+            encoder = saved[encoder_name]
+            install_overlay(encoder, placeholder_id)
+            setattr(self.pipe, tokenizer_name, tokenizer)
+            setattr(self.pipe, encoder_name, self.layerwise_text_encoder(
+                index, encoder, part_rows.to(encoder.device), placeholder_id, num_layers))
+        return saved
+
+    def remove_text(self, saved: dict) -> None:
+        """Undo :meth:`install_text`."""
+        for name in self.text_parts:
+            remove_overlay(saved[name])
+        for name, part in saved.items():
+            setattr(self.pipe, name, part)

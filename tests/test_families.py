@@ -1,0 +1,66 @@
+"""One seam per backbone family: the pipeline folder's model_index.json picks the family, and the
+module holds whatever family it is given without asking which (issue 15)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from adi_lightning.backbone import BackboneError, load_backbone
+from adi_lightning.families import StableDiffusionFamily, family_class, family_of
+
+
+def _with_class_name(src: str, dst: Path, class_name: str) -> str:
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model_index.json").read_text())
+    index["_class_name"] = class_name
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return str(dst)
+
+
+def test_sd_folder_loads_as_the_sd_family(tiny_pipeline):
+    family = load_backbone(tiny_pipeline)
+    assert isinstance(family, StableDiffusionFamily) and type(family.pipe).__name__ == "StableDiffusionPipeline"
+    assert family.identifier_dim == 32 and family.text_dims == [32]
+    assert all(not p.requires_grad for part in family.modules().values() for p in part.parameters())
+    assert isinstance(family_of(family.pipe), StableDiffusionFamily)
+    assert isinstance(family_of(family.stock_pipeline(img2img=True)), StableDiffusionFamily)
+
+
+@pytest.mark.parametrize("class_name,message", [
+    ("StableDiffusion3Pipeline", "StableDiffusion3Pipeline (SD3, an MMDiT): not yet supported"),
+    ("KandinskyPipeline", "KandinskyPipeline, which adi-lightning does not support"),
+])
+def test_other_pipeline_classes_are_refused_by_name(tiny_pipeline, tmp_path, make_module, class_name, message):
+    folder = _with_class_name(tiny_pipeline, tmp_path / "pipe", class_name)
+    with pytest.raises(BackboneError, match=re.escape(message)) as err:
+        make_module(pretrained_model_name_or_path=folder)
+    assert "supported: StableDiffusionPipeline" in str(err.value) and folder in str(err.value)
+    with pytest.raises(BackboneError, match="not yet supported|does not support"):
+        family_class(class_name)
+
+
+def test_family_prompt_inputs_are_the_stock_pipeline_keywords(make_module):
+    module = make_module()
+    table = module.identifier.embedding.detach()
+    inputs = module.prompt_embeddings(["a photo of a dog <A>", "a photo of a cat <A>"])
+    assert set(inputs) == {"prompt_embeds", "negative_prompt_embeds"}
+    assert inputs["prompt_embeds"].shape == (2, 16 * 77, 32) == inputs["negative_prompt_embeds"].shape
+    features = module.family.encode(module.family.tokenize(["a photo of a dog <A>"]), table[None], 16)
+    assert torch.equal(features[0], inputs["prompt_embeds"][:1])
+
+
+def test_module_never_asks_which_family_it_holds():
+    import io
+    import tokenize
+
+    source = (Path(__file__).parents[1] / "adi_lightning" / "module.py").read_text()
+    assert len(source.splitlines()) < 400
+    names = {t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.NAME}
+    assert not [n for n in names if "xl" in n.lower() or n.startswith("StableDiffusion")
+                or re.fullmatch(r"(text_encoder|tokenizer)_\d", n)]
+    for branch in ("family.name", "isinstance(self.family", "type(self.family"):
+        assert branch not in source, branch
