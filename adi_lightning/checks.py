@@ -46,3 +46,12 @@ def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_
             f"model.update_from={update_from!r} would train on context-pool images, which are "
             f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
             "use model.update_from=anchor or data.context_partners=exemplars")
+
+
+def check_identifier_grouping(stage: str, identifier, row_groups: str) -> None:
+    """ValueError when ``fit`` would train an identifier loaded (``model.identifier_path``) with another
+    grouping than ``model.row_groups`` (generation uses the file's grouping whatever the key says)."""
+    if stage == "fit" and identifier.row_groups != row_groups:
+        raise ValueError(f"model.identifier_path holds an identifier with row_groups={identifier.row_groups} "
+                         f"({identifier.num_rows} rows) but model.row_groups={row_groups}: set model.row_groups="
+                         f"{identifier.row_groups} to continue training it")

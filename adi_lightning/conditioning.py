@@ -1,6 +1,7 @@
 """Layer-wise conditioning: one prompt encoding per cross-attention layer (ADI Part 1).
 
-The L per-layer encodings travel concatenated along the token axis as ordinary
+Layers that share an identifier row (``model.row_groups``, :func:`group_layers`) share one
+encoding, computed once per row. The L per-layer encodings travel concatenated along the token axis as ordinary
 ``encoder_hidden_states`` of shape ``[B, L*T, D]``; the processor installed on ``attn2``
 number ``l`` attends to its own slice ``[:, l*T:(l+1)*T]``. Injection is by module path, never
 by call order, so gradient checkpointing, ``torch.compile`` and the stock
@@ -10,7 +11,7 @@ by call order, so gradient checkpointing, ``torch.compile`` and the stock
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from adi_lightning.identifier import IdentifierTokenEmbedding
 
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+#: How cross-attention layers share identifier rows (``model.row_groups``, :func:`group_layers`).
+RowGroups = Literal["layer", "attention", "resolution", "shared"]
+ROW_GROUPS = ("layer", "attention", "resolution", "shared")
 
 
 def _path_key(path: str) -> tuple:
@@ -45,6 +49,60 @@ def cross_attention_layers(unet: nn.Module) -> dict[str, Attention]:
             "Stable Diffusion UNet"
         )
     return {name: found[name] for name in sorted(found, key=_path_key)}
+
+
+def resolve_row_groups(layerwise: bool, row_groups: str | None) -> str:
+    """The effective ``model.row_groups``: ``row_groups`` when given, else ``layer`` (``layerwise``)
+    or ``shared`` (``layerwise: false``, Textual Inversion). ``layerwise: false`` is an alias of
+    ``row_groups: shared``; with any other ``row_groups`` it is refused (ValueError)."""
+    if row_groups is not None and row_groups not in ROW_GROUPS:
+        raise ValueError(f"model.row_groups must be one of {', '.join(ROW_GROUPS)}, got {row_groups!r}")
+    if not layerwise and row_groups not in (None, "shared"):
+        raise ValueError(f"model.layerwise=false means model.row_groups=shared (Textual Inversion) and cannot be "
+                         f"combined with model.row_groups={row_groups}: drop model.layerwise")
+    return row_groups or ("layer" if layerwise else "shared")
+
+
+def _group_key(path: str, row_groups: str, levels: int) -> object:
+    if row_groups == "layer":
+        return path
+    if row_groups == "attention":  # one Transformer2DModel: ``<block>.attentions.<k>``
+        return re.sub(r"\.transformer_blocks\.\d+\.attn2$", "", path)
+    if row_groups == "resolution":  # down i and up levels-1-i run at the same size; mid at the coarsest
+        head, _, rest = path.partition(".")
+        index = int(rest.split(".", 1)[0]) if head != "mid_block" else 0
+        return {"down_blocks": index, "mid_block": levels - 1, "up_blocks": levels - 1 - index}[head]
+    return 0
+
+
+def group_layers(layer_paths: list[str], row_groups: str, levels: int) -> torch.Tensor:
+    """``layer_to_row`` ``[L]`` int64: the identifier row of each ``attn2`` path (rows numbered in
+    order of first use). ``row_groups``: ``layer`` (one row per layer, P+/ADI), ``attention`` (one
+    per attention module: the ``transformer_blocks`` of one Transformer2DModel share it),
+    ``resolution`` (one per UNet resolution level; ``levels`` = ``len(unet.config.block_out_channels)``)
+    or ``shared`` (one row, Textual Inversion)."""
+    if row_groups not in ROW_GROUPS:
+        raise ValueError(f"row_groups must be one of {', '.join(ROW_GROUPS)}, got {row_groups!r}")
+    keys = [_group_key(path, row_groups, levels) for path in layer_paths]
+    rows = {key: row for row, key in enumerate(dict.fromkeys(keys))}
+    return torch.tensor([rows[key] for key in keys], dtype=torch.int64)
+
+
+def layer_rows(layers: int | torch.Tensor, rows: int) -> torch.Tensor:
+    """``layer_to_row`` ``[L]`` from ``layers`` (itself, or an int L: one row per layer when
+    ``rows == L``, one shared row when ``rows == 1``); ValueError when ``rows`` does not fit."""
+    if isinstance(layers, int):
+        if rows not in (1, layers):
+            raise ValueError(f"identifier has {rows} rows; the UNet has {layers} cross-attention layers")
+        return torch.arange(layers) if rows == layers else torch.zeros(layers, dtype=torch.int64)
+    if rows != int(layers.max()) + 1:
+        raise ValueError(f"identifier has {rows} rows; its layer_to_row uses {int(layers.max()) + 1}")
+    return layers
+
+
+def count_layers(layers: int | torch.Tensor) -> int:
+    """L, from an int or a ``layer_to_row`` ``[L]``."""
+    return layers if isinstance(layers, int) else len(layers)
 
 
 class LayerwiseCrossAttnProcessor(nn.Module):
@@ -121,49 +179,49 @@ def encode_layerwise(
     overlay: IdentifierTokenEmbedding,
     input_ids: torch.Tensor,
     rows: torch.Tensor,
-    num_layers: int,
+    layers: int | torch.Tensor,
 ) -> torch.Tensor:
     """Encode each prompt once per identifier row in ONE text-encoder call.
 
     Args:
         input_ids: ``[N, T]`` token ids (the placeholder id marks where the identifier goes).
-        rows: ``[N, R, D]`` identifier rows per prompt: R = num_layers (layer-wise) or 1 (one
-            shared row, Textual Inversion: encoded once and repeated for every layer).
-        num_layers: L, the number of ``attn2`` layers of the UNet.
+        rows: ``[N, R, D]`` identifier rows per prompt (R groups of layers, :func:`group_layers`).
+        layers: ``layer_to_row`` ``[L]`` (the row of each ``attn2`` layer), or L (:func:`layer_rows`).
 
     Returns:
-        ``[N, L*T, D_text]``: the per-row encodings concatenated along the token axis.
+        ``[N, L*T, D_text]``: each layer's row encoding, concatenated along the token axis (the
+        encoding of a row is computed once and reused by every layer of its group).
     """
-    output, r = call_with_rows(text_encoder, overlay, input_ids, rows, num_layers)
-    return spread_over_layers(output[0], r, num_layers)
+    output, r = call_with_rows(text_encoder, overlay, input_ids, rows, layers)
+    return spread_over_layers(output[0], r, layers)
 
 
 def call_with_rows(text_encoder: nn.Module, overlay: IdentifierTokenEmbedding, input_ids: torch.Tensor,
-                   rows: torch.Tensor, num_layers: int, **kwargs) -> tuple[object, int]:
+                   rows: torch.Tensor, layers: int | torch.Tensor, **kwargs) -> tuple[object, int]:
     """``(text_encoder output, R)`` for the ``[N, T]`` prompts each repeated once per identifier
-    row (``rows`` ``[N, R, D]``, R = num_layers or 1), the placeholder embedding as that row: one
+    row (``rows`` ``[N, R, D]``, R fitting ``layers``), the placeholder embedding as that row: one
     encoder call over ``N*R`` prompts, prompt-major. ``kwargs`` go to the encoder."""
     n, r, d = rows.shape
     if n != input_ids.shape[0]:
         raise ValueError(f"{input_ids.shape[0]} prompts but identifier rows for {n}")
-    if r not in (1, num_layers):
-        raise ValueError(f"identifier has {r} rows; the UNet has {num_layers} cross-attention layers")
+    layer_rows(layers, r)
     ids = input_ids.repeat_interleave(r, dim=0)
     with overlay.rows(rows.reshape(n * r, d)):
         return text_encoder(ids, **kwargs), r
 
 
-def spread_over_layers(hidden: torch.Tensor, rows: int, num_layers: int) -> torch.Tensor:
-    """``[N*R, T, C]`` per-row encodings (prompt-major) -> ``[N, L*T, C]`` along the token axis;
-    one shared row (R = 1) is repeated for every layer."""
-    tokens = hidden.shape[1]
-    hidden = hidden.reshape(hidden.shape[0] // rows, rows * tokens, hidden.shape[-1])
-    if rows == 1 and num_layers > 1:
-        hidden = hidden.repeat(1, num_layers, 1)
-    return hidden
+def spread_over_layers(hidden: torch.Tensor, rows: int, layers: int | torch.Tensor) -> torch.Tensor:
+    """``[N*R, T, C]`` per-row encodings (prompt-major) -> ``[N, L*T, C]`` along the token axis,
+    layer l getting its row's encoding (``layer_rows(layers, R)[l]``)."""
+    n, tokens = hidden.shape[0] // rows, hidden.shape[1]
+    index = layer_rows(layers, rows).to(hidden.device)
+    if rows == len(index) and bool((index == torch.arange(rows, device=index.device)).all()):
+        return hidden.reshape(n, rows * tokens, hidden.shape[-1])  # one row per layer: a view
+    hidden = hidden.reshape(n, rows, tokens, hidden.shape[-1]).index_select(1, index)
+    return hidden.reshape(n, len(index) * tokens, hidden.shape[-1])
 
 
-def encode_plain(text_encoder: nn.Module, input_ids: torch.Tensor, num_layers: int) -> torch.Tensor:
+def encode_plain(text_encoder: nn.Module, input_ids: torch.Tensor, layers: int | torch.Tensor) -> torch.Tensor:
     """Encode prompts without the identifier (e.g. the empty negative prompt), repeated L times."""
     hidden = text_encoder(input_ids)[0]
-    return hidden.repeat(1, num_layers, 1)
+    return hidden.repeat(1, count_layers(layers), 1)

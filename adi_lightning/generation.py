@@ -62,9 +62,9 @@ def install_identifier(pipe, identifier_path: str | Path, token: str | None = No
     family = family_of(pipe)
     table, meta = read_identifier(identifier_path)
     layer_paths = list(cross_attention_layers(pipe.unet))
-    rows = rows_for_layers(identifier_path, table, meta, layer_paths, family.identifier_dim)
+    rows, layer_to_row = rows_for_layers(identifier_path, table, meta, layer_paths, family.identifier_dim)
     token = token or meta.get("placeholder_token") or "<A>"
-    text = family.install_text(rows, token, len(layer_paths))
+    text = family.install_text(rows, token, layer_to_row)
     pipe._adi_installed = _Installed(family, text, install_layerwise_processors(pipe.unet))
     return pipe
 

@@ -1,8 +1,8 @@
 """LayerwiseIdentifier: the only trainable tensor, and how it enters the text encoder.
 
-``E`` is an fp32 ``[R, D]`` parameter (R = L layer-wise rows, or 1 shared row for Textual
-Inversion). It reaches the frozen CLIP text encoder through :class:`IdentifierTokenEmbedding`,
-which replaces ``embeddings.token_embedding``: ordinary ids read the frozen vocabulary table,
+``E`` is an fp32 ``[R, D]`` parameter, one row per group of ``attn2`` layers (``model.row_groups``:
+R = L layer-wise rows, ..., or 1 shared row for Textual Inversion). It reaches the frozen CLIP text
+encoder through :class:`IdentifierTokenEmbedding`, which replaces ``embeddings.token_embedding``: ordinary ids read the frozen vocabulary table,
 the placeholder id reads the rows handed in for that call. No vocabulary row can drift and no
 optimizer ever sees the vocabulary.
 """
@@ -174,16 +174,21 @@ def check_initializer_word(word: str, templates=(), subjects=()) -> list[str]:
 class LayerwiseIdentifier(nn.Module):
     """The ``[R, D]`` fp32 identifier table, with the ``attn2`` path of each layer it feeds.
 
-    ``layer_paths`` are the L cross-attention module paths in UNet order; with ``layerwise``
-    each path has its own row (R = L), otherwise all paths share row 0 (R = 1, Textual Inversion).
+    ``layer_paths`` are the L cross-attention module paths in UNet order; ``layer_to_row`` ``[L]``
+    gives each its row (:func:`adi_lightning.conditioning.group_layers`; None: one row per layer),
+    ``row_groups`` names that grouping (saved with the file).
     """
 
-    def __init__(self, init: torch.Tensor, layer_paths: list[str], layerwise: bool = True):
+    def __init__(self, init: torch.Tensor, layer_paths: list[str], layer_to_row: torch.Tensor | None = None,
+                 row_groups: str = "layer"):
         super().__init__()
-        rows = len(layer_paths) if layerwise else 1
         self.layer_paths = list(layer_paths)
-        self.layerwise = layerwise
-        self.embedding = nn.Parameter(init.detach().float().reshape(1, -1).repeat(rows, 1).contiguous())
+        self.row_groups = row_groups
+        rows = torch.arange(len(layer_paths)) if layer_to_row is None else layer_to_row.to(torch.int64).cpu()
+        if rows.shape != (len(layer_paths),) or sorted(set(rows.tolist())) != list(range(int(rows.max()) + 1)):
+            raise ValueError(f"layer_to_row {rows.tolist()} does not number {len(layer_paths)} layers' rows 0..R-1")
+        self._layer_to_row = rows
+        self.embedding = nn.Parameter(init.detach().float().reshape(1, -1).repeat(int(rows.max()) + 1, 1).contiguous())
         # The untrained table, for "what does the initializer alone draw" baselines (not saved).
         self.register_buffer("initial", self.embedding.detach().clone(), persistent=False)
 
@@ -200,21 +205,22 @@ class LayerwiseIdentifier(nn.Module):
         return self.embedding.shape[1]
 
     def layer_to_row(self) -> torch.Tensor:
-        if self.layerwise:
-            return torch.arange(self.num_layers, dtype=torch.int64)
-        return torch.zeros(self.num_layers, dtype=torch.int64)
+        """``[L]`` int64: the row of each layer of :attr:`layer_paths`."""
+        return self._layer_to_row.clone()
 
     def load(self, path: str | Path, dim: int) -> None:
-        """Copy the rows of an identifier file into the table, mapped by ``attn2`` path
-        (:func:`rows_for_layers`; ``dim``: the pipeline's row width D). ValueError when the file
-        does not fit these layers, this width or this row count (layer-wise or not)."""
+        """Take the rows and grouping of an identifier file, mapped by ``attn2`` path
+        (:func:`rows_for_layers`; ``dim``: the pipeline's row width D): a file saved with another
+        ``row_groups`` replaces this table's shape and grouping (e.g. for generation; ``fit``
+        refuses that, :func:`adi_lightning.checks.check_identifier_grouping`). ValueError when the
+        file does not fit these layers or this width."""
         table, meta = read_identifier(path)
-        rows = rows_for_layers(path, table, meta, self.layer_paths, dim)
-        if rows.shape[0] != self.num_rows:
-            raise ValueError(
-                f"identifier {path} has {rows.shape[0]} rows but model.layerwise="
-                f"{self.layerwise} needs {self.num_rows}"
-            )
+        rows, layer_to_row = rows_for_layers(path, table, meta, self.layer_paths, dim)
+        if rows.shape != self.embedding.shape or not torch.equal(layer_to_row, self._layer_to_row):
+            self.embedding = nn.Parameter(rows.clone().to(self.embedding.device))
+            self.initial = self.initial[:1].repeat(rows.shape[0], 1)
+            self._layer_to_row = layer_to_row
+        self.row_groups = meta.get("row_groups") or ("layer" if rows.shape[0] > 1 else "shared")
         with torch.no_grad():
             self.embedding.copy_(rows)
 
@@ -232,7 +238,8 @@ class LayerwiseIdentifier(nn.Module):
             "num_layers": str(self.num_layers),
             "num_rows": str(self.num_rows),
             "dim": str(self.dim),
-            "layerwise": json.dumps(self.layerwise),
+            "layerwise": json.dumps(self.num_rows > 1),
+            "row_groups": self.row_groups,
             "layer_paths": json.dumps(self.layer_paths),
             **{k: str(v) for k, v in metadata.items()},
         }
@@ -264,8 +271,10 @@ def read_identifier(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     return table, meta
 
 
-def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str], layer_paths: list[str], dim: int) -> torch.Tensor:
-    """Order a saved table for a pipeline, mapping rows by ``attn2`` module path.
+def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str], layer_paths: list[str],
+                    dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [R, D], layer_to_row [L])`` of a saved table for a pipeline whose ``attn2`` paths are
+    ``layer_paths``: each layer gets the row the file stores for its path (rows in the file's order).
 
     Refuses a pipeline whose cross-attention paths or text width differ from the file's, naming
     the file and the base model it was learned on (its ``base_model`` metadata).
@@ -282,9 +291,16 @@ def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str],
             f"{name} was learned for {len(saved_paths)} cross-attention layers that do "
             f"not match this pipeline's {len(layer_paths)} ('attn2' module paths differ)"
         )
-    if table.shape[0] not in (1, len(saved_paths)):
-        raise ValueError(f"identifier {path} has {table.shape[0]} rows for {len(saved_paths)} layers")
-    if table.shape[0] == 1:
-        return table
+    with safe_open(str(path), framework="pt") as handle:
+        saved_rows = handle.get_tensor(LAYER_ROW_KEY).long() if LAYER_ROW_KEY in handle.keys() else None
+    if saved_rows is None and table.shape[0] in (1, len(saved_paths)):  # files without layer_to_row
+        saved_rows = torch.arange(len(saved_paths)) if table.shape[0] > 1 else torch.zeros(len(saved_paths)).long()
+    if saved_rows is None or saved_rows.shape != (len(saved_paths),) \
+            or set(saved_rows.tolist()) != set(range(table.shape[0])):
+        raise ValueError(f"identifier {path} has {table.shape[0]} rows that its layer_to_row does not map onto "
+                         f"its {len(saved_paths)} layers")
     index = {p: i for i, p in enumerate(saved_paths)}
-    return table[[index[p] for p in layer_paths]]
+    layer_rows = saved_rows[[index[p] for p in layer_paths]].tolist()
+    order = list(dict.fromkeys(layer_rows))  # rows renumbered in order of first use, as group_layers numbers them
+    renumber = {row: new for new, row in enumerate(order)}
+    return table[order], torch.tensor([renumber[row] for row in layer_rows], dtype=torch.int64)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from adi_lightning import backbone as bb
 from adi_lightning import generation
-from adi_lightning.conditioning import cross_attention_layers, install_layerwise_processors
-from adi_lightning.checks import check_data_fits_model, check_model_settings
+from adi_lightning.conditioning import (RowGroups, cross_attention_layers, group_layers, install_layerwise_processors,
+                                        resolve_row_groups)
+from adi_lightning.checks import check_data_fits_model, check_identifier_grouping, check_model_settings
 from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
 from adi_lightning.identifier import LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
@@ -42,13 +43,15 @@ class ADIModule(L.LightningModule):
         pretrained_model_name_or_path: A local diffusers pipeline folder or a hub id (hub ids need
             the weights in the local cache when offline); its ``model_index.json`` picks the backbone
             family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
-        placeholder_token: The identifier string used in prompts; must not already exist in the
-            vocabulary nor be a word of the prompt templates.
+        placeholder_token: The identifier string used in prompts; not in the vocabulary nor a template word.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
             word ("standing"), never a subject noun ("person" makes "a cat <A>" start as "a cat
             person", a human; a warning names such words at setup).
-        layerwise: One row per cross-attention layer (P+ / ADI). False: one shared row for all
-            layers, i.e. Textual Inversion.
+        layerwise: One row per cross-attention layer (P+ / ADI). False: an alias of ``row_groups: shared``
+            (Textual Inversion), refused with any other ``row_groups``.
+        row_groups: How ``attn2`` layers share identifier rows (one text encoding per row, :func:`~adi_lightning.
+            conditioning.group_layers`): ``layer``, ``attention`` (per attention module), ``resolution`` (per UNet
+            level) or ``shared`` (TI). None (default): ``layer``, or ``shared`` with ``layerwise: false``.
         mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test.
             1.0 turns masking off (then only the target action's images are needed).
         mask_combine: How the context test and the action test combine into the mask.
@@ -62,12 +65,10 @@ class ADIModule(L.LightningModule):
             anchor's and the context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
-        timestep_sampling: ``importance`` (the default: favours large t, where layout and pose
-            form, with ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al. 2023; on the toy
-            jump it learned on 5 of 6 dev seeds where ``uniform`` learned on 1 of 6, README
-            "ActionBench-toy"), ``uniform`` over the training timesteps, or ``cubic``
-            (t = (1 - u^3) T for uniform u: most draws at large t, as diffusers' SDXL LoRA
-            scripts' cubic sampling).
+        timestep_sampling: ``importance`` (default: favours large t, where layout and pose form, with
+            ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al. 2023; toy jump: learned on 5 of 6 dev seeds,
+            ``uniform`` on 1 of 6, README "ActionBench-toy"), ``uniform``, or ``cubic`` (t = (1 - u^3) T for
+            uniform u, as diffusers' SDXL LoRA scripts).
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
             identifier and its gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
@@ -80,22 +81,17 @@ class ADIModule(L.LightningModule):
         judge: Names the action, subject and every appearance factor it sees in validation / test images (e.g.
             ``adi_lightning.evaluation.ToyJudge``, or ``CLIPJudge`` for real data); with
             ``data.eval_subjects`` this gives action / subject accuracy and leak rates.
-        cache_latents: Encode each exemplar (per image and flip) with the VAE once and reuse the
-            latent (exact: each image is encoded alone with the deterministic ``latent_dist.mode()``, so its
-            latent does not depend on the batch it first came in). The cache lives in
-            the module, keyed by the ``image_key``/``flip`` of the batch, so it works with DDP and
-            DataLoader workers; about 64 KiB per image at 512 px (SD 1.x), on the training device.
-        share_text_encoding: Encode each triple's prompt once instead of once per member (the
-            three share prompt and identifier), with one backward VJP per member, so the
-            per-sample identifier gradients stay exact. Saves 2/3 of the text-encoder forward
-            passes of ADI triples; no effect on TI / P+ (one image per item).
-        channels_last: Put the UNet and its inputs in channels-last memory format (faster
-            convolutions on GPUs with tensor cores, usually slower on CPU).
-        compile_unet: ``torch.compile`` the UNet for training forwards (GPU; the first steps
-            compile). Layer routing is by module, so compiled graphs keep every layer's row.
-        gradient_checkpointing: Activation checkpointing in the UNet and the text encoder (the
-            libraries' own, non-reentrant): less memory, about one more forward per step. The
-            identifier gradient is unchanged.
+        cache_latents: Encode each exemplar (per image and flip) with the VAE once and reuse the latent
+            (exact: each image alone, with the deterministic ``latent_dist.mode()``). The cache lives in the
+            module, keyed by the batch's ``image_key``/``flip`` (works with DDP and DataLoader workers);
+            about 64 KiB per image at 512 px (SD 1.x), on the training device.
+        share_text_encoding: Encode each triple's prompt once instead of once per member (the three share
+            prompt and identifier), with one backward VJP per member, so the per-sample identifier gradients
+            stay exact. Saves 2/3 of ADI's text-encoder forwards; no effect on TI / P+ (one image per item).
+        channels_last: The UNet and its inputs in channels-last memory format (faster on tensor-core GPUs).
+        compile_unet: ``torch.compile`` the UNet for training forwards (GPU); routing is by module, so it keeps rows.
+        gradient_checkpointing: Activation checkpointing in the UNet and the text encoder (the libraries'
+            own, non-reentrant): less memory, about one more forward per step; the same identifier gradient.
     """
 
     def __init__(
@@ -104,6 +100,7 @@ class ADIModule(L.LightningModule):
         placeholder_token: str = "<A>",
         initializer_token: str = "standing",
         layerwise: bool = True,
+        row_groups: RowGroups | None = None,
         mask_threshold: float = 0.5,
         mask_combine: MaskCombine = "and",
         mask_statistic: MaskStatistic = "projection",
@@ -145,8 +142,10 @@ class ADIModule(L.LightningModule):
 
         self.placeholder_id = self.family.add_placeholder(placeholder_token)
         install_layerwise_processors(self.unet)
-        layer_paths = list(cross_attention_layers(self.unet))
-        self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths, layerwise)
+        layer_paths, self.row_groups = list(cross_attention_layers(self.unet)), resolve_row_groups(
+            layerwise, row_groups)  # the configured grouping; a loaded file's may differ (checked at fit)
+        self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths, group_layers(
+            layer_paths, self.row_groups, len(self.unet.config.block_out_channels)), self.row_groups)
         if identifier_path:
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
@@ -201,6 +200,7 @@ class ADIModule(L.LightningModule):
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
         self.family.add_placeholder(self.hparams.placeholder_token, templates)
         check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from)
+        check_identifier_grouping(stage, self.identifier, self.row_groups)
         if datamodule is not None:
             check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
@@ -211,7 +211,8 @@ class ADIModule(L.LightningModule):
                 "stage": stage,
                 "backbone": vars(self.info),
                 "identifier": {"rows": self.identifier.num_rows, "dim": self.identifier.dim,
-                               "layer_paths": self.identifier.layer_paths},
+                               "row_groups": self.identifier.row_groups, "layer_paths": self.identifier.layer_paths,
+                               "layer_to_row": self.identifier.layer_to_row().tolist()},
                 "packages": package_versions(),
                 "git_revision": git_revision(),
             })
@@ -306,7 +307,7 @@ class ADIModule(L.LightningModule):
             per_sample.register_hook(self._record_role_grads(batch_size, roles))
         shared = roles if self.hparams.share_text_encoding else 1
         features = self.family.encode(self.family.tokenize(prompts, latents.device), per_sample,
-                                      self.identifier.num_layers, shared)
+                                      self.identifier.layer_to_row(), shared)
         # Not self.unet.dtype: diffusers' dtype property walks every submodule (about 3 ms a call).
         unet_dtype = next(self.unet.parameters()).dtype
         conditioning = self.family.unet_inputs(features, unet_dtype, tuple(pixels.shape[-2:]))
@@ -359,7 +360,7 @@ class ADIModule(L.LightningModule):
         replaces the learned identifier (e.g. ``identifier.initial``, the untrained one)."""
         table = self.identifier.embedding if table is None else table
         return self.family.prompt_inputs(prompts, table.unsqueeze(0).expand(len(prompts), *table.shape),
-                                         self.identifier.num_layers, self.unet.dtype)
+                                         self.identifier.layer_to_row(), self.unet.dtype)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], table: torch.Tensor | None = None):

@@ -28,7 +28,7 @@ GROUP_FILES = ("--config", "-c", "--model", "--data", "--trainer")
 # Lightning resolves these ckpt_path values itself; they are not files to read settings from.
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 # Model keys a checkpoint fixes: a typed value that differs is refused, with the reason.
-UNCHANGEABLE = {"layerwise": "it sets the identifier's row count"}
+UNCHANGEABLE = {"layerwise": "it sets the identifier's row count", "row_groups": "it sets the identifier's rows"}
 BACKBONE = "pretrained_model_name_or_path"
 
 
@@ -184,7 +184,7 @@ def find(argv: list[str], ckpt_path: str | None = None) -> CheckpointSettings | 
 
 def check_identifier_fits(checkpoint: dict, identifier) -> None:
     """Refuse a checkpoint whose identifier does not fit this model (another backbone's layers or
-    width, or another ``model.layerwise``), naming the difference."""
+    width, or another ``model.layerwise`` / ``model.row_groups``), naming the difference."""
     table = checkpoint.get("state_dict", {}).get("identifier.embedding")
     if table is None:
         raise ValueError("the checkpoint holds no identifier ('identifier.embedding'): not an adi-lightning checkpoint")
@@ -193,7 +193,7 @@ def check_identifier_fits(checkpoint: dict, identifier) -> None:
         raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
     if tuple(table.shape) != (identifier.num_rows, identifier.dim):
         raise ValueError(f"the checkpoint's identifier is {tuple(table.shape)} (rows, width) but this pipeline and "
-                         f"model.layerwise need {(identifier.num_rows, identifier.dim)}")
+                         f"model.row_groups need {(identifier.num_rows, identifier.dim)}")
 
 
 def rng_states_for_checkpoint() -> dict:

@@ -14,8 +14,13 @@ backward of the same batch shape, timed alone.
     python benchmarks/step_time.py --pipeline .cache/toy/pipeline --resolution 64
     python benchmarks/step_time.py --sd15-shaped --resolution 64 --steps 3
     python benchmarks/step_time.py --device cuda --sd15-shaped --resolution 512 --precision bf16-mixed
+    python benchmarks/step_time.py --sdxl-shaped --steps 3 --rounds 1   # TI, and P+ / ADI per row grouping
 
-The last line is machine readable: ``adi_over_pplus_step_time=<ratio>``.
+``--sdxl-shaped`` builds an SDXL-topology pipeline (:func:`build_sdxl_shaped`) and runs TI and, for
+each ``model.row_groups`` in ``--row-groups`` (on CPU only groupings of at most 16 rows), P+ and ADI.
+
+The last line is machine readable: ``adi_over_pplus_step_time=<ratio>`` (the first grouping's with
+``--sdxl-shaped``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,21 @@ METHODS = {
     "adi_unshared": (dict(layerwise=True, mask_threshold=0.5, share_text_encoding=False), 3),
 }
 LABELS = {"ti": "TI", "pplus": "P+", "adi": "ADI", "adi_unshared": "ADI (unshared text enc.)"}
+# SDXL base topology (stabilityai/stable-diffusion-xl-base-1.0 unet: 70 attn2 layers in 3 levels) at
+# tiny widths; text encoders 1/8 of CLIP ViT-L (768) / OpenCLIP bigG (1280) wide and 4 layers deep
+# (not 12 / 32: the real sizes take minutes per step on 2 CPU cores).
+SDXL_SHAPED = dict(transformer_layers_per_block=(1, 2, 10), layers_per_block=2, unet_channels=(32, 64, 128),
+                   text_widths=(96, 160), projection_dim=160, text_layers=4, text_heads=4, sample_size=64)
+CPU_MAX_ROWS = 16
+
+
+def method_spec(name: str) -> tuple[dict, int, str]:
+    """``(model overrides, images per item, label)`` of ``METHOD`` or ``METHOD:ROW_GROUPS``."""
+    method, _, row_groups = name.partition(":")
+    overrides, roles = METHODS[method]
+    if not row_groups:
+        return overrides, roles, LABELS[method]
+    return {**overrides, "layerwise": True, "row_groups": row_groups}, roles, f"{LABELS[method]} [{row_groups}]"
 
 # Stable Diffusion 1.5 config values (runwayml/stable-diffusion-v1-5: unet, vae, text_encoder).
 SD15_UNET = dict(
@@ -96,6 +116,28 @@ def build_sd15_shaped(out: Path) -> Path:
     return out
 
 
+def build_sdxl_shaped(out: Path) -> Path:
+    """An SDXL-topology pipeline folder with random weights (:data:`SDXL_SHAPED`)."""
+    from adi_lightning.tiny.sdxl import build_tiny_sdxl_pipeline
+
+    return out if (out / "model_index.json").is_file() else build_tiny_sdxl_pipeline(out, **SDXL_SHAPED)
+
+
+def groupings_that_fit(pipeline: str, groupings: list[str], device: str) -> list[str]:
+    """``groupings`` whose row count fits the device (CPU: at most :data:`CPU_MAX_ROWS` rows)."""
+    from diffusers import UNet2DConditionModel
+
+    from adi_lightning.conditioning import cross_attention_layers, group_layers
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet")
+    paths = list(cross_attention_layers(unet))
+    rows = {g: int(group_layers(paths, g, len(unet.config.block_out_channels)).max()) + 1 for g in groupings}
+    for g, r in rows.items():
+        print(f"# row_groups={g}: {r} rows for {len(paths)} layers" + (
+            f" (skipped on CPU: more than {CPU_MAX_ROWS})" if device == "cpu" and r > CPU_MAX_ROWS else ""))
+    return [g for g in groupings if device != "cpu" or rows[g] <= CPU_MAX_ROWS]
+
+
 # ------------------------------------------------------------------------------------ worker
 def _sync(device: str) -> None:
     if device == "cuda":
@@ -122,7 +164,7 @@ def _text_encoder_time(module, items: int, roles: int, precision: str, device: s
             if module.masking_enabled:
                 rows.register_hook(lambda g: None)
             shared = roles if module.hparams.share_text_encoding else 1
-            features = module.family.encode(ids, rows, module.identifier.num_layers, shared)
+            features = module.family.encode(ids, rows, module.identifier.layer_to_row(), shared)
         sum(f.float().square().mean() for f in features).backward()
         _sync(device)
         times.append(time.perf_counter() - start)
@@ -137,7 +179,7 @@ def worker(args) -> dict:
     from adi_lightning.data import ActionTripleDataModule
     from adi_lightning.module import ADIModule
 
-    overrides, roles = METHODS[args.worker]
+    overrides, roles, _ = method_spec(args.worker)
     items = args.batch if roles == 3 else 3 * args.batch  # the same images per step for every method
     torch.manual_seed(0)
     module = ADIModule(
@@ -181,7 +223,7 @@ def worker(args) -> dict:
     module.to("cuda" if args.device == "cuda" else "cpu")  # Lightning's teardown moved it to the CPU
     text = _text_encoder_time(module, items, roles, args.precision, args.device, args.text_reps)
     result = {
-        "method": args.worker, "items_per_step": items, "images_per_step": items * roles,
+        "method": args.worker, "rows": module.identifier.num_rows, "items_per_step": items, "images_per_step": items * roles,
         "step_s": steps, "wall_s": walls, "text_encoder_s": text,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_max_alloc_mib": cuda_peak,
@@ -198,6 +240,11 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 
 def _prepare(args, work: Path) -> None:
+    if args.sdxl_shaped:
+        if args.pipeline or args.sd15_shaped:
+            raise SystemExit("--sdxl-shaped builds its own pipeline; give no --pipeline or --sd15-shaped with it")
+        print(f"# building an SDXL-shaped random-weight pipeline in {work / 'sdxl'} ...", flush=True)
+        args.pipeline = str(build_sdxl_shaped(work / "sdxl"))
     if args.sd15_shaped:
         if args.pipeline:
             raise SystemExit("--sd15-shaped builds its own pipeline; give --pipeline or --sd15-shaped, not both")
@@ -210,6 +257,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", help="diffusers pipeline folder (default: the tiny test pipeline, built in a temp dir)")
     parser.add_argument("--sd15-shaped", action="store_true", help="build an SD-1.5-shaped UNet/VAE/text encoder with random weights")
+    parser.add_argument("--sdxl-shaped", action="store_true",
+                        help="build an SDXL-topology pipeline (random weights, tiny widths) and compare row groupings")
+    parser.add_argument("--row-groups", default="layer,attention,resolution,shared",
+                        help="model.row_groups values for --sdxl-shaped (CPU: those of at most 16 rows)")
     parser.add_argument("--sd15-dir", help="where --sd15-shaped builds (reused when it exists; default: a temp dir)")
     parser.add_argument("--data", help="action folder (default: the tiny action folder, built in a temp dir)")
     parser.add_argument("--action", default="jumping")
@@ -231,7 +282,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--methods", default="ti,pplus,adi,adi_unshared", help=f"comma list of {list(METHODS)}")
     parser.add_argument("--json", help="also write all results to this file")
-    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -244,11 +295,14 @@ def main(argv=None) -> None:
 
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = set(methods) - set(METHODS)
-    if unknown or not {"adi", "pplus"} <= set(methods):
+    if not args.sdxl_shaped and (unknown or not {"adi", "pplus"} <= set(methods)):
         raise SystemExit(f"--methods must name adi and pplus (and may name {list(METHODS)}); got {methods}")
     with tempfile.TemporaryDirectory(prefix="adi-bench-") as tmp:
         work = Path(tmp)
         _prepare(args, work)
+        if args.sdxl_shaped:  # P+ with one shared row is TI
+            groupings = groupings_that_fit(args.pipeline, [g.strip() for g in args.row_groups.split(",")], args.device)
+            methods = ["ti"] + [f"{m}:{g}" for g in groupings for m in ("pplus", "adi") if (m, g) != ("pplus", "shared")]
         results: dict[str, dict] = {}
         order = []
         for round_index in range(args.rounds):
@@ -262,7 +316,7 @@ def main(argv=None) -> None:
             for flag in ("compile", "channels_last", "gradient_checkpointing", "no_cache_latents"):
                 if getattr(args, flag):
                     cmd.append(f"--{flag.replace('_', '-')}")
-            print(f"# {LABELS[method]} (run {run_index + 1}/{len(order)}) ...", flush=True)
+            print(f"# {method_spec(method)[2]} (run {run_index + 1}/{len(order)}) ...", flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
@@ -281,7 +335,8 @@ def main(argv=None) -> None:
 
     threads = results[methods[0]]["threads"]
     print()
-    print(f"pipeline={args.pipeline if not args.sd15_shaped else 'SD-1.5-shaped (random weights)'} "
+    shaped = "SD-1.5-shaped" if args.sd15_shaped else f"SDXL-shaped {SDXL_SHAPED}" if args.sdxl_shaped else None
+    print(f"pipeline={f'{shaped} (random weights)' if shaped else args.pipeline} "
           f"resolution={args.resolution} batch={args.batch} triples (= {3 * args.batch} images/step) "
           f"precision={args.precision} compile={args.compile} channels_last={args.channels_last} "
           f"grad_ckpt={args.gradient_checkpointing} cache_latents={not args.no_cache_latents}")
@@ -290,7 +345,7 @@ def main(argv=None) -> None:
           f"load average={os.getloadavg()[0]:.2f} date={time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
           f"steps={args.steps} after {args.warmup} warm-up, x{args.rounds} rounds")
     memory_label = "CUDA max alloc MiB" if args.device == "cuda" else "peak RSS MiB"
-    header = f"{'method':<26}{'step median s':>14}{'min':>9}{'max':>9}{'images/s':>10}{'text enc share':>16}{memory_label:>20}"
+    header = f"{'method':<28}{'rows':>5}{'step median s':>14}{'min':>9}{'max':>9}{'images/s':>10}{'text enc share':>16}{memory_label:>20}"
     print(header)
     print("-" * len(header))
     medians = {}
@@ -300,7 +355,7 @@ def main(argv=None) -> None:
         medians[method] = median
         memory = r["cuda_max_alloc_mib"] if args.device == "cuda" else r["peak_rss_mib"]
         share = r["text_encoder_s"] / median
-        print(f"{LABELS[method]:<26}{median:>14.4f}{low:>9.4f}{high:>9.4f}{r['images_per_step'] / median:>10.2f}"
+        print(f"{method_spec(method)[2]:<28}{r['rows']:>5}{median:>14.4f}{low:>9.4f}{high:>9.4f}{r['images_per_step'] / median:>10.2f}"
               f"{share:>15.0%} {memory:>19.0f}")
     print()
     if args.device == "cuda" and args.sd15_shaped:
@@ -314,12 +369,15 @@ def main(argv=None) -> None:
             tflop = images * SD15_UNET_TFLOP_512 * scale + (forwards + prompts) / 2 * SD15_TEXT_TFLOP_PROMPT
             mfu = tflop / medians[method] / 989.0  # H100 SXM dense bf16 peak, TFLOP/s
             print(f"MFU estimate {LABELS[method]}: {tflop:.3f} TFLOP/step -> {mfu:.1%} of 989 TFLOP/s (H100 bf16 dense)")
+    suffixes = [m.partition(":")[1:] for m in methods if m.startswith("adi:")] or [("", "")]
+    pairs = [(f"adi{c}{g}", f"pplus{c}{g}") for c, g in suffixes if f"pplus{c}{g}" in medians]
     if "ti" in medians:
-        print(f"ADI/TI step time = {medians['adi'] / medians['ti']:.3f}")
+        print(f"ADI/TI step time = {medians[pairs[0][0]] / medians['ti']:.3f}")
     if "adi_unshared" in medians:
         print(f"ADI (unshared text encoder)/P+ step time = {medians['adi_unshared'] / medians['pplus']:.3f}")
-    ratio = medians["adi"] / medians["pplus"]
-    print(f"ADI/P+ step time = {ratio:.3f} (target <= 1.15)")
+    for adi, pplus in pairs:
+        print(f"{method_spec(adi)[2]}/P+ step time = {medians[adi] / medians[pplus]:.3f} (target <= 1.15)")
+    ratio = medians[pairs[0][0]] / medians[pairs[0][1]]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"adi_over_pplus_step_time={ratio:.4f}")

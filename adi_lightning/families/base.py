@@ -8,7 +8,8 @@ implementation from the pipeline folder's ``model_index.json`` (``_class_name``)
 :class:`~adi_lightning.module.ADIModule`, the callbacks, the data and the masking math never ask
 which family they hold.
 
-Shapes used throughout: ``N`` prompts, ``L`` cross-attention layers, ``R`` identifier rows (L or 1),
+Shapes used throughout: ``N`` prompts, ``L`` cross-attention layers, ``R`` identifier rows (one per
+group of layers, ``model.row_groups``; ``layers`` arguments are the ``layer_to_row`` ``[L]`` or L),
 ``T`` tokens per prompt, ``D`` the identifier's row width (the sum of the text encoders' widths:
 one vector per text encoder per row, in :attr:`BackboneFamily.text_parts` order).
 """
@@ -128,22 +129,22 @@ class BackboneFamily:
         """Token ids ``[N, ...]`` of every tokenizer, padded to ``model_max_length``."""
         raise NotImplementedError
 
-    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int) -> Features:
+    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:
         """Text features of :meth:`tokenize` ids with the identifier ``rows`` ``[N, R, D]`` at the
         placeholder (None: plain prompts), each layer-wise (the L encodings along the token axis)."""
         raise NotImplementedError
 
-    def encode(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int, roles: int = 1) -> Features:
+    def encode(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor, roles: int = 1) -> Features:
         """:meth:`encode_text`; with ``roles > 1``, consecutive groups of ``roles`` prompts are equal
         (a triple's members) and are encoded once (:func:`adi_lightning.speed.encode_shared`, exact)."""
         from adi_lightning import speed
 
-        encode = partial(self.encode_text, num_layers=num_layers)
+        encode = partial(self.encode_text, layers=layers)
         return speed.encode_shared(encode, ids, rows, roles) if roles > 1 else encode(ids, rows)
 
-    def negative(self, count: int, num_layers: int, device: torch.device | None = None) -> Features:
+    def negative(self, count: int, layers: int | torch.Tensor, device: torch.device | None = None) -> Features:
         """Features of the unconditional (empty) prompt, as the stock pipeline makes them."""
-        return self.encode_text(self.tokenize([""] * count, device), None, num_layers)
+        return self.encode_text(self.tokenize([""] * count, device), None, layers)
 
     def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
         """Keyword arguments of ``UNet2DConditionModel.forward`` for training images of ``size`` px."""
@@ -153,7 +154,7 @@ class BackboneFamily:
         """``prompt_embeds``-style keyword arguments of the stock pipeline's ``__call__``."""
         raise NotImplementedError
 
-    def prompt_inputs(self, prompts: list[str], rows: torch.Tensor | None, num_layers: int, dtype: torch.dtype) -> dict:
+    def prompt_inputs(self, prompts: list[str], rows: torch.Tensor | None, layers: int | torch.Tensor, dtype: torch.dtype) -> dict:
         """Stock-pipeline inputs (each ``[N, ...]``) for ``prompts`` with the identifier ``rows``
         ``[N, R, D]`` (None: plain prompts) and the family's unconditional prompt. Raises ValueError for
         a prompt whose identifier would be cut off or is joined to a word
@@ -165,8 +166,8 @@ class BackboneFamily:
             placeholder_id = self.overlay.placeholder_id
             token = self.tokenizer.convert_ids_to_tokens(placeholder_id)
             check_identifier_prompts(self.tokenizer, token, placeholder_id, prompts, "prompt")
-        features = self.encode_text(self.tokenize(prompts, device), rows, num_layers)
-        return self.pipeline_inputs(features, self.negative(len(prompts), num_layers, device), dtype)
+        features = self.encode_text(self.tokenize(prompts, device), rows, layers)
+        return self.pipeline_inputs(features, self.negative(len(prompts), layers, device), dtype)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -185,12 +186,12 @@ class BackboneFamily:
         return pipe
 
     def layerwise_text_encoder(self, index: int, encoder: nn.Module, rows: torch.Tensor, placeholder_id: int,
-                               num_layers: int) -> nn.Module:
+                               layers: int | torch.Tensor) -> nn.Module:
         """A stand-in for text encoder ``index`` of a stock pipeline that turns placeholder prompts
         into layer-wise features, with ``rows`` ``[R, D_index]`` its part of the identifier."""
         raise NotImplementedError
 
-    def install_text(self, rows: torch.Tensor, token: str, num_layers: int) -> dict:
+    def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
         """Install the identifier ``rows`` ``[R, D]`` into ``self.pipe``'s text side: a copy of each
         tokenizer with ``token`` added, the overlay, and each text encoder replaced by
         :meth:`layerwise_text_encoder`. Returns what :meth:`remove_text` restores."""
@@ -204,7 +205,7 @@ class BackboneFamily:
             install_overlay(encoder, placeholder_id)
             setattr(self.pipe, tokenizer_name, tokenizer)
             setattr(self.pipe, encoder_name, self.layerwise_text_encoder(
-                index, encoder, part_rows.to(encoder.device), placeholder_id, num_layers))
+                index, encoder, part_rows.to(encoder.device), placeholder_id, layers))
         return saved
 
     def remove_text(self, saved: dict) -> None:

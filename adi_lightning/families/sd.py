@@ -23,12 +23,12 @@ class LayerwiseTextEncoder(nn.Module):
     prompts (e.g. the negative prompt) are encoded once and repeated for every layer.
     """
 
-    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, num_layers: int):
+    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, layers: int | torch.Tensor):
         super().__init__()
         self.text_encoder = text_encoder
         self.register_buffer("table", table.detach().float().clone(), persistent=False)
         self.placeholder_id = placeholder_id
-        self.num_layers = num_layers
+        self.layers = layers
 
     @property
     def config(self):
@@ -51,9 +51,9 @@ class LayerwiseTextEncoder(nn.Module):
         if bool((input_ids == self.placeholder_id).any()):
             rows = self.table.unsqueeze(0).expand(input_ids.shape[0], *self.table.shape)
             overlay = self.text_encoder.embeddings.token_embedding
-            hidden = encode_layerwise(self.text_encoder, overlay, input_ids, rows, self.num_layers)
+            hidden = encode_layerwise(self.text_encoder, overlay, input_ids, rows, self.layers)
         else:
-            hidden = encode_plain(self.text_encoder, input_ids, self.num_layers)
+            hidden = encode_plain(self.text_encoder, input_ids, self.layers)
         return BaseModelOutputWithPooling(last_hidden_state=hidden)
 
 
@@ -71,12 +71,12 @@ class StableDiffusionFamily(BackboneFamily):
         """``[N, T]`` (:func:`adi_lightning.conditioning.tokenize`)."""
         return tokenize(self.tokenizer, prompts, device)
 
-    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int) -> Features:
+    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:
         """``(context [N, L*T, D],)``: the last hidden state, as ``StableDiffusionPipeline``."""
         (encoder,) = self.text_encoders
         if rows is None:
-            return (encode_plain(encoder, ids, num_layers),)
-        return (encode_layerwise(encoder, self.overlay, ids, rows, num_layers),)
+            return (encode_plain(encoder, ids, layers),)
+        return (encode_layerwise(encoder, self.overlay, ids, rows, layers),)
 
     def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
         return {"encoder_hidden_states": features[0].to(dtype)}
@@ -84,5 +84,5 @@ class StableDiffusionFamily(BackboneFamily):
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         return {"prompt_embeds": features[0].to(dtype), "negative_prompt_embeds": negative[0].to(dtype)}
 
-    def layerwise_text_encoder(self, index, encoder, rows, placeholder_id, num_layers) -> nn.Module:
-        return LayerwiseTextEncoder(encoder, rows, placeholder_id, num_layers)
+    def layerwise_text_encoder(self, index, encoder, rows, placeholder_id, layers) -> nn.Module:
+        return LayerwiseTextEncoder(encoder, rows, placeholder_id, layers)

@@ -7,11 +7,11 @@ hidden state (``hidden_states[-2]``); the UNet context is both concatenated on c
 and six time ids (original size, crop top-left, target size) enter through ``added_cond_kwargs``.
 
 Layer-wise (ADI / P+): an identifier row is ``[D1 + D2]``, one vector per text encoder; layer l's
-context is both encoders' encodings with row l, ``[N, L*T, D1 + D2]`` along the token axis as for
-SD. The pooled embedding is global (added to the time embedding of every ResNet), so it cannot be
-per layer: it is the pooled encoding with the row of ONE layer, :func:`pooled_layer_index` (the
-first mid-block cross-attention layer, where the UNet is at its coarsest; the middle layer in path
-order if there is no mid block). That row trains through both its layer's context and the pooled
+context is both encoders' encodings with layer l's row (``model.row_groups``), ``[N, L*T, D1 + D2]``
+along the token axis as for SD. The pooled embedding is global (added to the time embedding of
+every ResNet), so it cannot be per layer: it is the pooled encoding with the row of ONE layer,
+:func:`pooled_layer_index` (the first mid-block cross-attention layer, where the UNet is at its coarsest; the middle layer in path
+order if there is no mid block). That row trains through both its group's contexts and the pooled
 embedding. Textual Inversion (one shared row) uses that row everywhere.
 
 Stock-pipeline details kept on both paths: ``force_zeros_for_empty_prompt`` (the unconditional
@@ -27,7 +27,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
-from adi_lightning.conditioning import call_with_rows, cross_attention_layers, spread_over_layers, tokenize
+from adi_lightning.conditioning import (call_with_rows, count_layers, cross_attention_layers, layer_rows,
+                                        spread_over_layers, tokenize)
 from adi_lightning.families.base import BackboneFamily, Features
 from adi_lightning.identifier import token_embedding_owner
 
@@ -39,23 +40,24 @@ def pooled_layer_index(layer_paths: list[str]) -> int:
     return mid[0] if mid else len(layer_paths) // 2
 
 
-def encode_part(encoder: nn.Module, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int,
-                pooled_row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_part(encoder: nn.Module, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor,
+                pooled_layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One SDXL text encoder: ``(penultimate hidden state [N, L*T, D_i], text_embeds [N, P] or None)``.
 
     ``ids`` ``[N, T]``; ``rows`` ``[N, R, D_i]`` (None: plain prompts, encoded once for all layers);
-    the pooled embedding (``CLIPTextModelWithProjection`` only) is the one of row ``pooled_row``
-    (row 0 when R = 1).
+    ``layers``: ``layer_to_row`` ``[L]`` or L (:func:`~adi_lightning.conditioning.layer_rows`); the
+    pooled embedding (``CLIPTextModelWithProjection`` only) is the one of layer ``pooled_layer``'s row.
     """
     if rows is None:
         output, r = encoder(ids, output_hidden_states=True), 1
     else:
-        output, r = call_with_rows(encoder, token_embedding_owner(encoder).token_embedding, ids, rows, num_layers,
+        output, r = call_with_rows(encoder, token_embedding_owner(encoder).token_embedding, ids, rows, layers,
                                    output_hidden_states=True)
-    hidden = spread_over_layers(output.hidden_states[-2], r, num_layers)
+    hidden = spread_over_layers(output.hidden_states[-2], r, layers if rows is not None else count_layers(layers))
     pooled = getattr(output, "text_embeds", None)
     if pooled is not None:
-        pooled = pooled.reshape(ids.shape[0], r, -1)[:, pooled_row if r > 1 else 0]
+        row = int(layer_rows(layers, r)[pooled_layer]) if rows is not None else 0
+        pooled = pooled.reshape(ids.shape[0], r, -1)[:, row]
     return hidden, pooled
 
 
@@ -67,14 +69,14 @@ class LayerwiseTextEncoderXL(nn.Module):
     the pooled embedding of :func:`pooled_layer_index`'s row). ``clip_skip`` is not supported.
     """
 
-    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, num_layers: int,
-                 pooled_row: int):
+    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, layers: int | torch.Tensor,
+                 pooled_layer: int):
         super().__init__()
         self.text_encoder = text_encoder
         self.register_buffer("table", table.detach().float().clone(), persistent=False)
         self.placeholder_id = placeholder_id
-        self.num_layers = num_layers
-        self.pooled_row = pooled_row
+        self.layers = layers
+        self.pooled_layer = pooled_layer
 
     @property
     def config(self):
@@ -94,7 +96,7 @@ class LayerwiseTextEncoderXL(nn.Module):
         rows = None
         if bool((input_ids == self.placeholder_id).any()):
             rows = self.table.unsqueeze(0).expand(input_ids.shape[0], *self.table.shape)
-        hidden, pooled = encode_part(self.text_encoder, input_ids, rows, self.num_layers, self.pooled_row)
+        hidden, pooled = encode_part(self.text_encoder, input_ids, rows, self.layers, self.pooled_layer)
         if pooled is None:
             return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=(hidden, None))
         return CLIPTextModelOutput(text_embeds=pooled, last_hidden_state=hidden, hidden_states=(hidden, None))
@@ -119,20 +121,20 @@ class StableDiffusionXLFamily(BackboneFamily):
         """``[N, 2, T]``: both tokenizers' ids (their padding differs: ``tokenizer_2`` pads with ``!``)."""
         return torch.stack([tokenize(tokenizer, prompts, device) for tokenizer in self.tokenizers], dim=1)
 
-    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, num_layers: int) -> Features:
+    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:
         """``(context [N, L*T, D1+D2], pooled [N, P])`` (see the module docstring)."""
         parts = self.split_rows(rows) if rows is not None else (None, None)
-        pooled_row = self.pooled_layer
-        hidden_1, _ = encode_part(self.text_encoders[0], ids[:, 0], parts[0], num_layers, pooled_row)
-        hidden_2, pooled = encode_part(self.text_encoders[1], ids[:, 1], parts[1], num_layers, pooled_row)
+        pooled_layer = self.pooled_layer
+        hidden_1, _ = encode_part(self.text_encoders[0], ids[:, 0], parts[0], layers, pooled_layer)
+        hidden_2, pooled = encode_part(self.text_encoders[1], ids[:, 1], parts[1], layers, pooled_layer)
         return torch.cat([hidden_1, hidden_2], dim=-1), pooled
 
-    def negative(self, count: int, num_layers: int, device: torch.device | None = None) -> Features:
+    def negative(self, count: int, layers: int | torch.Tensor, device: torch.device | None = None) -> Features:
         """Zeros when the pipeline's ``force_zeros_for_empty_prompt`` (SDXL base), else the encoding of ``""``."""
         if not self.pipe.config.get("force_zeros_for_empty_prompt", True):
-            return super().negative(count, num_layers, device)
+            return super().negative(count, layers, device)
         encoder = self.text_encoders[1]
-        tokens = num_layers * self.tokenizer.model_max_length
+        tokens = count_layers(layers) * self.tokenizer.model_max_length
         return (torch.zeros(count, tokens, self.identifier_dim, dtype=encoder.dtype, device=device),
                 torch.zeros(count, encoder.config.projection_dim, dtype=encoder.dtype, device=device))
 
@@ -159,5 +161,5 @@ class StableDiffusionXLFamily(BackboneFamily):
         finally:
             self.vae.to(torch.float16)
 
-    def layerwise_text_encoder(self, index, encoder, rows, placeholder_id, num_layers) -> nn.Module:
-        return LayerwiseTextEncoderXL(encoder, rows, placeholder_id, num_layers, self.pooled_layer)
+    def layerwise_text_encoder(self, index, encoder, rows, placeholder_id, layers) -> nn.Module:
+        return LayerwiseTextEncoderXL(encoder, rows, placeholder_id, layers, self.pooled_layer)
