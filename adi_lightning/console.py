@@ -51,11 +51,11 @@ def _step_metrics(metrics: dict) -> dict:
 
 
 class StepRichProgressBar(RichProgressBar):
-    """Lightning's rich bar for step-bounded runs: "train" instead of "Epoch 0/-2" (``max_epochs=-1``
-    under ``max_steps``), and no ``v_num``."""
+    """Lightning's rich bar for step-bounded runs: "epoch 1" instead of "Epoch 1/-2" (``max_epochs=-1``
+    under ``max_steps``; the bar counts the epoch's batches), and no ``v_num``."""
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return f"{'train':{len(self.validation_description)}}"
+        return f"{f'epoch {current_epoch}':{len(self.validation_description)}}"
 
     def get_metrics(self, trainer, pl_module):
         return _step_metrics(super().get_metrics(trainer, pl_module))
