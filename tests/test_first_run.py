@@ -118,6 +118,25 @@ def test_main_job_console_has_no_library_notices(tmp_path):
     assert "adi_lightning: fit finished in" in console
 
 
+def test_readme_snippet_for_the_embedded_default_runs_as_written(tmp_path):
+    """The README's plain-Python block for the toy pipeline, with only the run folder filled in."""
+    import re
+
+    main(args=["fit", "--config", "jump.yaml", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    (identifier,) = tmp_path.glob("*/identifier.safetensors")
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (snippet,) = [b for b in blocks if "toy_pipeline_path" in b]
+    assert "outputs/<run>/identifier.safetensors" in snippet
+    code = snippet.replace("outputs/<run>/identifier.safetensors", str(identifier))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "dog.png").is_file()
+    assert "requires torchvision" not in run.stderr and "accelerate" not in run.stderr
+
+
 def test_grid_labels_wrap_with_their_spaces():
     from PIL import Image, ImageDraw
 
