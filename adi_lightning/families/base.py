@@ -34,6 +34,36 @@ from adi_lightning.identifier import (
 Features = tuple[torch.Tensor, ...]
 
 
+class TextEncoderStandIn(nn.Module):
+    """What a stock pipeline reads from ``pipe.text_encoder`` besides calling it (``config``,
+    ``dtype``, ``device``), for the families' layer-wise stand-ins, which own ``forward``.
+
+    Args:
+        text_encoder: The frozen encoder it wraps. table: ``[R, D_i]`` identifier rows (this
+            encoder's part), kept as an fp32 buffer. placeholder_id: The placeholder's token id.
+        layers: L, or the ``[L]`` row index of each layer (row groups).
+    """
+
+    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, layers: int | torch.Tensor):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.register_buffer("table", table.detach().float().clone(), persistent=False)
+        self.placeholder_id = placeholder_id
+        self.layers = layers
+
+    @property
+    def config(self):
+        return self.text_encoder.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+
 class BackboneFamily:
     """One backbone family's text side, added conditions and stock pipeline, over ``pipe``.
 

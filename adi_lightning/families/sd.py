@@ -13,34 +13,15 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from adi_lightning.conditioning import encode_layerwise, encode_plain, tokenize
-from adi_lightning.families.base import BackboneFamily, Features
+from adi_lightning.families.base import BackboneFamily, Features, TextEncoderStandIn
 
 
-class LayerwiseTextEncoder(nn.Module):
+class LayerwiseTextEncoder(TextEncoderStandIn):
     """Stands in for ``pipe.text_encoder``: ``[B, T]`` ids in, ``[B, L*T, D]`` encodings out.
 
     Prompts containing the placeholder are encoded once per identifier row in one call; other
     prompts (e.g. the negative prompt) are encoded once and repeated for every layer.
     """
-
-    def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, layers: int | torch.Tensor):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.register_buffer("table", table.detach().float().clone(), persistent=False)
-        self.placeholder_id = placeholder_id
-        self.layers = layers
-
-    @property
-    def config(self):
-        return self.text_encoder.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states=None, **kwargs):
         if output_hidden_states:

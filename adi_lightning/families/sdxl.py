@@ -29,7 +29,7 @@ from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from adi_lightning.conditioning import (call_with_rows, count_layers, cross_attention_layers, layer_rows,
                                         spread_over_layers, tokenize)
-from adi_lightning.families.base import BackboneFamily, Features
+from adi_lightning.families.base import BackboneFamily, Features, TextEncoderStandIn
 from adi_lightning.identifier import token_embedding_owner
 
 
@@ -61,7 +61,7 @@ def encode_part(encoder: nn.Module, ids: torch.Tensor, rows: torch.Tensor | None
     return hidden, pooled
 
 
-class LayerwiseTextEncoderXL(nn.Module):
+class LayerwiseTextEncoderXL(TextEncoderStandIn):
     """Stands in for ``pipe.text_encoder`` / ``pipe.text_encoder_2`` of ``StableDiffusionXLPipeline``.
 
     ``encode_prompt`` calls it with ``output_hidden_states=True`` and reads ``hidden_states[-2]``
@@ -71,24 +71,8 @@ class LayerwiseTextEncoderXL(nn.Module):
 
     def __init__(self, text_encoder: nn.Module, table: torch.Tensor, placeholder_id: int, layers: int | torch.Tensor,
                  pooled_layer: int):
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.register_buffer("table", table.detach().float().clone(), persistent=False)
-        self.placeholder_id = placeholder_id
-        self.layers = layers
+        super().__init__(text_encoder, table, placeholder_id, layers)
         self.pooled_layer = pooled_layer
-
-    @property
-    def config(self):
-        return self.text_encoder.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.text_encoder.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.text_encoder.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states=None, **kwargs):
         # A negative prompt is tokenized to the positive embedding's length (L*T): keep the first T.
