@@ -41,29 +41,48 @@ def resolve_argv(argv: list[str]) -> list[str]:
         ConfigNotFoundError: a ``--config`` name that matches no file.
         ConfigFileError: a config file that is not a YAML mapping (:func:`check_config_file`).
     """
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "-c"):
-            if eq:
-                out.append(f"{key}={_checked(resolve_config(value))}")
-            elif i + 1 < len(argv):
-                out += [arg, _checked(resolve_config(argv[i + 1]))]
-                i += 1
-            else:
-                out.append(arg)
-        elif key.startswith("--") and eq and _is_yaml_path(value):
-            out.append(f"{key}={_checked(resolve_project_path(value))}")
-        elif arg.startswith("--") and not eq and i + 1 < len(argv) and _is_yaml_path(argv[i + 1]):
-            out += [arg, _checked(resolve_project_path(argv[i + 1]))]
-            i += 1
-        elif key.startswith("--") and eq and value == "None":
-            out.append(f"{key}=null")
+    out = []
+    for option in split_options(argv):
+        name, joined = option_name(option), len(option) == 1 and "=" in option[0]
+        if len(option) == 1 and not joined:
+            out += option
+            continue
+        value = option_value(option)
+        if name in ("--config", "-c"):
+            value = _checked(resolve_config(value))
+        elif name.startswith("--") and _is_yaml_path(value):
+            value = _checked(resolve_project_path(value))
+        elif name.startswith("--") and joined and value == "None":
+            value = "null"
         else:
-            out.append(arg)
-        i += 1
+            out += option
+            continue
+        out += [f"{name}={value}"] if joined else [name, value]
     return out
+
+
+def split_options(tokens: list[str]) -> list[list[str]]:
+    """Command-line tokens as options, each with its value when given as a separate token
+    (``["--config", "x.yaml"]``; ``["--model.lr=0.1"]``; ``["fit"]``). One reading of the command
+    line for config resolution here and checkpoint precedence (:mod:`adi_lightning.resume`)."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok.startswith("-") and "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append(tokens[i : i + 2])
+            i += 2
+        else:
+            out.append([tok])
+            i += 1
+    return out
+
+
+def option_name(option: list[str]) -> str:
+    return option[0].split("=", 1)[0]
+
+
+def option_value(option: list[str]) -> str:
+    return option[1] if len(option) > 1 else option[0].split("=", 1)[1]
 
 
 def _checked(path: str) -> str:
@@ -140,12 +159,8 @@ def explain_unknown_key(message: str, argv: list[str], valid_keys: list[str]) ->
 
 def config_files(argv: list[str]) -> list[str]:
     """The ``--config`` files in ``argv``, in order."""
-    files = []
-    for i, arg in enumerate(argv):
-        key, eq, value = arg.partition("=")
-        if key in ("--config", "-c"):
-            files.append(value if eq else (argv[i + 1] if i + 1 < len(argv) else ""))
-    return [f for f in files if f]
+    return [option_value(o) for o in split_options(argv)
+            if option_name(o) in ("--config", "-c") and (len(o) == 2 or "=" in o[0]) and option_value(o)]
 
 
 def find_key_in_configs(key: str, files: list[str]) -> tuple[str, int] | None:

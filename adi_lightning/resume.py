@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from adi_lightning.arguments import option_name, option_value, split_options
 from adi_lightning.backbone import BackboneError, check_pipeline_source
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -30,28 +31,6 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 # Model keys a checkpoint fixes: a typed value that differs is refused, with the reason.
 UNCHANGEABLE = {"layerwise": "it sets the identifier's row count", "row_groups": "it sets the identifier's rows"}
 BACKBONE = "pretrained_model_name_or_path"
-
-
-def _options(tokens: list[str]) -> list[list[str]]:
-    """Split command-line tokens into options, each with its value when given as a separate token."""
-    out, i = [], 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("-") and "=" not in tok and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
-            out.append(tokens[i : i + 2])
-            i += 2
-        else:
-            out.append([tok])
-            i += 1
-    return out
-
-
-def _name(option: list[str]) -> str:
-    return option[0].split("=", 1)[0]
-
-
-def _value(option: list[str]) -> str:
-    return option[1] if len(option) > 1 else option[0].split("=", 1)[1]
 
 
 def _short(value: Any) -> str:
@@ -74,14 +53,14 @@ class CheckpointSettings:
         """``model.x`` / ``data.x`` keys typed as flags (not from config files)."""
         keys = set()
         for option in self.options:
-            parts = _name(option)[2:].split(".")
-            if _name(option).startswith("--") and len(parts) >= 2 and parts[0] in ("model", "data"):
+            parts = option_name(option)[2:].split(".")
+            if option_name(option).startswith("--") and len(parts) >= 2 and parts[0] in ("model", "data"):
                 keys.add(f"{parts[0]}.{parts[1]}")
         return keys
 
     @property
     def has_config(self) -> bool:
-        return any(_name(o) in GROUP_FILES for o in self.before + self.options)
+        return any(option_name(o) in GROUP_FILES for o in self.before + self.options)
 
     def argv(self, accepted: dict[str, set[str]]) -> list[str]:
         """The command line with the checkpoint's settings between the group files and the rest.
@@ -92,8 +71,8 @@ class CheckpointSettings:
         import json
 
         typed = self.typed
-        files = [o for o in self.options if _name(o) in GROUP_FILES]
-        rest = [o for o in self.options if _name(o) not in GROUP_FILES]
+        files = [o for o in self.options if option_name(o) in GROUP_FILES]
+        rest = [o for o in self.options if option_name(o) not in GROUP_FILES]
         inserted = []
         for group in ("model", "data"):
             values = {k: v for k, v in self.stored.get(group, {}).items()
@@ -164,15 +143,15 @@ def read_stored(path: str) -> tuple[dict[str, dict[str, Any]], int | None]:
 def find(argv: list[str], ckpt_path: str | None = None) -> CheckpointSettings | None:
     """The checkpoint settings of a command line: from its ``--ckpt_path``, or ``ckpt_path``
     when a config file gave it. None without one, or for Lightning's named checkpoints."""
-    options = _options(list(argv))
+    options = split_options(list(argv))
     at = next((i for i, o in enumerate(options) if len(o) == 1 and o[0] in SUBCOMMANDS), None)
     if at is None:
         return None
     before, sub, rest = options[:at], options[at][0], options[at + 1 :]
     path = ckpt_path
     for option in rest:
-        if _name(option) == "--ckpt_path":
-            path = _value(option)
+        if option_name(option) == "--ckpt_path":
+            path = option_value(option)
     if not path or path in ("null", "None") or path in LIGHTNING_CKPT_NAMES or path.startswith("registry"):
         return None
     if not Path(path).is_file():
