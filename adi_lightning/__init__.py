@@ -5,15 +5,22 @@ import logging
 __version__ = "0.1.0"
 
 
-class _DropTorchvisionNotice(logging.Filter):
-    """transformers announces, when diffusers loads a pipeline, that torchvision is missing for image
-    processors this project never uses (torchvision is deliberately not a dependency)."""
+class DropMessages(logging.Filter):
+    """Drop log records whose message contains one of ``needles``: exact library notices a user
+    cannot act on (the CLI adds more in ``adi_lightning.console.quiet_libraries``)."""
+
+    def __init__(self, *needles: str) -> None:
+        super().__init__()
+        self.needles = needles
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        return not any(n in record.getMessage() for n in self.needles)
 
 
-logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
+# transformers announces, when diffusers loads a pipeline, that torchvision is missing for image
+# processors this project never uses (torchvision is deliberately not a dependency); on import, so
+# plain-Python use of a pipeline is quiet too.
+logging.getLogger("transformers.utils.import_utils").addFilter(DropMessages("requires torchvision (not installed)"))
 
 
 def install_identifier(pipe, identifier_path, token=None):

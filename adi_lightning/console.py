@@ -13,26 +13,17 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+from adi_lightning import DropMessages
+
 SUMMARY_METRICS = ("action_acc", "subject_acc", "clean_both_correct", "appearance_leak", "leak_colour")
 
 
-class _DropMessages(logging.Filter):
-    """Drop log records whose message contains one of ``needles`` (exact library notices)."""
-
-    def __init__(self, *needles: str) -> None:
-        super().__init__()
-        self.needles = needles
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.needles)
-
-
 def quiet_libraries() -> None:
-    """Silence the notices listed in README "Console output"; never the user's own warnings."""
+    """Silence the notices listed in README "Outputs" (the console); never the user's own warnings."""
     # (transformers' torchvision notice: filtered on import of adi_lightning, for plain Python too)
     # Lightning's advert for its cloud logger, printed on every run.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropMessages("litlogger"))
+        logging.getLogger(name).addFilter(DropMessages("litlogger"))
     # torch >= 2.10 deprecates LeafSpec, which Lightning 2.6 still calls (nothing to act on).
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # The frozen backbone is in eval mode on purpose (ADIModule.train keeps it there).
