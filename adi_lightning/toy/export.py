@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_save_image
-from ..paths import describe_contents, is_owned
+from ..paths import is_owned
 from .world import ACTIONS, BACKGROUNDS, COLOURS, HUMANS, PATTERNS, Spec, caption, render
 
 DEFAULT_EXEMPLAR_SUBJECTS = ("man", "woman", "child")
@@ -143,12 +143,9 @@ def make_action_folder(out: str | Path, action: str = "jumping", num_exemplars: 
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not is_owned(out):
-        raise FileExistsError(f"{out} exists and was not written by adi_lightning's toy exporter (it holds "
-                              f"{describe_contents(out)}); it is never replaced: choose another --out")
-    if not overwrite:
+    """An earlier toy folder is replaced only with ``overwrite``; a folder (or file) this project did
+    not write is refused by :func:`adi_lightning.io.atomic_dir`, with or without it."""
+    if out.is_dir() and is_owned(out) and not overwrite:
         raise FileExistsError(f"{out} already holds a toy folder written earlier; choose another --out")
 
 
