@@ -90,15 +90,15 @@ class EvaluationCallback(L.Callback):
         pool = dm.pool_attributes  # and per context-pool image
         factors = [k for k in rows[0]["judged"] if k not in ACTION_AND_SUBJECT] if rows else []
         subjects = [r["subject"] for r in rows]
-        rates = {}
+        rates, flags_of = {}, {}
         for which in ("judged", "untrained"):
+            flags_of[which] = judge_rows([r[which] for r in rows], dm.action, subjects, exemplars, factors, pool)
             # Used as a calculator on the gathered rows: no cross-rank sync of its own.
             metric = ActionBenchMetric(factors, sync_on_compute=False)
-            if rows:
-                metric.update([r[which] for r in rows], dm.action, subjects, exemplars, pool)
+            metric.update_flags(flags_of[which])
             rates[which] = {k: float(v) for k, v in metric.compute().items()}
         values = with_untrained(rates["judged"], rates["untrained"])
-        flags = judge_rows([r["judged"] for r in rows], dm.action, subjects, exemplars, factors, pool)
+        flags = flags_of["judged"]
         self.rows = [{**{k: r[k] for k in ("prompt_index", "seed_index", "prompt", "seed", "subject")},
                       **{f"pred_{k}": v for k, v in r["judged"].items()}, **f,
                       **{f"untrained_{k}": v for k, v in r["untrained"].items()}} for r, f in zip(rows, flags)]

@@ -111,7 +111,11 @@ class ActionBenchMetric(Metric):
     def update(self, judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
                exemplars: Sequence[Mapping[str, str]] = (), pool: Sequence[Mapping[str, str]] = ()) -> None:
         """``judged``, ``target_subject``: ``[N]`` per image; see :func:`judge_rows`."""
-        rows = judge_rows(judged, target_action, target_subject, exemplars, self.factors, pool)
+        self.update_flags(judge_rows(judged, target_action, target_subject, exemplars, self.factors, pool))
+
+    def update_flags(self, rows: Sequence[Mapping[str, bool | None]]) -> None:
+        """Count per-image flags already computed by :func:`judge_rows` with this metric's factors
+        (a caller that also writes the flags out computes them once)."""
         for flag in self.flag_names:
             known = [r[flag] for r in rows if r[flag] is not None]
             setattr(self, f"hits_{flag}", getattr(self, f"hits_{flag}") + sum(known))
