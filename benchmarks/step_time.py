@@ -297,7 +297,7 @@ def main(argv=None) -> None:
                         help="model.row_groups values for --sdxl-shaped (CPU: those of at most 16 rows)")
     parser.add_argument("--text-encoders", choices=tuple(SDXL_TEXT_ENCODERS), default="small",
                         help="--sdxl-shaped text encoders: small (1/8 wide, 4 layers) or real (CLIP ViT-L 12x768 "
-                             "and OpenCLIP bigG 32x1280, about 3.3 GB)")
+                             "and OpenCLIP bigG 32x1280, about 2.9 GB on disk)")
     parser.add_argument("--sd15-dir", help="where --sd15-shaped builds (reused when it exists; default: a temp dir)")
     parser.add_argument("--sdxl-dir", help="where --sdxl-shaped builds (reused when built with the same values; "
                                            "default: a temp dir)")
