@@ -15,9 +15,14 @@ backward of the same batch shape, timed alone.
     python benchmarks/step_time.py --sd15-shaped --resolution 64 --steps 3
     python benchmarks/step_time.py --device cuda --sd15-shaped --resolution 512 --precision bf16-mixed
     python benchmarks/step_time.py --sdxl-shaped --steps 3 --rounds 1   # TI, and P+ / ADI per row grouping
+    python benchmarks/step_time.py --sdxl-shaped --text-encoders real --sdxl-dir .cache/sdxl-real --steps 2
 
-``--sdxl-shaped`` builds an SDXL-topology pipeline (:func:`build_sdxl_shaped`) and runs TI and, for
-each ``model.row_groups`` in ``--row-groups`` (on CPU only groupings of at most 16 rows), P+ and ADI.
+``--sdxl-shaped`` builds an SDXL-topology pipeline (:func:`build_sdxl_shaped`: a small UNet of SDXL
+base's topology; with ``--text-encoders small`` two small text encoders, with ``real`` SDXL's
+CLIP ViT-L and OpenCLIP bigG at their real sizes: up to 70 s per step and 12 GB on one CPU
+thread) and runs TI and, for each ``model.row_groups`` in
+``--row-groups`` (on CPU only groupings of at most 16 rows), P+ and ADI. The printed title names
+the text encoders that ran, read from the pipeline folder.
 
 The last line is machine readable: ``adi_over_pplus_step_time=<ratio>`` (the first grouping's with
 ``--sdxl-shaped``).
@@ -52,10 +57,16 @@ METHODS = {
 }
 LABELS = {"ti": "TI", "pplus": "P+", "adi": "ADI", "adi_unshared": "ADI (unshared text enc.)"}
 # SDXL base topology (stabilityai/stable-diffusion-xl-base-1.0 unet: 70 attn2 layers in 3 levels) at
-# tiny widths; text encoders 1/8 of CLIP ViT-L (768) / OpenCLIP bigG (1280) wide and 4 layers deep
-# (not 12 / 32: the real sizes take minutes per step on 2 CPU cores).
+# tiny widths, with one of two pairs of text encoders (--text-encoders):
 SDXL_SHAPED = dict(transformer_layers_per_block=(1, 2, 10), layers_per_block=2, unet_channels=(32, 64, 128),
-                   text_widths=(96, 160), projection_dim=160, text_layers=4, text_heads=4, sample_size=64)
+                   sample_size=64)
+SDXL_TEXT_ENCODERS = {
+    # 1/8 of CLIP ViT-L (768) / OpenCLIP bigG (1280) wide and 4 layers deep: seconds per step on CPU.
+    "small": dict(text_widths=(96, 160), projection_dim=160, text_layers=4, text_heads=4),
+    # SDXL base's text_encoder (CLIP ViT-L/14) and text_encoder_2 (OpenCLIP bigG/14, with projection).
+    "real": dict(text_widths=(768, 1280), projection_dim=1280, text_layers=(12, 32), text_heads=(12, 20),
+                 text_acts=("quick_gelu", "gelu")),
+}
 CPU_MAX_ROWS = 16
 
 
@@ -116,11 +127,30 @@ def build_sd15_shaped(out: Path) -> Path:
     return out
 
 
-def build_sdxl_shaped(out: Path) -> Path:
-    """An SDXL-topology pipeline folder with random weights (:data:`SDXL_SHAPED`)."""
+def build_sdxl_shaped(out: Path, text_encoders: str = "small") -> Path:
+    """An SDXL-topology pipeline folder with random weights (:data:`SDXL_SHAPED` and
+    :data:`SDXL_TEXT_ENCODERS`); a folder built before is reused only if built with the same values."""
     from adi_lightning.tiny.sdxl import build_tiny_sdxl_pipeline
 
-    return out if (out / "model_index.json").is_file() else build_tiny_sdxl_pipeline(out, **SDXL_SHAPED)
+    values = json.loads(json.dumps({**SDXL_SHAPED, **SDXL_TEXT_ENCODERS[text_encoders]}))  # tuples as lists
+    record = out / "sdxl_shaped.json"
+    if (out / "model_index.json").is_file():
+        if not record.is_file() or json.loads(record.read_text()) != values:
+            raise SystemExit(f"{out} was not built as --text-encoders {text_encoders}; "
+                             "give another --sdxl-dir or remove it")
+        return out
+    build_tiny_sdxl_pipeline(out, **values)
+    record.write_text(json.dumps(values))
+    return out
+
+
+def describe_text_encoders(pipeline: str) -> str:
+    """``text_encoder 12x768 quick_gelu, ...`` from the folder's configs: what actually ran."""
+    parts = []
+    for part in ("text_encoder", "text_encoder_2"):
+        config = json.loads((Path(pipeline) / part / "config.json").read_text())
+        parts.append(f"{part} {config['num_hidden_layers']}x{config['hidden_size']} {config['hidden_act']}")
+    return ", ".join(parts)
 
 
 def groupings_that_fit(pipeline: str, groupings: list[str], device: str) -> list[str]:
@@ -243,8 +273,12 @@ def _prepare(args, work: Path) -> None:
     if args.sdxl_shaped:
         if args.pipeline or args.sd15_shaped:
             raise SystemExit("--sdxl-shaped builds its own pipeline; give no --pipeline or --sd15-shaped with it")
-        print(f"# building an SDXL-shaped random-weight pipeline in {work / 'sdxl'} ...", flush=True)
-        args.pipeline = str(build_sdxl_shaped(work / "sdxl"))
+        out = Path(args.sdxl_dir) if args.sdxl_dir else work / "sdxl"
+        print(f"# building an SDXL-shaped random-weight pipeline ({args.text_encoders} text encoders) in {out} ...",
+              flush=True)
+        args.pipeline = str(build_sdxl_shaped(out, args.text_encoders))
+    elif args.text_encoders != "small":
+        raise SystemExit("--text-encoders chooses the encoders of --sdxl-shaped; give --sdxl-shaped with it")
     if args.sd15_shaped:
         if args.pipeline:
             raise SystemExit("--sd15-shaped builds its own pipeline; give --pipeline or --sd15-shaped, not both")
@@ -261,7 +295,12 @@ def main(argv=None) -> None:
                         help="build an SDXL-topology pipeline (random weights, tiny widths) and compare row groupings")
     parser.add_argument("--row-groups", default="layer,attention,resolution,shared",
                         help="model.row_groups values for --sdxl-shaped (CPU: those of at most 16 rows)")
+    parser.add_argument("--text-encoders", choices=tuple(SDXL_TEXT_ENCODERS), default="small",
+                        help="--sdxl-shaped text encoders: small (1/8 wide, 4 layers) or real (CLIP ViT-L 12x768 "
+                             "and OpenCLIP bigG 32x1280, about 2.9 GB on disk)")
     parser.add_argument("--sd15-dir", help="where --sd15-shaped builds (reused when it exists; default: a temp dir)")
+    parser.add_argument("--sdxl-dir", help="where --sdxl-shaped builds (reused when built with the same values; "
+                                           "default: a temp dir)")
     parser.add_argument("--data", help="action folder (default: the tiny action folder, built in a temp dir)")
     parser.add_argument("--action", default="jumping")
     parser.add_argument("--resolution", type=int, help="pixels (default: the pipeline's native size)")
@@ -300,6 +339,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="adi-bench-") as tmp:
         work = Path(tmp)
         _prepare(args, work)
+        shaped = ("SD-1.5-shaped" if args.sd15_shaped else None if not args.sdxl_shaped else  # read before tmp goes
+                  f"SDXL-shaped UNet {SDXL_SHAPED}, {args.text_encoders} text encoders "
+                  f"({describe_text_encoders(args.pipeline)})")
         if args.sdxl_shaped:  # P+ with one shared row is TI
             groupings = groupings_that_fit(args.pipeline, [g.strip() for g in args.row_groups.split(",")], args.device)
             methods = ["ti"] + [f"{m}:{g}" for g in groupings for m in ("pplus", "adi") if (m, g) != ("pplus", "shared")]
@@ -335,7 +377,6 @@ def main(argv=None) -> None:
 
     threads = results[methods[0]]["threads"]
     print()
-    shaped = "SD-1.5-shaped" if args.sd15_shaped else f"SDXL-shaped {SDXL_SHAPED}" if args.sdxl_shaped else None
     print(f"pipeline={f'{shaped} (random weights)' if shaped else args.pipeline} "
           f"resolution={args.resolution} batch={args.batch} triples (= {3 * args.batch} images/step) "
           f"precision={args.precision} compile={args.compile} channels_last={args.channels_last} "

@@ -59,6 +59,22 @@ def test_sdxl_folder_loads_as_the_sdxl_family(tiny_sdxl_pipeline, make_module):
 
 
 @torch.no_grad()
+def test_each_text_encoder_gets_its_own_depth_heads_and_activation(tmp_path):
+    """As SDXL's CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu), which step_time.py builds at real size."""
+    from transformers import CLIPTextConfig
+
+    from adi_lightning.tiny import build_tiny_sdxl_pipeline
+
+    out = build_tiny_sdxl_pipeline(tmp_path / "xl", text_layers=(1, 3), text_heads=(2, 4),
+                                   text_acts=("quick_gelu", "gelu"))
+    configs = [CLIPTextConfig.from_pretrained(out / part) for part in ("text_encoder", "text_encoder_2")]
+    assert [(c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act)
+            for c in configs] == [(D1, 1, 2, 4 * D1, "quick_gelu"), (D2, 3, 4, 4 * D2, "gelu")]
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == D1 + D2
+    assert unet["projection_class_embeddings_input_dim"] == 6 * unet["addition_time_embed_dim"] + P
+
+
 def test_row_l_reaches_only_layer_l_in_both_encoders_parts_and_the_pooled_row_only_the_pooled_embedding(
         tiny_sdxl_pipeline, make_module):
     module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)

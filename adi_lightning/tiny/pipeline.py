@@ -51,8 +51,10 @@ SD_SCHEDULER = dict(
 )
 
 
-def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, projection_dim: int | None = None):
-    """A random CLIP text encoder; with ``projection_dim``, a ``CLIPTextModelWithProjection`` (SDXL's second)."""
+def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, projection_dim: int | None = None,
+                  hidden_act: str = "quick_gelu"):
+    """A random CLIP text encoder (MLP 4x wide, as CLIP's); with ``projection_dim``, a
+    ``CLIPTextModelWithProjection`` (SDXL's second, OpenCLIP bigG: ``hidden_act="gelu"``)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     # bos/eos/pad ids must be the tokenizer's: CLIP pools the hidden state at the first eos id
@@ -68,7 +70,7 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, pro
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
     )
     torch.manual_seed(seed)
     return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()

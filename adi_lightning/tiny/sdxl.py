@@ -35,14 +35,18 @@ def build_tiny_sdxl_pipeline(
     unet_channels: Sequence[int] = (16, 32, 32),
     vae_channels: Sequence[int] = (16, 32),
     time_embed_dim: int = 8,
-    text_layers: int = 2,
-    text_heads: int = 4,
+    text_layers: int | tuple[int, int] = 2,
+    text_heads: int | tuple[int, int] = 4,
+    text_acts: tuple[str, str] = ("quick_gelu", "quick_gelu"),
 ) -> Path:
     """Build and ``save_pretrained`` a tiny SDXL-shaped pipeline folder (safetensors); return its path.
 
     ``sample_size`` is in pixels; the latent (``sample_size / 2`` with the default 2x VAE) must be
     divisible by 4 (the UNet downsamples twice). Defaults give 17 ``attn2`` layers, context width
-    32 + 48 = 80 and a pooled embedding of 24.
+    32 + 48 = 80 and a pooled embedding of 24. ``text_layers`` / ``text_heads`` are one value for
+    both encoders or one per encoder, so that SDXL's real encoders can be built with a small UNet:
+    ``text_widths=(768, 1280), projection_dim=1280, text_layers=(12, 32), text_heads=(12, 20),
+    text_acts=("quick_gelu", "gelu")`` (CLIP ViT-L, OpenCLIP bigG; the vocabulary stays the tiny one).
     """
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -54,9 +58,11 @@ def build_tiny_sdxl_pipeline(
     tokenizer = build_clip_tokenizer(words, out / "tokenizer")
     tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
     tokenizer_2.pad_token = "!"
+    layers, heads = ((v, v) if isinstance(v, int) else tuple(v) for v in (text_layers, text_heads))
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        text_encoder = _text_encoder(tokenizer, text_widths[0], text_layers, text_heads, seed)
-        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], text_layers, text_heads, seed + 1, projection_dim)
+        text_encoder = _text_encoder(tokenizer, text_widths[0], layers[0], heads[0], seed, hidden_act=text_acts[0])
+        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], layers[1], heads[1], seed + 1, projection_dim,
+                                       hidden_act=text_acts[1])
         vae = _vae(vae_channels, seed + 2, scaling_factor=SDXL_VAE_SCALING)
         torch.manual_seed(seed + 3)
         unet = UNet2DConditionModel(
