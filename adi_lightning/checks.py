@@ -11,7 +11,7 @@ from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, 
 
 def check_model_settings(mask_threshold: float, mask_combine: str, mask_statistic: str, update_from: str,
                          timestep_sampling: str, learning_rate: float, weight_decay: float,
-                         num_inference_steps: int) -> None:
+                         num_inference_steps: int, large_t_steps: int = 0, large_t_min: float = 0.8) -> None:
     """ValueError for a ``model.*`` value outside its range (the ADIModule arguments of that name)."""
     check_threshold(mask_threshold)
     if mask_combine not in MASK_COMBINES:
@@ -22,6 +22,10 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
+    if isinstance(large_t_steps, bool) or not isinstance(large_t_steps, int) or large_t_steps < 0:
+        raise ValueError(f"model.large_t_steps must be an integer >= 0 (optimizer steps), got {large_t_steps!r}")
+    if not 0.0 <= large_t_min < 1.0:
+        raise ValueError(f"model.large_t_min must be in [0, 1) (a fraction of the training timesteps), got {large_t_min!r}")
     if not learning_rate > 0:
         raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
     if not weight_decay >= 0:

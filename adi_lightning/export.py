@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from adi_lightning.identifier import read_identifier
+from adi_lightning.identifier import LAYER_ROW_KEY, read_identifier
 from adi_lightning.io import atomic_path, atomic_save_safetensors
 
 #: ``--format sdxl`` keys, in row order: ``text_encoder`` (CLIP ViT-L) then ``text_encoder_2``
@@ -39,6 +40,14 @@ def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
     if not -table.shape[0] <= row < table.shape[0]:
         raise ValueError(f"--row {row} out of range for an identifier with {table.shape[0]} rows")
     return table[row : row + 1]
+
+
+def _layers_of_row(identifier: str | Path, meta: dict[str, str], row: int) -> list[str]:
+    """The ``attn2`` paths that read row ``row`` (per the file's ``layer_to_row``; one per row in older files)."""
+    paths = json.loads(meta.get("layer_paths", "[]"))
+    with safe_open(str(identifier), framework="pt") as handle:
+        rows = handle.get_tensor(LAYER_ROW_KEY).tolist() if LAYER_ROW_KEY in handle.keys() else range(len(paths))
+    return [path for path, r in zip(paths, rows) if r == row] or [f"layer {row}"]
 
 
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None, token: str | None = None) -> Path:
@@ -61,13 +70,12 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
                          "use --format sdxl (clip_l / clip_g)")
     token = token or meta.get("placeholder_token") or "<A>"
     vector = single_vector(table, row).float().contiguous()
-    paths = json.loads(meta.get("layer_paths", "[]"))
     if table.shape[0] == 1:
         kept = "the single shared row (lossless)"
     elif row is None:
-        kept = f"mean of {table.shape[0]} layer-wise rows (lossy)"
+        kept = f"mean of {table.shape[0]} rows (lossy)"
     else:
-        kept = f"row {row}, layer {paths[row] if len(paths) == table.shape[0] else row} (lossy)"
+        kept = f"row {row} of {table.shape[0]}, used by {', '.join(_layers_of_row(identifier, meta, row))} (lossy)"
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
         return atomic_save_safetensors({token: vector}, out, {"source": str(identifier), "kept": kept})

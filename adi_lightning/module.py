@@ -65,10 +65,12 @@ class ADIModule(L.LightningModule):
             anchor's and the context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
-        timestep_sampling: ``importance`` (default: favours large t, where layout and pose form, with
-            ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al. 2023; toy jump: learned on 5 of 6 dev seeds,
-            ``uniform`` on 1 of 6, README "ActionBench-toy"), ``uniform``, or ``cubic`` (t = (1 - u^3) T for
-            uniform u, as diffusers' SDXL LoRA scripts).
+        timestep_sampling: ``importance`` (default: ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al.
+            2023, favours large t, where layout and pose form), ``uniform``, or ``cubic`` (t = (1 - u^3) T,
+            diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; README "Timesteps".
+        large_t_steps / large_t_min: The first ``large_t_steps`` optimizer steps draw t uniformly from
+            ``[large_t_min T, T)`` (the pose first), then ``timestep_sampling``. Default 0 (off): on the toy jump
+            it changed which seeds fail, not how many (README "Timesteps").
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
             identifier and its gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
@@ -108,6 +110,8 @@ class ADIModule(L.LightningModule):
         learning_rate: float = 5e-3,
         weight_decay: float = 0.0,
         timestep_sampling: TimestepSampling = "importance",
+        large_t_steps: int = 0,
+        large_t_min: float = 0.8,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None,
         revision: str | None = None,
@@ -125,7 +129,7 @@ class ADIModule(L.LightningModule):
     ):
         super().__init__()
         check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
-                             learning_rate, weight_decay, num_inference_steps)
+                             learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min)
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
@@ -235,6 +239,7 @@ class ADIModule(L.LightningModule):
             "mask_combine": self.hparams.mask_combine,
             "mask_statistic": self.hparams.mask_statistic,
             "timestep_sampling": self.hparams.timestep_sampling,
+            "large_t_steps": str(self.hparams.large_t_steps), "large_t_min": str(self.hparams.large_t_min),
             "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
@@ -293,9 +298,10 @@ class ADIModule(L.LightningModule):
             raise ValueError(f"masking needs (anchor, context, action) triples, got {roles} images per item")
         samples = batch_size * roles
         latents = self._latents(batch, pixels)
+        h = self.hparams
         noise, timesteps = keyed_noise_and_timesteps(batch["key"].tolist(), self.global_step, roles, latents,
                                                      self.noise_scheduler.config.num_train_timesteps,
-                                                     self.hparams.timestep_sampling)
+                                                     h.timestep_sampling, h.large_t_steps, h.large_t_min)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -382,18 +388,12 @@ class ADIModule(L.LightningModule):
         return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
                                      strength=strength, num_inference_steps=steps, guidance_scale=guidance)
 
-    def _generation_step(self, batch: dict) -> dict:
+    def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
+        """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them."""
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
         return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
                 "prompt_index": [int(i) for i in batch["prompt_index"]],
                 "seed_index": [int(i) for i in batch["seed_index"]],
                 "subject": list(batch.get("subject", []))}
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._generation_step(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> dict:
-        return self._generation_step(batch)
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        return self._generation_step(batch)
+    validation_step = test_step = predict_step = generation_step

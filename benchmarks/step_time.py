@@ -412,13 +412,14 @@ def main(argv=None) -> None:
             print(f"MFU estimate {LABELS[method]}: {tflop:.3f} TFLOP/step -> {mfu:.1%} of 989 TFLOP/s (H100 bf16 dense)")
     suffixes = [m.partition(":")[1:] for m in methods if m.startswith("adi:")] or [("", "")]
     pairs = [(f"adi{c}{g}", f"pplus{c}{g}") for c, g in suffixes if f"pplus{c}{g}" in medians]
-    if "ti" in medians:
+    # No pair when no P+ ran beside an ADI (e.g. --row-groups shared: P+ with one shared row is TI).
+    ratio = medians[pairs[0][0]] / medians[pairs[0][1]] if pairs else float("nan")
+    if "ti" in medians and pairs:
         print(f"ADI/TI step time = {medians[pairs[0][0]] / medians['ti']:.3f}")
-    if "adi_unshared" in medians:
+    if "adi_unshared" in medians and "pplus" in medians:
         print(f"ADI (unshared text encoder)/P+ step time = {medians['adi_unshared'] / medians['pplus']:.3f}")
     for adi, pplus in pairs:
         print(f"{method_spec(adi)[2]}/P+ step time = {medians[adi] / medians[pplus]:.3f} (target <= 1.15)")
-    ratio = medians[pairs[0][0]] / medians[pairs[0][1]]
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     print(f"adi_over_pplus_step_time={ratio:.4f}")

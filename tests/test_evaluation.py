@@ -273,7 +273,8 @@ def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatc
     from adi_lightning.identifier import read_identifier
 
     meta = read_identifier(identifier)[1]  # the masking settings travel with the identifier
-    assert (meta["mask_statistic"], meta["initializer_token"], meta["timestep_sampling"]) == ("projection", "person", "importance")
+    assert (meta["mask_statistic"], meta["initializer_token"], meta["timestep_sampling"], meta["large_t_steps"]) == (
+        "projection", "person", "importance", "0")
     main(args=["test", *common, f"--model.identifier_path={identifier}"])
     (report,) = tmp_path.glob("*/metrics/test_step*.json")
     data = json.loads(report.read_text())

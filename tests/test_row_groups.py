@@ -106,3 +106,13 @@ def test_grouped_identifier_saves_loads_and_generates_whatever_the_key(make_modu
     adi_lightning.remove_identifier(pipe)
     images = loaded.generate(["a photo of a dog <A>"], [0])
     assert len(images) == 1
+    # A one-row export names the layers that read the row it keeps (a group), not "layer <row>".
+    from safetensors import safe_open
+
+    from adi_lightning.export import export_identifier
+
+    out = export_identifier(path, tmp_path / "row1.safetensors", "sdxl" if family == "sdxl" else "ti", row=1)
+    with safe_open(str(out), framework="pt") as handle:
+        kept = handle.metadata()["kept"]
+    group = [p for p, r in zip(module.identifier.layer_paths, module.identifier.layer_to_row().tolist()) if r == 1]
+    assert len(group) > 1 and kept == f"row 1 of {module.identifier.num_rows}, used by {', '.join(group)} (lossy)"
