@@ -17,11 +17,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CACHE_ENV = "ADI_LIGHTNING_CACHE"
 OWNER_MARKER = ".adi_lightning_owned"  # json: {"written_by": "adi_lightning", "what": ...}
 CONFIG_SUFFIXES = (".yaml", ".yml")
+# How hard a toy folder is (adi_lightning.toy.export.make_action_folder says what each means).
+ToyDifficulty = Literal["shared", "diverse", "shared_no_pool"]
+TOY_DIFFICULTIES: tuple[str, ...] = get_args(ToyDifficulty)
 
 
 class ConfigNotFoundError(FileNotFoundError):
@@ -88,7 +92,7 @@ def cache_dir() -> Path:
     return Path(base) / "adi_lightning"
 
 
-def toy_cache_dir(difficulty: str, action: str) -> Path:
+def toy_cache_dir(difficulty: ToyDifficulty, action: str) -> Path:
     """``<cache>/toy/<difficulty>/<action>``: where toy folders are exported on first use."""
     return cache_dir() / "toy" / difficulty / action
 

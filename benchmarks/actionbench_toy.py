@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from unittest import mock
 
+from adi_lightning.paths import TOY_DIFFICULTIES
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ PRESETS = REPO / "configs" / "model"
 PRESET_OF = {"init": "ti"}
 MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi")
 ABLATIONS = ("adi_no_layerwise", "adi_context_only", "adi_action_only")
-FOLDERS = ("shared", "diverse", "shared_no_pool")
+FOLDERS = TOY_DIFFICULTIES
 COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"))
 # Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
 # seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).

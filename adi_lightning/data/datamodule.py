@@ -11,7 +11,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from adi_lightning.paths import is_in_cache, toy_cache_dir
+from adi_lightning.paths import ToyDifficulty, is_in_cache, toy_cache_dir
 
 from .layout import DataLayoutError, read_action_folder, records_of_action
 from .partners import MANIFEST, PartnerSettings, ensure_partners, partner_folder
@@ -145,7 +145,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_guidance: float = 7.5,
         cache_dir: str | None = None,
         export_toy_if_missing: bool = False,
-        toy_difficulty: Literal["shared", "diverse", "shared_no_pool"] = "shared",
+        toy_difficulty: ToyDifficulty = "shared",
         eval_subjects: list[str] = [],
         eval_template: str = "a photo of a {} <A>",
         test_seeds: list[int] | None = None,

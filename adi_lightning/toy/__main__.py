@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import fields
 
+from adi_lightning.paths import TOY_DIFFICULTIES
+
 
 def _pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--subjects", nargs="+", default=None, help="human-like subjects of the exemplars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--difficulty", choices=("shared", "diverse", "shared_no_pool"), default="shared",
+    p.add_argument("--difficulty", choices=TOY_DIFFICULTIES, default="shared",
                    help="shared: exemplars share one look, plus a context pool of other looks (context partners "
                         "only); diverse: every exemplar its own look; shared_no_pool: shared, no pool")
     p.add_argument("--num-pool", dest="num_pool", type=int, default=6, help="context-pool size (shared only)")

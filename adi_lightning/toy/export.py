@@ -22,11 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_save_image
-from ..paths import is_owned
+from ..paths import TOY_DIFFICULTIES as DIFFICULTIES, is_owned
 from .world import ACTIONS, BACKGROUNDS, COLOURS, HUMANS, PATTERNS, Spec, caption, render
 
 DEFAULT_EXEMPLAR_SUBJECTS = ("man", "woman", "child")
-DIFFICULTIES = ("shared", "diverse", "shared_no_pool")
 FOLDER_INFO = "toy_folder.json"  # beside metadata.jsonl: how the folder was made (difficulty, seed, ...)
 LEGACY_DIFFICULTY = "shared_no_pool"  # a folder without FOLDER_INFO predates difficulties
 
