@@ -19,7 +19,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Every family has these; its text encoders and tokenizers are its own (BackboneFamily.text_parts).
+PIPELINE_PARTS = ("unet", "vae", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -72,7 +73,7 @@ def check_pipeline_source(name_or_path: str) -> None:
         missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
         if missing:
             raise BackboneError(
-                f"{key}={name_or_path!r} is not a Stable Diffusion pipeline folder: missing {missing}"
+                f"{key}={name_or_path!r} is not a diffusers pipeline folder: missing {missing}"
             )
         return
     if path.exists():

@@ -43,6 +43,22 @@ def test_other_pipeline_classes_are_refused_by_name(tiny_pipeline, tmp_path, mak
         family_class(class_name)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
+def test_a_folder_missing_a_part_of_its_family_is_refused_once_by_name(request, tmp_path, family, part):
+    source = Path(request.getfixturevalue("tiny_sdxl_pipeline" if family == "sdxl" else "tiny_pipeline"))
+    folder = tmp_path / "pipe"
+    shutil.copytree(source, folder)
+    if not (folder / part).is_dir():  # SD 1.x has no second encoder: nothing to take away
+        load_backbone(str(folder))
+        return
+    shutil.rmtree(folder / part)
+    with pytest.raises(BackboneError, match=re.escape(f"missing ['{part}']")) as err:
+        load_backbone(str(folder))
+    message = str(err.value)
+    assert str(folder) in message and message.split(str(folder))[-1].count("missing") == 1  # one check, one error
+
+
 def test_family_prompt_inputs_are_the_stock_pipeline_keywords(make_module):
     module = make_module()
     table = module.identifier.embedding.detach()
