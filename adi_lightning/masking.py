@@ -8,7 +8,7 @@ quantiles are taken per row, over the D channels.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -149,17 +149,26 @@ def triple_updates(
     return source * masks, masks
 
 
+class MaskedUpdate(NamedTuple):
+    """What one optimizer step's masking made: ``update [L, D]`` (the mean over triples of
+    :func:`triple_updates`), the per-triple ``masks [N, L, D]`` and ``kept_energy`` (a scalar,
+    :func:`kept_energy_fraction` against the anchors' gradients)."""
+
+    update: torch.Tensor
+    masks: torch.Tensor
+    kept_energy: torch.Tensor
+
+
 def masked_update(
     role_grads: torch.Tensor,
     threshold: float,
     combine: MaskCombine = "and",
     update_from: UpdateFrom = "anchor",
     statistic: MaskStatistic = "absolute",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The identifier's update gradient: ``(update [L, D], masks [N, L, D])``, the update being
-    the mean over triples of :func:`triple_updates`."""
+) -> MaskedUpdate:
+    """The identifier's update from ``role_grads [N, 3, L, D]`` (arguments as :func:`triple_updates`)."""
     updates, masks = triple_updates(role_grads, threshold, combine, update_from, statistic)
-    return updates.mean(dim=0), masks
+    return MaskedUpdate(updates.mean(dim=0), masks, kept_energy_fraction(updates, role_grads[:, 0]))
 
 
 def kept_fraction_per_layer(masks: torch.Tensor) -> torch.Tensor:

@@ -107,9 +107,9 @@ def test_amp_scale_is_divided_out_and_inf_skips_the_step(make_module):
     grads = torch.randn(3, 3, 16, 32, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([module.identifier.embedding], lr=0.1)
     callback = GradientMaskCallback()
-    masks = callback.apply(module, grads * 1024.0, optimizer, scale=1024.0)
-    expected, expected_masks = masked_update(grads, 0.5, statistic=module.hparams.mask_statistic)
-    assert torch.equal(masks, expected_masks)
+    result = callback.apply(module, grads * 1024.0, optimizer, scale=1024.0)
+    expected, expected_masks, kept_energy = masked_update(grads, 0.5, statistic=module.hparams.mask_statistic)
+    assert torch.equal(result.masks, expected_masks) and torch.allclose(result.kept_energy, kept_energy)
     assert torch.allclose(module.identifier.embedding.grad, expected)
 
     module.identifier.embedding.grad = torch.full((16, 32), float("inf"))
@@ -157,5 +157,5 @@ def test_gradient_accumulation_masks_every_triple_of_the_global_step(tiny_pipeli
         _, per_sample = reference.compute_loss(batch)
         grads = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
         per_triple.append(grads.reshape(2, 3, *table.shape))
-    expected, _ = masked_update(torch.cat(per_triple), 0.4, statistic=module.hparams.mask_statistic)
+    expected = masked_update(torch.cat(per_triple), 0.4, statistic=module.hparams.mask_statistic).update
     assert (module.first_grad - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -68,20 +68,20 @@ def test_update_is_the_mean_of_masked_anchor_gradients_per_triple():
     # Two triples with different invariant channels: each gets its own mask.
     t1 = torch.stack([G_A, G_C, G_D])  # [3, 1, D]
     t2 = torch.stack([G_A.flip(-1), G_C.flip(-1), G_D.flip(-1)])
-    update, masks = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor")
+    update, masks, _ = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor")
     assert as_set(masks[0]) == {0, 1}
     assert as_set(masks[1]) == {6, 7}
     expected = (G_A * masks[0] + G_A.flip(-1) * masks[1]) / 2
     assert torch.equal(update, expected)
 
-    update_ac, _ = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor_and_context")
+    update_ac = masked_update(torch.stack([t1, t2]), 0.5, "and", "anchor_and_context").update
     expected_ac = (0.5 * (G_A + G_C) * masks[0] + 0.5 * (G_A + G_C).flip(-1) * masks[1]) / 2
     assert torch.allclose(update_ac, expected_ac)
 
 
 def test_masking_off_is_the_plain_mean_gradient():
     grads = torch.randn(4, 3, 5, D)
-    update, masks = masked_update(grads, 1.0)
+    update, masks, _ = masked_update(grads, 1.0)
     assert masks.all()
     assert torch.allclose(update, grads[:, 0].mean(0))
 
@@ -141,9 +141,9 @@ def test_projection_keeps_the_action_change_and_drops_the_context_change():
     g_c = (0 * action + 0 * context + shared).reshape(1, 1, 1, 3) + 2 * action.reshape(1, 1, 1, 3)  # same action
     g_d = (3 * context + shared).reshape(1, 1, 1, 3)  # same context, no action
     grads = torch.cat([g_a, g_c, g_d], dim=1)  # [1, 3, 1, 3]
-    update, masks = masked_update(grads, 0.5, "action_only", statistic="projection")
+    update, masks, _ = masked_update(grads, 0.5, "action_only", statistic="projection")
     assert torch.allclose(update[0], 2 * action, atol=1e-5)
-    update, _ = masked_update(grads, 0.5, "context_only", statistic="projection")
+    update = masked_update(grads, 0.5, "context_only", statistic="projection").update
     assert torch.allclose(update[0], 2 * action + shared, atol=1e-5)
     assert masks.all()
     assert torch.equal(masked_update(grads, 1.0, statistic="projection")[0], g_a[0, 0])

@@ -14,7 +14,7 @@ import logging
 import lightning as L
 import torch
 
-from adi_lightning.masking import kept_energy_fraction, kept_fraction_per_layer, triple_updates
+from adi_lightning.masking import MaskedUpdate, kept_fraction_per_layer, masked_update
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ class GradientMaskCallback(L.Callback):
     def __init__(self) -> None:
         self._restore_handle = None
         self.last_masks: torch.Tensor | None = None
-        self.last_kept_energy: torch.Tensor | None = None
 
     def _disarm(self) -> None:
         if self._restore_handle is not None:
@@ -56,23 +55,26 @@ class GradientMaskCallback(L.Callback):
         role_grads = gather_in_batch_order(pl_module, records, trainer.world_size)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else None
-        masks = self.apply(pl_module, role_grads, optimizer, scale, trainer.global_step)
-        if masks is None:
+        result = self.apply(pl_module, role_grads, optimizer, scale, trainer.global_step)
+        if result is None:
             return
+        masks = result.masks
         kept = kept_fraction_per_layer(masks)
         never_kept = ~masks.any(dim=0)
         pl_module.log("mask/kept_fraction", kept.mean(), batch_size=masks.shape[0])
-        pl_module.log("mask/kept_energy", self.last_kept_energy, batch_size=masks.shape[0])
+        pl_module.log("mask/kept_energy", result.kept_energy, batch_size=masks.shape[0])
         pl_module.log("mask/never_kept_fraction", never_kept.float().mean(), batch_size=masks.shape[0])
         if kept.numel() > 1 and (trainer.global_step + 1) % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log_dict({f"mask/kept_fraction_row{i:02d}": v for i, v in enumerate(kept)}, batch_size=masks.shape[0])
 
-    def apply(self, pl_module, role_grads: torch.Tensor, optimizer, scale: float | None = None, step: int = 0):
+    def apply(self, pl_module, role_grads: torch.Tensor, optimizer, scale: float | None = None,
+              step: int = 0) -> MaskedUpdate | None:
         """Write the masked update into ``E.grad`` and arm the post-step restore.
 
         ``role_grads`` ``[N, 3, R, D]`` are every rank's triples; ``scale`` is the AMP loss scale
         they still carry (Lightning unscales ``.grad``, not our recorded copies). Returns the
-        masks, or None when the step is to be skipped by the AMP scaler (non-finite gradients).
+        :class:`~adi_lightning.masking.MaskedUpdate`, or None when the step is to be skipped by the AMP
+        scaler (non-finite gradients).
         """
         if scale is not None:
             role_grads = role_grads / scale
@@ -82,13 +84,10 @@ class GradientMaskCallback(L.Callback):
             raise FloatingPointError(f"non-finite identifier gradient at global step {step}")
 
         hp = pl_module.hparams
-        updates, masks = triple_updates(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from,
-                                        hp.mask_statistic)
-        update = updates.mean(dim=0)
-        self.last_kept_energy = kept_energy_fraction(updates, role_grads[:, 0])
+        result = masked_update(role_grads, hp.mask_threshold, hp.mask_combine, hp.update_from, hp.mask_statistic)
         param = pl_module.identifier.embedding
-        param.grad = update.to(device=param.device, dtype=param.dtype)
-        self.last_masks = masks
+        param.grad = result.update.to(device=param.device, dtype=param.dtype)
+        self.last_masks = masks = result.masks
 
         never_kept = ~masks.any(dim=0)
         if bool(never_kept.any()):
@@ -104,4 +103,4 @@ class GradientMaskCallback(L.Callback):
 
             self._restore_handle = optimizer.register_step_post_hook(restore)
 
-        return masks
+        return result
