@@ -130,6 +130,7 @@ def build_sd15_shaped(out: Path) -> Path:
 def build_sdxl_shaped(out: Path, text_encoders: str = "small") -> Path:
     """An SDXL-topology pipeline folder with random weights (:data:`SDXL_SHAPED` and
     :data:`SDXL_TEXT_ENCODERS`); a folder built before is reused only if built with the same values."""
+    from adi_lightning.io import atomic_write_json
     from adi_lightning.tiny.sdxl import build_tiny_sdxl_pipeline
 
     values = json.loads(json.dumps({**SDXL_SHAPED, **SDXL_TEXT_ENCODERS[text_encoders]}))  # tuples as lists
@@ -140,7 +141,7 @@ def build_sdxl_shaped(out: Path, text_encoders: str = "small") -> Path:
                              "give another --sdxl-dir or remove it")
         return out
     build_tiny_sdxl_pipeline(out, **values)
-    record.write_text(json.dumps(values))
+    atomic_write_json(record, values)
     return out
 
 
