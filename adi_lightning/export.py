@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from adi_lightning.identifier import LAYER_ROW_KEY, read_identifier
+from adi_lightning.identifier import read_identifier, saved_layer_to_row
 from adi_lightning.io import atomic_path, atomic_save_safetensors
 
 #: ``--format sdxl`` keys, in row order: ``text_encoder`` (CLIP ViT-L) then ``text_encoder_2``
@@ -42,12 +41,10 @@ def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
     return table[row : row + 1]
 
 
-def _layers_of_row(identifier: str | Path, meta: dict[str, str], row: int) -> list[str]:
-    """The ``attn2`` paths that read row ``row`` (per the file's ``layer_to_row``; one per row in older files)."""
+def _layers_of_row(identifier: str | Path, meta: dict[str, str], rows: int, row: int) -> list[str]:
+    """The ``attn2`` paths that read row ``row`` of the file's ``rows`` (its ``layer_to_row``)."""
     paths = json.loads(meta.get("layer_paths", "[]"))
-    with safe_open(str(identifier), framework="pt") as handle:
-        rows = handle.get_tensor(LAYER_ROW_KEY).tolist() if LAYER_ROW_KEY in handle.keys() else range(len(paths))
-    return [path for path, r in zip(paths, rows) if r == row] or [f"layer {row}"]
+    return [path for path, r in zip(paths, saved_layer_to_row(identifier, rows, len(paths)).tolist()) if r == row]
 
 
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None, token: str | None = None) -> Path:
@@ -75,7 +72,8 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     elif row is None:
         kept = f"mean of {table.shape[0]} rows (lossy)"
     else:
-        kept = f"row {row} of {table.shape[0]}, used by {', '.join(_layers_of_row(identifier, meta, row))} (lossy)"
+        layers = ", ".join(_layers_of_row(identifier, meta, table.shape[0], row))
+        kept = f"row {row} of {table.shape[0]}, used by {layers} (lossy)"
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
         return atomic_save_safetensors({token: vector}, out, {"source": str(identifier), "kept": kept})

@@ -271,6 +271,20 @@ def read_identifier(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     return table, meta
 
 
+def saved_layer_to_row(path: str | Path, rows: int, num_layers: int) -> torch.Tensor:
+    """The file's ``layer_to_row`` ``[L]`` int64, in its ``layer_paths`` order (files written before row
+    groups: one row per layer, or one shared row). ValueError when it does not map its ``rows`` rows
+    onto its ``num_layers`` layers."""
+    with safe_open(str(path), framework="pt") as handle:
+        saved = handle.get_tensor(LAYER_ROW_KEY).long() if LAYER_ROW_KEY in handle.keys() else None
+    if saved is None and rows in (1, num_layers):  # files without layer_to_row
+        saved = torch.arange(num_layers) if rows > 1 else torch.zeros(num_layers, dtype=torch.int64)
+    if saved is None or saved.shape != (num_layers,) or set(saved.tolist()) != set(range(rows)):
+        raise ValueError(f"identifier {path} has {rows} rows that its layer_to_row does not map onto "
+                         f"its {num_layers} layers")
+    return saved
+
+
 def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str], layer_paths: list[str],
                     dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows [R, D], layer_to_row [L])`` of a saved table for a pipeline whose ``attn2`` paths are
@@ -291,14 +305,7 @@ def rows_for_layers(path: str | Path, table: torch.Tensor, meta: dict[str, str],
             f"{name} was learned for {len(saved_paths)} cross-attention layers that do "
             f"not match this pipeline's {len(layer_paths)} ('attn2' module paths differ)"
         )
-    with safe_open(str(path), framework="pt") as handle:
-        saved_rows = handle.get_tensor(LAYER_ROW_KEY).long() if LAYER_ROW_KEY in handle.keys() else None
-    if saved_rows is None and table.shape[0] in (1, len(saved_paths)):  # files without layer_to_row
-        saved_rows = torch.arange(len(saved_paths)) if table.shape[0] > 1 else torch.zeros(len(saved_paths)).long()
-    if saved_rows is None or saved_rows.shape != (len(saved_paths),) \
-            or set(saved_rows.tolist()) != set(range(table.shape[0])):
-        raise ValueError(f"identifier {path} has {table.shape[0]} rows that its layer_to_row does not map onto "
-                         f"its {len(saved_paths)} layers")
+    saved_rows = saved_layer_to_row(path, table.shape[0], len(saved_paths))
     index = {p: i for i, p in enumerate(saved_paths)}
     layer_rows = saved_rows[[index[p] for p in layer_paths]].tolist()
     order = list(dict.fromkeys(layer_rows))  # rows renumbered in order of first use, as group_layers numbers them
