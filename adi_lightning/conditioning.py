@@ -11,7 +11,7 @@ by call order, so gradient checkpointing, ``torch.compile`` and the stock
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 #: How cross-attention layers share identifier rows (``model.row_groups``, :func:`group_layers`).
 RowGroups = Literal["layer", "attention", "resolution", "shared"]
-ROW_GROUPS = ("layer", "attention", "resolution", "shared")
+ROW_GROUPS: tuple[str, ...] = get_args(RowGroups)
 
 
 def _path_key(path: str) -> tuple:

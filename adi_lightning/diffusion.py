@@ -6,14 +6,14 @@ No model and no Lightning here: tensors and generators in, tensors out.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from adi_lightning.data.triples import triple_key
 
 TimestepSampling = Literal["uniform", "importance", "cubic"]
-TIMESTEP_SAMPLINGS = ("uniform", "importance", "cubic")
+TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
 
 
 def sample_timestep(generator: torch.Generator, num_train_timesteps: int, kind: TimestepSampling,

@@ -8,17 +8,17 @@ quantiles are taken per row, over the D channels.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 MaskCombine = Literal["and", "or", "context_only", "action_only"]
 MaskStatistic = Literal["absolute", "relative", "sign", "projection"]
 UpdateFrom = Literal["anchor", "anchor_and_context"]
-MASK_COMBINES: tuple[str, ...] = ("and", "or", "context_only", "action_only")
-MASK_STATISTICS: tuple[str, ...] = ("absolute", "relative", "sign", "projection")
+MASK_COMBINES: tuple[str, ...] = get_args(MaskCombine)
+MASK_STATISTICS: tuple[str, ...] = get_args(MaskStatistic)
+UPDATE_FROMS: tuple[str, ...] = get_args(UpdateFrom)
 EPS = 1e-12
-UPDATE_FROMS: tuple[str, ...] = ("anchor", "anchor_and_context")
 
 
 def check_threshold(threshold: float, key: str = "model.mask_threshold") -> float:
