@@ -11,7 +11,8 @@ from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, 
 
 def check_model_settings(mask_threshold: float, mask_combine: str, mask_statistic: str, update_from: str,
                          timestep_sampling: str, learning_rate: float, weight_decay: float,
-                         num_inference_steps: int, large_t_steps: int = 0, large_t_min: float = 0.8) -> None:
+                         num_inference_steps: int, large_t_steps: int = 0, large_t_min: float = 0.8,
+                         starts: int = 1, start_steps: int = 100) -> None:
     """ValueError for a ``model.*`` value outside its range (the ADIModule arguments of that name)."""
     check_threshold(mask_threshold)
     if mask_combine not in MASK_COMBINES:
@@ -26,6 +27,9 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
         raise ValueError(f"model.large_t_steps must be an integer >= 0 (optimizer steps), got {large_t_steps!r}")
     if not 0.0 <= large_t_min < 1.0:
         raise ValueError(f"model.large_t_min must be in [0, 1) (a fraction of the training timesteps), got {large_t_min!r}")
+    for key, value in (("starts", starts), ("start_steps", start_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{key} must be an integer >= 1, got {value!r}")
     if not learning_rate > 0:
         raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
     if not weight_decay >= 0:

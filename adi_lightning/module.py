@@ -70,7 +70,13 @@ class ADIModule(L.LightningModule):
             diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; README "Timesteps".
         large_t_steps / large_t_min: The first ``large_t_steps`` optimizer steps draw t uniformly from
             ``[large_t_min T, T)`` (the pose first), then ``timestep_sampling``. Default 0 (off): on the toy jump
-            it changed which seeds fail, not how many (README "Timesteps").
+            it changed which seeds fail, not how many (README "Timesteps"). ``large_t_min`` also bounds the
+            band in which multi-start compares its starts.
+        starts / start_steps: Multi-start (random restarts with selection): ``starts`` runs of ``start_steps``
+            optimizer steps each from the initial rows (fresh AdamW state, the data stream going on), then the
+            run continues the start with the lowest anchor loss at t >= ``large_t_min`` T
+            (:class:`~adi_lightning.callbacks.MultiStartCallback`). ``trainer.max_steps`` counts every step.
+            Default 1 (off); the toy experiments use 3 x 100 (README "Multi-start").
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
             identifier and its gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
@@ -112,6 +118,8 @@ class ADIModule(L.LightningModule):
         timestep_sampling: TimestepSampling = "importance",
         large_t_steps: int = 0,
         large_t_min: float = 0.8,
+        starts: int = 1,
+        start_steps: int = 100,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None,
         revision: str | None = None,
@@ -129,7 +137,8 @@ class ADIModule(L.LightningModule):
     ):
         super().__init__()
         check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
-                             learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min)
+                             learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min,
+                             starts, start_steps)
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
@@ -153,6 +162,7 @@ class ADIModule(L.LightningModule):
         if identifier_path:
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
+        self.start_selection: dict | None = None  # set by MultiStartCallback when it has chosen a start
 
         self.latent_cache = speed.LatentCache()
         if channels_last:
@@ -196,8 +206,8 @@ class ADIModule(L.LightningModule):
     def configure_callbacks(self):
         from adi_lightning import callbacks as cb
 
-        return [cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(), cb.EvaluationCallback(),
-                cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback()]
+        return [cb.MultiStartCallback(), cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(),
+                cb.EvaluationCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback()]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -240,6 +250,8 @@ class ADIModule(L.LightningModule):
             "mask_statistic": self.hparams.mask_statistic,
             "timestep_sampling": self.hparams.timestep_sampling,
             "large_t_steps": str(self.hparams.large_t_steps), "large_t_min": str(self.hparams.large_t_min),
+            "starts": json.dumps({"starts": self.hparams.starts, "start_steps": self.hparams.start_steps,
+                                  **(self.start_selection or {})}),
             "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
@@ -284,24 +296,27 @@ class ADIModule(L.LightningModule):
 
         return hook
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, batch: dict, draw_step: int | None = None,
+                     large_t_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, per-sample losses [B*R])`` for a batch of triples (R = 3) or anchors (R = 1).
 
         All members of a triple share one prompt, timestep and noise tensor, drawn from a
-        generator keyed by (triple key, global step): only the image differs, and results do
-        not depend on how triples are spread over ranks. With masking on, a hook on the
-        per-sample view of the identifier records every sample's gradient in this one backward.
+        generator keyed by (triple key, ``draw_step``, default the global step): only the image
+        differs, and results do not depend on how triples are spread over ranks. ``large_t_only``
+        draws t from ``[large_t_min T, T)`` (the multi-start comparison). With masking on, a hook
+        on the per-sample view of the identifier records every sample's gradient in this one backward.
         """
         pixels = batch["pixel_values"]
         batch_size, roles = pixels.shape[:2]
-        if self.masking_enabled and roles != 3:
+        if self.masking_enabled and roles != 3 and torch.is_grad_enabled():
             raise ValueError(f"masking needs (anchor, context, action) triples, got {roles} images per item")
         samples = batch_size * roles
         latents = self._latents(batch, pixels)
         h = self.hparams
-        noise, timesteps = keyed_noise_and_timesteps(batch["key"].tolist(), self.global_step, roles, latents,
-                                                     self.noise_scheduler.config.num_train_timesteps,
-                                                     h.timestep_sampling, h.large_t_steps, h.large_t_min)
+        step = self.global_step if draw_step is None else draw_step
+        noise, timesteps = keyed_noise_and_timesteps(batch["key"].tolist(), step, roles, latents,
+                                                     self.noise_scheduler.config.num_train_timesteps, h.timestep_sampling,
+                                                     step + 1 if large_t_only else h.large_t_steps, h.large_t_min)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)

@@ -83,8 +83,8 @@ def fail_fit_at(monkeypatch):
     real = ADIModule.compute_loss
 
     def patch(step: int, error: BaseException | None = None) -> None:
-        def compute_loss(self, batch):
-            loss, per_sample = real(self, batch)
+        def compute_loss(self, batch, *args, **kwargs):
+            loss, per_sample = real(self, batch, *args, **kwargs)
             if self.global_step < step:
                 return loss, per_sample
             if error is not None:

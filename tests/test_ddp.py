@@ -39,14 +39,14 @@ def _run_cli(args: list[str], devices: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int, statistic: str) -> torch.Tensor:
+def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int, statistic: str, *extra: str) -> torch.Tensor:
     args = [
         sys.executable, "-m", "adi_lightning", "fit", "--config", "experiments/tiny.yaml",
         f"--model.pretrained_model_name_or_path={pipeline}", f"--data.root={data}",
         f"--trainer.default_root_dir={root}", "--trainer.max_steps=4", "--trainer.val_check_interval=100",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--data.batch_size={batch_size}",
-        "--data.repeats=4", "--model.weight_decay=0.01", f"--model.mask_statistic={statistic}",
+        "--data.repeats=4", "--model.weight_decay=0.01", f"--model.mask_statistic={statistic}", *extra,
     ]
     _run_cli(args, devices)
     (run,) = [p for p in root.iterdir() if p.is_dir()]  # one run folder, shared by both ranks
@@ -60,6 +60,14 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(family, statistic, 
     ddp = _fit(tmp_path / "two", pipeline, tiny_data, devices=2, batch_size=1, statistic=statistic)
     assert not torch.equal(single[0], single[-1])  # rows started equal (initializer) and trained apart
     assert (single - ddp).abs().max().item() <= TOLERANCE[family, statistic]
+
+
+def test_multi_start_under_two_ranks_matches_one_rank(tiny_pipeline, tiny_data, tmp_path):
+    """Every rank scores the starts on the same draws and continues the same one (rank 0's choice)."""
+    starts = ("--model.starts=2", "--model.start_steps=1")
+    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, 1, 2, "absolute", *starts)
+    ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, 2, 1, "absolute", *starts)
+    assert (single - ddp).abs().max().item() <= TOLERANCE["sd", "absolute"]
 
 
 def test_rank_divergence_is_detected():

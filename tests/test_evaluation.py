@@ -267,7 +267,7 @@ def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatc
               "--data.eval_subjects=[cat, robot]", "--data.test_seeds=[0, 1, 2]"]
     # "person" is a noun of the toy templates ("a photo of a person {}"): the run warns about it.
     with pytest.warns(UserWarning, match="initializer_token='person' is a word of data.prompt_templates"):
-        main(args=["fit", *common, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
+        main(args=["fit", *common, "--trainer.max_steps=2", "--model.starts=1", "--trainer.limit_val_batches=0", "--trainer.callbacks=[]",
                    "--model.initializer_token=person"])
     (identifier,) = tmp_path.glob("*/identifier.safetensors")
     from adi_lightning.identifier import read_identifier

@@ -16,8 +16,9 @@ from adi_lightning.cli import ADICLI, main
 from adi_lightning.paths import ConfigNotFoundError, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--trainer.max_steps=2", "--data.eval_subjects=[cat]", "--data.validation_seeds=[0]",
-         "--model.num_inference_steps=2"]
+# The main job shortened: two 1-step starts (multi-start end to end), one more step, one judged image.
+QUICK = ["--trainer.max_steps=3", "--model.starts=2", "--model.start_steps=1", "--data.eval_subjects=[cat]",
+         "--data.validation_seeds=[0]", "--model.num_inference_steps=2"]
 
 
 def test_bare_config_name_resolves_from_the_repo_and_from_elsewhere(tmp_path, monkeypatch):
@@ -27,7 +28,7 @@ def test_bare_config_name_resolves_from_the_repo_and_from_elsewhere(tmp_path, mo
                          f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert here.datamodule.action == there.datamodule.action == "jumping"
     assert there.model.hparams.mask_threshold == 1.0  # the preset, found by its project path
-    assert there.trainer.max_steps == here.trainer.max_steps == 300
+    assert there.trainer.max_steps == here.trainer.max_steps == 600
 
 
 def test_a_missing_config_name_lists_the_experiments(tmp_path, monkeypatch, capsys):
@@ -65,8 +66,8 @@ def test_fit_ends_with_a_summary_naming_the_identifier_grid_and_metrics(tmp_path
     out = capsys.readouterr().out.strip().splitlines()
     lines = out[[i for i, line in enumerate(out) if line.startswith("adi_lightning: fit finished in")][-1]:]
     assert f"run folder  {run}" in lines[1] and f"identifier  {run / 'identifier.safetensors'}" in lines[2]
-    assert f"grid        {run / 'images' / 'validation_step000002.png'}" in lines[3]
-    assert "validation on 1 judged images: action_acc" in lines[4] and "validation_step000002.json" in lines[5]
+    assert f"grid        {run / 'images' / 'validation_step000003.png'}" in lines[3]
+    assert "validation on 1 judged images: action_acc" in lines[4] and "validation_step000003.json" in lines[5]
 
 
 @pytest.mark.parametrize("where", ["command line", "yaml"])
@@ -115,6 +116,7 @@ def test_main_job_console_has_no_library_notices(tmp_path):
     console = run.stdout + run.stderr
     assert run.returncode == 0, console[-2000:]
     assert [n for n in NOTICES if n in console] == [], console[-3000:]
+    assert "multi-start: start 2 of 2 ended at step 2" in console and "multi-start: continuing start" in console
     assert "adi_lightning: fit finished in" in console
 
 
@@ -123,7 +125,8 @@ def test_readme_snippet_for_the_embedded_default_runs_as_written(tmp_path):
     import re
 
     main(args=["fit", "--config", "jump.yaml", f"--trainer.default_root_dir={tmp_path}",
-               "--trainer.enable_progress_bar=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+               "--trainer.enable_progress_bar=false", "--trainer.max_steps=1", "--model.starts=1",
+               "--trainer.limit_val_batches=0"])
     (identifier,) = tmp_path.glob("*/identifier.safetensors")
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     (snippet,) = [b for b in blocks if "toy_pipeline_path" in b]

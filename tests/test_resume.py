@@ -11,9 +11,9 @@ from adi_lightning.data import ActionTripleDataModule, GlobalBatchSampler
 from adi_lightning.module import ADIModule
 
 
-def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None, num_workers=0):
+def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None, num_workers=0, **model):
     L.seed_everything(0)
-    module = ADIModule(tiny_pipeline, mask_threshold=0.5, weight_decay=0.01, learning_rate=0.05)
+    module = ADIModule(tiny_pipeline, **{"mask_threshold": 0.5, "weight_decay": 0.01, "learning_rate": 0.05, **model})
     # 4 anchors x 2 repeats = 8 items, batch 2: 4 batches per epoch, so 6 steps cross an epoch.
     dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=5,
                                 num_workers=num_workers)
@@ -40,6 +40,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_dat
     ckpt = next(checkpoints.glob(f"*step={stop_at}.ckpt"))
     resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path, 6, ckpt_path=str(ckpt), num_workers=workers)
     assert trainer.global_step == 6
+    assert torch.equal(resumed, straight)
+
+
+# Multi-start (3 starts x 2 steps, then the best): inside a start, at a start boundary, and after the choice.
+@pytest.mark.parametrize("stop_at", [1, 4, 7])
+def test_resume_inside_multi_start_is_bit_identical(tiny_pipeline, tiny_data, tmp_path, stop_at):
+    starts = dict(starts=3, start_steps=2)
+    straight, _ = _fit(tiny_pipeline, tiny_data, tmp_path / "straight", 8, **starts)
+    ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
+    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path / "resumed", 8, ckpt_path=str(ckpt), **starts)
+    assert trainer.global_step == 8
     assert torch.equal(resumed, straight)
 
 

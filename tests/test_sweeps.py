@@ -100,7 +100,7 @@ def test_one_trial_runs_offline_with_a_one_step_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = load(REPO / "sweeps" / "mask_threshold.yaml")
     command = command_for(sweep, {"model.mask_threshold": sweep["parameters"]["model.mask_threshold"]["values"][2]})
-    main(args=[*command[3:], "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
+    main(args=[*command[3:], "--trainer.max_steps=1", "--model.starts=1", f"--trainer.default_root_dir={tmp_path}",
                "--data.eval_subjects=[cat]", "--data.validation_seeds=[0]",
                "--model.num_inference_steps=2", "--trainer.enable_progress_bar=false"])
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -4,8 +4,9 @@ from adi_lightning.callbacks.evaluation import EvaluationCallback
 from adi_lightning.callbacks.failed_run import LAST_GOOD_FILE, LastGoodIdentifierCallback, run_results
 from adi_lightning.callbacks.gradient_mask import GradientMaskCallback
 from adi_lightning.callbacks.image_log import ImageGridCallback, labelled_grid
+from adi_lightning.callbacks.multi_start import MultiStartCallback, large_t_anchor_loss
 from adi_lightning.callbacks.optimizer_settings import OptimizerSettingsCallback
 from adi_lightning.callbacks.rank_consistency import RankConsistencyCallback
 
 __all__ = ["LAST_GOOD_FILE", "EvaluationCallback", "GradientMaskCallback", "ImageGridCallback", "LastGoodIdentifierCallback",
-           "OptimizerSettingsCallback", "RankConsistencyCallback", "labelled_grid", "run_results"]
+           "MultiStartCallback", "OptimizerSettingsCallback", "RankConsistencyCallback", "labelled_grid", "large_t_anchor_loss", "run_results"]
