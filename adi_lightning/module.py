@@ -76,7 +76,7 @@ class ADIModule(L.LightningModule):
             optimizer steps each from the initial rows (fresh AdamW state, the data stream going on), then the
             run continues the start with the lowest anchor loss at t >= ``large_t_min`` T
             (:class:`~adi_lightning.callbacks.MultiStartCallback`). ``trainer.max_steps`` counts every step.
-            Default 1 (off); the toy experiments use 3 x 100 (README "Multi-start").
+            Default 1 (off); the toy experiments use 8 x 50 (README "Multi-start").
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
             identifier and its gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).

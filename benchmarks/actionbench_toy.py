@@ -6,7 +6,7 @@ stage wrote (``metrics/test_step*.json``), kept atomically in ``<out>/runs/`` an
 Tables: per folder, mean ± std of every metric per method; paired differences with bootstrap 95%
 intervals; the ablations; ADI's threshold curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size, about 1.6 h
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (500 steps, 8 starts), about 2.3 h
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -45,24 +45,26 @@ EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7
 
 
 # ------------------------------------------------------------------ pure helpers (tested)
-def spec(method, action, folder, seed, steps, test_seeds, beta=None) -> dict:
+def spec(method, action, folder, seed, steps, test_seeds, beta=None, starts=1) -> dict:
     return {"method": method, "action": action, "folder": folder, "seed": seed, "steps": steps,
-            "test_seeds": test_seeds, "beta": beta}
+            "test_seeds": test_seeds, "beta": beta, "starts": starts}
 
 
 def run_key(s: dict) -> str:
     beta = "" if s["beta"] is None else f"-beta{s['beta']:g}".replace(".", "p")  # no dot: keys get suffixes
-    return f"{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps-{s['test_seeds']}ts{beta}"
+    starts = "" if s.get("starts", 1) == 1 else f"-{s['starts']}starts"
+    return f"{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-{s['test_seeds']}ts{beta}"
 
 
 def make_plan(args, preset_beta: float | None) -> dict[str, list[dict]]:
     """The runs of each part: main, ablations (with ADI beside them), curve ((beta, spec) pairs)."""
-    main = [spec(m, a, f, s, args.steps, args.test_seeds)
+    starts = getattr(args, "starts", 1)
+    main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts)
             for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
-    ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds)
+    ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds, starts=starts)
                  for s in args.seeds for m in ("adi", *args.ablations)] if args.ablations else []
     curve = [(b, spec("adi", args.curve_action, args.curve_folder, s, args.steps, args.test_seeds,
-                      None if b == preset_beta else b)) for b in args.curve_betas for s in args.curve_seeds]
+                      None if b == preset_beta else b, starts)) for b in args.curve_betas for s in args.curve_seeds]
     return {"main": main, "ablations": ablations, "curve": curve}
 
 
@@ -198,6 +200,7 @@ def worker(payload: str) -> int:
     torch.set_num_threads(1)
     extra = [f"--data.toy_difficulty={s['folder']}", f"--data.root={job['data_root']}"]
     extra += [] if s["beta"] is None else [f"--model.mask_threshold={s['beta']}"]
+    extra += [f"--model.starts={s.get('starts', 1)}"]
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="actionbench-") as tmp:
         metrics = run_one(s["action"], s["method"], s["seed"], s["steps"], s["test_seeds"], Path(tmp), extra,
@@ -211,7 +214,7 @@ def worker(payload: str) -> int:
 def load_result(path: Path, s: dict) -> dict | None:
     """A finished run's record when its spec is this one (a resumed benchmark reuses it)."""
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get("spec") != s:
+    if {"starts": 1, **record.get("spec", {})} != s:  # records from before multi-start ran one start
         return None
     record["metrics"] = {k: math.nan if v is None else v for k, v in record["metrics"].items()}
     return record
@@ -267,7 +270,9 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=[*MAIN_METHODS, *ABLATIONS])
     p.add_argument("--folders", nargs="+", default=["shared", "diverse"], choices=FOLDERS, help="data.toy_difficulty")
     p.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5], help="seed_everything and data.seed")
-    p.add_argument("--steps", type=int, default=300, help="training steps per identifier")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per identifier, the starts included (default: configs/trainer/toy.yaml's)")
+    p.add_argument("--starts", type=int, default=None, help="model.starts (default: configs/model/toy.yaml's)")
     p.add_argument("--test-seeds", type=int, default=4, help="test images per unseen subject")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS, help="empty: skip")
     p.add_argument("--ablation-action", default="jumping", choices=ACTIONS)
@@ -286,11 +291,16 @@ def main() -> int:
         return worker(args.worker)
     if args.quick:
         args.actions, args.seeds, args.folders = args.actions[:1], args.seeds[:1], args.folders[:1]
-        args.steps, args.test_seeds, args.methods = 20, 1, ["init", "pplus", "adi"]
+        args.steps, args.starts, args.test_seeds, args.methods = 20, 1, 1, ["init", "pplus", "adi"]
         args.ablations, args.curve_betas = [], []
+    import yaml
+
+    if args.steps is None:
+        args.steps = yaml.safe_load((REPO / "configs" / "trainer" / "toy.yaml").read_text())["max_steps"]
+    if args.starts is None:
+        args.starts = yaml.safe_load((PRESETS / "toy.yaml").read_text()).get("starts", 1)
     default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
     out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
-    import yaml
 
     plan = make_plan(args, yaml.safe_load((PRESETS / "adi.yaml").read_text()).get("mask_threshold"))
     runs = unique_runs(plan)

@@ -140,7 +140,7 @@ def test_quick_plan_is_three_runs():
 def test_run_keys_tell_runs_apart():
     a = bench.spec("adi", "jumping", "shared", 3, 300, 4)
     specs = (a, {**a, "seed": 4}, {**a, "folder": "diverse"}, {**a, "steps": 20}, {**a, "test_seeds": 1},
-             {**a, "beta": 0.3}, {**a, "beta": 0.1}, {**a, "method": "pplus"})
+             {**a, "beta": 0.3}, {**a, "beta": 0.1}, {**a, "method": "pplus"}, {**a, "starts": 8})
     keys = {bench.run_key(s) for s in specs}
     assert len(keys) == len(specs)
     assert not any("." in k for k in keys)  # <key>.json / .csv / .png never clash
@@ -156,6 +156,10 @@ def test_load_result_reuses_only_the_same_spec(tmp_path):
     got = bench.load_result(path, s)
     assert got["metrics"]["action_acc"] == 0.5 and math.isnan(got["metrics"]["leak_subject"])
     assert bench.load_result(path, {**s, "steps": 20}) is None
+    assert bench.load_result(path, {**s, "starts": 8}) is None
+    old = {k: v for k, v in s.items() if k != "starts"}  # a record from before multi-start: one start
+    atomic_write_json(path, {"spec": old, "metrics": {"action_acc": 0.5}})
+    assert bench.load_result(path, s) is not None and bench.load_result(path, {**s, "starts": 8}) is None
 
 
 # ------------------------------------------------------------------ presets

@@ -297,6 +297,12 @@ def learning_rate_not_positive(data: Path, tmp: Path):
     return {"model.learning_rate": "-0.01"}, "model.learning_rate must be > 0, got -0.01"
 
 
+def starts_that_use_up_the_steps(data: Path, tmp: Path):
+    """`model.starts` x `model.start_steps` that use up `trainer.max_steps`"""
+    return ({"model.starts": 2, "model.start_steps": 1},
+            "model.starts=2 x model.start_steps=1 = 2 steps of starts leave none of the run's 2 steps (trainer.max_steps)")
+
+
 def unknown_mask_statistic(data: Path, tmp: Path):
     """an unknown `model.mask_statistic`"""
     return {"model.mask_statistic": "median"}, "model.mask_statistic"
@@ -323,7 +329,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          output_not_writable, float_image, metadata_not_utf8, duplicate_file_name, file_name_outside_the_folder,
          metadata_line_without_a_required_key, data_root_is_a_file, config_does_not_exist, config_is_not_text,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
-         none_for_a_key_that_cannot_be_null, learning_rate_not_positive, unknown_mask_statistic,
+         none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
+         unknown_mask_statistic,
          empty_predict_prompts, misspelt_key]
 
 

@@ -28,7 +28,7 @@ def test_bare_config_name_resolves_from_the_repo_and_from_elsewhere(tmp_path, mo
                          f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert here.datamodule.action == there.datamodule.action == "jumping"
     assert there.model.hparams.mask_threshold == 1.0  # the preset, found by its project path
-    assert there.trainer.max_steps == here.trainer.max_steps == 600
+    assert there.trainer.max_steps == here.trainer.max_steps == 500
 
 
 def test_a_missing_config_name_lists_the_experiments(tmp_path, monkeypatch, capsys):

@@ -51,8 +51,8 @@ def test_each_start_begins_at_the_initial_rows_and_the_lowest_scored_start_is_co
     assert not torch.equal(scored_tables[1], initial)
     # Step 6 goes on from start 2 (score 1.0): its rows and its AdamW state (2 steps taken).
     assert torch.equal(spy.tables[6], scored_tables[1]) and spy.adam_steps[6] == 2
-    assert module.start_selection == {"chosen": 1, "large_t_losses": [3.0, 1.0, 2.0]}
-    assert '"chosen": 1' in module.identifier_metadata()["starts"]
+    assert module.start_selection == {"chosen": 2, "large_t_losses": [3.0, 1.0, 2.0]}  # counted from 1
+    assert '"chosen": 2' in module.identifier_metadata()["starts"]
 
 
 def test_large_t_anchor_loss_is_a_fixed_draw_score_of_the_current_rows(make_module, tiny_data):

@@ -1,10 +1,10 @@
 """MultiStartCallback: random restarts of the identifier, the best start continued.
 
-On the toy jump, textual inversion, P+ and ADI land in one of two poses within their first 100
-steps (the jump, or an arms-up pose without its legs), decided by the order of the data; the
-failed start is visible in training data alone: its anchor loss at large t, where the sampler
-lays out the pose, is higher (0.0061-0.0067 against 0.0052-0.0054 at step 100 on development
-seeds 10-18; README "Multi-start"). So with ``model.starts = K`` the first ``K x model.start_steps``
+On the toy jump, textual inversion, P+ and ADI settle in one of two poses within their first
+50-100 steps (the jump, or an arms-up pose without its legs), decided by the order of the data; a
+failed start is visible in training data alone: its anchor loss at large t, where the sampler lays
+out the pose, is higher (0.0061-0.0067 against 0.0052-0.0054 at step 100 on development seeds
+10-18; README "Multi-start"). So with ``model.starts = K`` the first ``K x model.start_steps``
 optimizer steps train K starts, each from the run's initial rows with a fresh AdamW state while
 the data stream goes on; each start ends with :func:`large_t_anchor_loss`, and the run continues
 the start with the lowest one (its rows and AdamW state). This is model selection on the training
@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from adi_lightning.data.triples import image_key, load_image
 
 #: (anchor, timestep, noise) draws per comparison, cycling over the anchors and templates.
-SELECTION_DRAWS = 192
+SELECTION_DRAWS = 96
 #: Keys of the comparison's draws: fixed, so every start is scored on the same draws.
 SELECTION_KEY = 1 << 40
 
@@ -56,7 +56,8 @@ class MultiStartCallback(L.Callback):
 
     Its state (scores so far, the best start's rows and AdamW state) is saved in checkpoints, so a
     run resumed inside the starts goes on as if uninterrupted. Logs ``start/large_t_loss`` per
-    start; the choice is written into the identifier file's metadata (``starts``).
+    start; the choice (``chosen``, counted from 1 as on the console) and every start's score are
+    written into the identifier file's metadata (``starts``).
     """
 
     def __init__(self) -> None:
@@ -71,34 +72,37 @@ class MultiStartCallback(L.Callback):
         self.losses, self.best = list(state_dict["losses"]), state_dict["best"]
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # Before any checkpoint is restored: the rows every start begins from.
-        if stage == "fit":
-            self.initial = pl_module.identifier.embedding.detach().clone()
-
-    def on_fit_start(self, trainer, pl_module) -> None:
         hp = pl_module.hparams
-        if hp.starts == 1:
+        if stage != "fit" or hp.starts == 1:
             return
+        # Before any checkpoint is restored: the rows every start begins from.
+        self.initial = pl_module.identifier.embedding.detach().clone()
         total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         if hp.starts * hp.start_steps >= total:
             raise ValueError(
                 f"model.starts={hp.starts} x model.start_steps={hp.start_steps} = {hp.starts * hp.start_steps} "
                 f"steps of starts leave none of the run's {total} steps (trainer.max_steps) for the chosen start: "
                 "raise trainer.max_steps or lower model.starts / model.start_steps")
-        if self.best is not None and len(self.losses) >= hp.starts:
-            pl_module.start_selection = self._selection(hp)
+        dataset = getattr(getattr(trainer, "datamodule", None), "train_dataset", None)
+        if not getattr(dataset, "anchors", None):
+            raise ValueError(f"model.starts={hp.starts} scores each start on the exemplars of the training data "
+                             "(ActionTripleDataModule's train_dataset.anchors), and this run has none: use model.starts=1")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         hp = pl_module.hparams
-        finished = trainer.global_step // hp.start_steps
-        if hp.starts == 1 or len(self.losses) >= min(finished, hp.starts):
+        if hp.starts == 1:
+            return
+        if len(self.losses) >= hp.starts:  # chosen (also when resumed from a checkpoint after the choice)
+            pl_module.start_selection = pl_module.start_selection or self._selection(hp)
+            return
+        if len(self.losses) >= trainer.global_step // hp.start_steps:  # the current start goes on
             return
         loss = float(trainer.strategy.broadcast(large_t_anchor_loss(pl_module, trainer.datamodule.train_dataset)))
         self.losses.append(loss)
         optimizer = trainer.optimizers[0]
         table = pl_module.identifier.embedding
         if self.best is None or loss < self.best["loss"]:
-            self.best = {"start": len(self.losses) - 1, "loss": loss, "rows": table.detach().cpu().clone(),
+            self.best = {"start": len(self.losses), "loss": loss, "rows": table.detach().cpu().clone(),
                          "optimizer": copy.deepcopy(optimizer.state_dict())}
         pl_module.log("start/large_t_loss", loss, batch_size=1)
         rank_zero_info(f"multi-start: start {len(self.losses)} of {hp.starts} ended at step {trainer.global_step}, "
@@ -111,7 +115,7 @@ class MultiStartCallback(L.Callback):
             table.copy_(self.best["rows"].to(table))
         optimizer.load_state_dict(self.best["optimizer"])
         pl_module.start_selection = self._selection(hp)
-        rank_zero_info(f"multi-start: continuing start {self.best['start'] + 1} (large-t anchor loss {self.best['loss']:.5f})")
+        rank_zero_info(f"multi-start: continuing start {self.best['start']} (large-t anchor loss {self.best['loss']:.5f})")
 
     def _selection(self, hp) -> dict:
         return {"chosen": self.best["start"], "large_t_losses": [round(x, 6) for x in self.losses]}
