@@ -6,7 +6,7 @@ stage wrote (``metrics/test_step*.json``), kept atomically in ``<out>/runs/`` an
 Tables: per folder, mean ± std of every metric per method; paired differences with bootstrap 95%
 intervals; the ablations; ADI's threshold curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (500 steps, 8 starts), about 2.3 h
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (500 steps, 8 starts), about 2.5 h
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -42,6 +42,7 @@ COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"))
 # Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
 # seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
 EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
+EST_SCORE_S = 2.5  # one multi-start scoring (96 forward passes), two runs at once
 
 
 # ------------------------------------------------------------------ pure helpers (tested)
@@ -74,7 +75,8 @@ def unique_runs(plan: dict) -> dict[str, dict]:
 
 
 def estimate_s(s: dict) -> float:
-    train = 0 if s["method"] == "init" else s["steps"] * EST_STEP_S["adi" if s["method"].startswith("adi") else "other"]
+    train = 0 if s["method"] == "init" else (s["steps"] * EST_STEP_S["adi" if s["method"].startswith("adi") else "other"]
+                                             + EST_SCORE_S * s.get("starts", 1))
     return EST_START_S + train + EST_TEST_SEED_S * s["test_seeds"]
 
 
@@ -297,8 +299,13 @@ def main() -> int:
 
     if args.steps is None:
         args.steps = yaml.safe_load((REPO / "configs" / "trainer" / "toy.yaml").read_text())["max_steps"]
+    toy_model = yaml.safe_load((PRESETS / "toy.yaml").read_text())
     if args.starts is None:
-        args.starts = yaml.safe_load((PRESETS / "toy.yaml").read_text()).get("starts", 1)
+        args.starts = toy_model.get("starts", 1)
+    start_steps = toy_model.get("start_steps", 100)
+    if args.starts > 1 and args.starts * start_steps >= args.steps:
+        p.error(f"--steps {args.steps} leaves no step after --starts {args.starts} x {start_steps} (model.start_steps "
+                "of configs/model/toy.yaml): raise --steps or pass --starts 1")
     default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
     out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
 

@@ -214,7 +214,7 @@ def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, cap
     monkeypatch.setattr(sys, "argv", argv)
     assert bench.main() == 1  # one run failed
     printed = capsys.readouterr()
-    assert len(launched) == 6 and "1 runs failed: init-jumping-shared-seed4-300steps-4ts" in printed.err
+    assert len(launched) == 6 and "1 runs failed: init-jumping-shared-seed4-500steps-8starts-4ts" in printed.err
     assert "6 to run" in printed.out and "[6/6]" in printed.out and "ETA" in printed.out
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert table["main"]["shared"]["adi"]["action_acc"]["mean"] == pytest.approx(0.535)
@@ -226,4 +226,4 @@ def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, cap
     assert (tmp_path / "out" / "table.txt").read_text().startswith("ActionBench-toy v2")
     launched.clear()
     assert bench.main() == 1  # resumed: only the failed run is launched again
-    assert launched == ["init-jumping-shared-seed4-300steps-4ts"]
+    assert launched == ["init-jumping-shared-seed4-500steps-8starts-4ts"]

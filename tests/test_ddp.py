@@ -1,5 +1,6 @@
 """DDP on two CPU processes (gloo) matches one process with the same global batch (SD and SDXL)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,9 @@ def test_multi_start_under_two_ranks_matches_one_rank(tiny_pipeline, tiny_data, 
     single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, 1, 2, "absolute", *starts)
     ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, 2, 1, "absolute", *starts)
     assert (single - ddp).abs().max().item() <= TOLERANCE["sd", "absolute"]
+    chosen = [json.loads(read_identifier(f)[1]["starts"]) for f in sorted(tmp_path.glob("*/*/identifier.safetensors"))]
+    assert len(chosen) == 2 and chosen[0] == chosen[1] and chosen[0]["chosen"] in (1, 2)
+    assert len(chosen[0]["large_t_losses"]) == 2
 
 
 def test_rank_divergence_is_detected():

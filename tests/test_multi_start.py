@@ -55,6 +55,17 @@ def test_each_start_begins_at_the_initial_rows_and_the_lowest_scored_start_is_co
     assert '"chosen": 2' in module.identifier_metadata()["starts"]
 
 
+def test_gradient_accumulation_scores_each_start_once(make_module, tiny_data, tmp_path, monkeypatch):
+    scored = []
+    monkeypatch.setattr(multi_start, "large_t_anchor_loss", lambda module, *a, **k: scored.append(module.global_step) or 1.0)
+    module = make_module(mask_threshold=0.5, starts=2, start_steps=1)
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, _data(tiny_data))
+    assert scored == [1, 2]  # at the first micro-batch of steps 1 and 2, never again
+    assert module.start_selection == {"chosen": 1, "large_t_losses": [1.0, 1.0]}  # a tie keeps the earlier start
+
+
 def test_large_t_anchor_loss_is_a_fixed_draw_score_of_the_current_rows(make_module, tiny_data):
     module = make_module(mask_threshold=0.5)
     data = _data(tiny_data)

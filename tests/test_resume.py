@@ -44,14 +44,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_dat
 
 
 # Multi-start (3 starts x 2 steps, then the best): inside a start, at a start boundary, and after the choice.
+# Start 1 scores best, so the run resumed at step 4 must take its rows from the checkpoint's callback state.
 @pytest.mark.parametrize("stop_at", [1, 4, 7])
-def test_resume_inside_multi_start_is_bit_identical(tiny_pipeline, tiny_data, tmp_path, stop_at):
+def test_resume_inside_multi_start_is_bit_identical(tiny_pipeline, tiny_data, tmp_path, stop_at, monkeypatch):
+    from adi_lightning.callbacks import multi_start
+
+    monkeypatch.setattr(multi_start, "large_t_anchor_loss", lambda module, *a, **k: {2: 1.0, 4: 3.0, 6: 2.0}[module.global_step])
     starts = dict(starts=3, start_steps=2)
     straight, _ = _fit(tiny_pipeline, tiny_data, tmp_path / "straight", 8, **starts)
     ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
     resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path / "resumed", 8, ckpt_path=str(ckpt), **starts)
     assert trainer.global_step == 8
     assert torch.equal(resumed, straight)
+
+
+def test_resuming_a_one_start_checkpoint_with_starts_is_refused(tiny_pipeline, tiny_data, tmp_path, straight_run):
+    ckpt = next(straight_run[1].glob("*step=3.ckpt"))
+    with pytest.raises(ValueError, match=r"model.starts=3 x model.start_steps=2, but the checkpoint \(step 3\) was trained "
+                                         "without these starts"):
+        _fit(tiny_pipeline, tiny_data, tmp_path, 8, ckpt_path=str(ckpt), starts=3, start_steps=2)
 
 
 def test_checkpoint_carries_optimizer_and_rng_state(straight_run):

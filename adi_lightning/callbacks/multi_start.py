@@ -17,7 +17,7 @@ import copy
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from adi_lightning.data.triples import image_key, load_image
 
@@ -55,8 +55,8 @@ class MultiStartCallback(L.Callback):
     """Runs ``model.starts`` starts of ``model.start_steps`` steps, then continues the best one.
 
     Its state (scores so far, the best start's rows and AdamW state) is saved in checkpoints, so a
-    run resumed inside the starts goes on as if uninterrupted. Logs ``start/large_t_loss`` per
-    start; the choice (``chosen``, counted from 1 as on the console) and every start's score are
+    run resumed inside the starts goes on as if uninterrupted; a checkpoint trained with other starts
+    is refused. Logs ``start/large_t_loss`` and ``start/index`` at the step each start ends; the choice (``chosen``, counted from 1 as on the console) and every start's score are
     written into the identifier file's metadata (``starts``).
     """
 
@@ -64,12 +64,15 @@ class MultiStartCallback(L.Callback):
         self.initial: torch.Tensor | None = None
         self.losses: list[float] = []
         self.best: dict | None = None
+        self.settings: tuple[int, int] | None = None  # this run's (starts, start_steps)
+        self.restored: tuple[int, int] | None = None  # those of the checkpoint resumed, if it had any
 
     def state_dict(self) -> dict:
-        return {"losses": list(self.losses), "best": self.best}
+        return {"losses": list(self.losses), "best": self.best, "settings": self.settings}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.losses, self.best = list(state_dict["losses"]), state_dict["best"]
+        self.restored = tuple(state_dict["settings"]) if state_dict.get("settings") else None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         hp = pl_module.hparams
@@ -77,6 +80,8 @@ class MultiStartCallback(L.Callback):
             return
         # Before any checkpoint is restored: the rows every start begins from.
         self.initial = pl_module.identifier.embedding.detach().clone()
+        self.settings = (hp.starts, hp.start_steps)
+        pl_module.start_selection = {"current_start": 1}
         total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         if hp.starts * hp.start_steps >= total:
             raise ValueError(
@@ -87,6 +92,18 @@ class MultiStartCallback(L.Callback):
         if not getattr(dataset, "anchors", None):
             raise ValueError(f"model.starts={hp.starts} scores each start on the exemplars of the training data "
                              "(ActionTripleDataModule's train_dataset.anchors), and this run has none: use model.starts=1")
+        every = trainer.val_check_interval
+        if isinstance(every, int) and every < hp.starts * hp.start_steps:
+            rank_zero_warn(f"trainer.val_check_interval={every} validates inside the starts (the first "
+                           f"{hp.starts * hp.start_steps} steps): those images judge a start that may be discarded")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        hp = pl_module.hparams
+        if hp.starts > 1 and trainer.global_step > 0 and self.restored != self.settings:
+            raise ValueError(
+                f"model.starts={hp.starts} x model.start_steps={hp.start_steps}, but the checkpoint (step "
+                f"{trainer.global_step}) was trained without these starts: resume with the settings it was trained "
+                "with (model.starts=1 for a run of one start)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         hp = pl_module.hparams
@@ -104,16 +121,21 @@ class MultiStartCallback(L.Callback):
         if self.best is None or loss < self.best["loss"]:
             self.best = {"start": len(self.losses), "loss": loss, "rows": table.detach().cpu().clone(),
                          "optimizer": copy.deepcopy(optimizer.state_dict())}
-        pl_module.log("start/large_t_loss", loss, batch_size=1)
+        if trainer.is_global_zero:  # at this step exactly (self.log would wait for log_every_n_steps)
+            for logger in trainer.loggers:
+                logger.log_metrics({"start/large_t_loss": loss, "start/index": len(self.losses)}, step=trainer.global_step)
         rank_zero_info(f"multi-start: start {len(self.losses)} of {hp.starts} ended at step {trainer.global_step}, "
                        f"large-t anchor loss {loss:.5f}")
         with torch.no_grad():
             if len(self.losses) < hp.starts:  # the next start: initial rows, fresh AdamW moments
                 table.copy_(self.initial.to(table))
                 optimizer.state.clear()
+                pl_module.start_selection = {"current_start": len(self.losses) + 1}
                 return
             table.copy_(self.best["rows"].to(table))
         optimizer.load_state_dict(self.best["optimizer"])
+        for group in optimizer.param_groups:  # the run's own settings, not those saved with the start
+            group["lr"], group["weight_decay"] = hp.learning_rate, hp.weight_decay
         pl_module.start_selection = self._selection(hp)
         rank_zero_info(f"multi-start: continuing start {self.best['start']} (large-t anchor loss {self.best['loss']:.5f})")
 
