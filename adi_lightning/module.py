@@ -52,33 +52,31 @@ class ADIModule(L.LightningModule):
         row_groups: How ``attn2`` layers share identifier rows (one text encoding per row, :func:`~adi_lightning.
             conditioning.group_layers`): ``layer``, ``attention`` (per attention module), ``resolution`` (per UNet
             level) or ``shared`` (TI). None (default): ``layer``, or ``shared`` with ``layerwise: false``.
-        mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test.
-            1.0 turns masking off (then only the target action's images are needed).
+        mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test; 1.0 turns masking
+            off (then only the target action's images are needed).
         mask_combine: How the context test and the action test combine into the mask.
-        mask_statistic: How each test scores a channel's change between two role gradients
-            (:mod:`adi_lightning.masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally;
-            selects small gradients), ``relative`` ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free),
-            ``sign`` (sign agreement) or ``projection`` (default, measured best on the toy world:
-            directions, not channels; :func:`adi_lightning.masking.project_update`). ``sign`` and
-            ``projection`` ignore β below 1.
-        update_from: Whose gradient passes through the mask: the anchor's, or the mean of the
-            anchor's and the context-different sample's.
+        mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
+            masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
+            ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
+            measured best on the toy world: directions, not channels; :func:`adi_lightning.masking.project_update`).
+            ``sign`` and ``projection`` ignore β below 1.
+        update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
+            context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
         timestep_sampling: ``importance`` (default: ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al.
             2023, favours large t, where layout and pose form), ``uniform``, or ``cubic`` (t = (1 - u^3) T,
             diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; README "Timesteps".
-        large_t_steps / large_t_min: The first ``large_t_steps`` optimizer steps draw t uniformly from
-            ``[large_t_min T, T)`` (the pose first), then ``timestep_sampling``. Default 0 (off): on the toy jump
-            it changed which seeds fail, not how many (README "Timesteps"). ``large_t_min`` also bounds the
-            band in which multi-start compares its starts.
-        starts / start_steps: Multi-start (random restarts with selection): ``starts`` runs of ``start_steps``
-            optimizer steps each from the initial rows (fresh AdamW state, the data stream going on), then the
-            run continues the start with the lowest anchor loss at t >= ``large_t_min`` T
-            (:class:`~adi_lightning.callbacks.MultiStartCallback`). ``trainer.max_steps`` counts every step.
-            Default 1 (off); the toy experiments use 8 x 50 (README "Multi-start").
-        weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16). The
-            identifier and its gradients stay fp32.
+        large_t_steps: The first ``large_t_steps`` optimizer steps draw t uniformly from ``[large_t_min T, T)`` (the
+            pose first), then ``timestep_sampling``. 0 (default) is off: on the toy jump it moved which seeds fail.
+        large_t_min: The large-t band's lower edge, a fraction of T: of the large-t phase and of multi-start's score.
+        starts: Multi-start (random restarts with selection): ``starts`` runs of ``start_steps`` steps from the
+            initial rows (fresh AdamW state, the data stream going on), then the one with the lowest anchor loss at
+            t >= ``large_t_min`` T is continued (:class:`~adi_lightning.callbacks.MultiStartCallback`); ``trainer.
+            max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (README "Multi-start").
+        start_steps: Optimizer steps per start when ``starts`` > 1 (toy experiments: 50).
+        weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16); the identifier and its
+            gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
         revision: Hub revision of the pipeline.
         local_files_only: Never reach a hub; None follows ``HF_HUB_OFFLINE``.
@@ -87,12 +85,12 @@ class ADIModule(L.LightningModule):
         num_inference_steps: Denoising steps for generated images.
         image_size: Side of generated images in pixels; None = the UNet's native size.
         judge: Names the action, subject and every appearance factor it sees in validation / test images (e.g.
-            ``adi_lightning.evaluation.ToyJudge``, or ``CLIPJudge`` for real data); with
-            ``data.eval_subjects`` this gives action / subject accuracy and leak rates.
-        cache_latents: Encode each exemplar (per image and flip) with the VAE once and reuse the latent
-            (exact: each image alone, with the deterministic ``latent_dist.mode()``). The cache lives in the
-            module, keyed by the batch's ``image_key``/``flip`` (works with DDP and DataLoader workers);
-            about 64 KiB per image at 512 px (SD 1.x), on the training device.
+            ``adi_lightning.evaluation.ToyJudge``, or ``CLIPJudge`` for real data); with ``data.eval_subjects``
+            this gives action / subject accuracy and leak rates.
+        cache_latents: Encode each exemplar (per image and flip) with the VAE once and reuse the latent (exact:
+            each image alone, with the deterministic ``latent_dist.mode()``). The cache lives in the module, keyed by
+            the batch's ``image_key``/``flip`` (works with DDP and DataLoader workers); about 64 KiB per image at
+            512 px (SD 1.x), on the training device.
         share_text_encoding: Encode each triple's prompt once instead of once per member (the three share
             prompt and identifier), with one backward VJP per member, so the per-sample identifier gradients
             stay exact. Saves 2/3 of ADI's text-encoder forwards; no effect on TI / P+ (one image per item).
@@ -105,35 +103,22 @@ class ADIModule(L.LightningModule):
     def __init__(
         self,
         pretrained_model_name_or_path: str,
-        placeholder_token: str = "<A>",
-        initializer_token: str = "standing",
-        layerwise: bool = True,
-        row_groups: RowGroups | None = None,
-        mask_threshold: float = 0.5,
-        mask_combine: MaskCombine = "and",
+        placeholder_token: str = "<A>", initializer_token: str = "standing",
+        layerwise: bool = True, row_groups: RowGroups | None = None,
+        mask_threshold: float = 0.5, mask_combine: MaskCombine = "and",
         mask_statistic: MaskStatistic = "projection",
         update_from: UpdateFrom = "anchor",
-        learning_rate: float = 5e-3,
-        weight_decay: float = 0.0,
+        learning_rate: float = 5e-3, weight_decay: float = 0.0,
         timestep_sampling: TimestepSampling = "importance",
-        large_t_steps: int = 0,
-        large_t_min: float = 0.8,
-        starts: int = 1,
-        start_steps: int = 100,
+        large_t_steps: int = 0, large_t_min: float = 0.8,
+        starts: int = 1, start_steps: int = 100,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        variant: str | None = None,
-        revision: str | None = None,
-        local_files_only: bool | None = None,
+        variant: str | None = None, revision: str | None = None, local_files_only: bool | None = None,
         identifier_path: str | None = None,
-        guidance_scale: float = 7.5,
-        num_inference_steps: int = 50,
-        image_size: int | None = None,
+        guidance_scale: float = 7.5, num_inference_steps: int = 50, image_size: int | None = None,
         judge: Judge | None = None,
-        cache_latents: bool = True,
-        share_text_encoding: bool = True,
-        channels_last: bool = False,
-        compile_unet: bool = False,
-        gradient_checkpointing: bool = False,
+        cache_latents: bool = True, share_text_encoding: bool = True,
+        channels_last: bool = False, compile_unet: bool = False, gradient_checkpointing: bool = False,
     ):
         super().__init__()
         check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
@@ -300,11 +285,11 @@ class ADIModule(L.LightningModule):
                      large_t_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, per-sample losses [B*R])`` for a batch of triples (R = 3) or anchors (R = 1).
 
-        All members of a triple share one prompt, timestep and noise tensor, drawn from a
-        generator keyed by (triple key, ``draw_step``, default the global step): only the image
-        differs, and results do not depend on how triples are spread over ranks. ``large_t_only``
-        draws t from ``[large_t_min T, T)`` (the multi-start comparison). With masking on, a hook
-        on the per-sample view of the identifier records every sample's gradient in this one backward.
+        All members of a triple share one prompt, timestep and noise tensor, drawn from a generator keyed
+        by (triple key, ``draw_step``, default the global step): only the image differs, and results do not
+        depend on how triples are spread over ranks. ``large_t_only`` draws t from ``[large_t_min T, T)``
+        (multi-start's score). With masking on, a hook on the per-sample view of the identifier records
+        every sample's gradient in this one backward.
         """
         pixels = batch["pixel_values"]
         batch_size, roles = pixels.shape[:2]
