@@ -56,6 +56,7 @@ def test_resume_inside_multi_start_is_bit_identical(tiny_pipeline, tiny_data, tm
     resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path / "resumed", 8, ckpt_path=str(ckpt), **starts)
     assert trainer.global_step == 8
     assert torch.equal(resumed, straight)
+    assert trainer.lightning_module.start_selection == {"chosen": 1, "large_t_losses": [1.0, 3.0, 2.0]}
 
 
 def test_resuming_a_one_start_checkpoint_with_starts_is_refused(tiny_pipeline, tiny_data, tmp_path, straight_run):

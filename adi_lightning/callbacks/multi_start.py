@@ -56,8 +56,9 @@ class MultiStartCallback(L.Callback):
 
     Its state (scores so far, the best start's rows and AdamW state) is saved in checkpoints, so a
     run resumed inside the starts goes on as if uninterrupted; a checkpoint trained with other starts
-    is refused. Logs ``start/large_t_loss`` and ``start/index`` at the step each start ends; the choice (``chosen``, counted from 1 as on the console) and every start's score are
-    written into the identifier file's metadata (``starts``).
+    is refused. Logs ``start/large_t_loss`` and ``start/index`` at the step each start ends; the
+    choice (``chosen``, counted from 1 as on the console) and every start's score are written into
+    the identifier file's metadata (``starts``).
     """
 
     def __init__(self) -> None:
@@ -110,9 +111,10 @@ class MultiStartCallback(L.Callback):
         if hp.starts == 1:
             return
         if len(self.losses) >= hp.starts:  # chosen (also when resumed from a checkpoint after the choice)
-            pl_module.start_selection = pl_module.start_selection or self._selection(hp)
+            pl_module.start_selection = self._selection(hp)
             return
         if len(self.losses) >= trainer.global_step // hp.start_steps:  # the current start goes on
+            pl_module.start_selection = {"current_start": len(self.losses) + 1}
             return
         loss = float(trainer.strategy.broadcast(large_t_anchor_loss(pl_module, trainer.datamodule.train_dataset)))
         self.losses.append(loss)
