@@ -38,6 +38,16 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
         raise ValueError("model.num_inference_steps must be >= 1")
 
 
+def check_starts_leave_steps(starts: int, start_steps: int, total_steps: int) -> None:
+    """ValueError when multi-start's ``starts x start_steps`` steps use up the run's ``total_steps``
+    (``trainer.max_steps``), leaving none for the chosen start."""
+    if starts > 1 and starts * start_steps >= total_steps:
+        raise ValueError(
+            f"model.starts={starts} x model.start_steps={start_steps} = {starts * start_steps} steps of starts "
+            f"leave none of the run's {total_steps} steps (trainer.max_steps) for the chosen start: "
+            "raise trainer.max_steps or lower model.starts / model.start_steps")
+
+
 def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_from: str) -> None:
     """ValueError when the data of ``stage`` cannot train these model settings: triples exactly when
     masking is on (``mask_threshold < 1``), and no context-pool images in the update."""

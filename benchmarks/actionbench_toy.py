@@ -302,10 +302,12 @@ def main() -> int:
     toy_model = yaml.safe_load((PRESETS / "toy.yaml").read_text())
     if args.starts is None:
         args.starts = toy_model.get("starts", 1)
-    start_steps = toy_model.get("start_steps", 100)
-    if args.starts > 1 and args.starts * start_steps >= args.steps:
-        p.error(f"--steps {args.steps} leaves no step after --starts {args.starts} x {start_steps} (model.start_steps "
-                "of configs/model/toy.yaml): raise --steps or pass --starts 1")
+    from adi_lightning.checks import check_starts_leave_steps
+
+    try:  # the rule every run would refuse at setup, checked once before launching them
+        check_starts_leave_steps(args.starts, toy_model.get("start_steps", 100), args.steps)
+    except ValueError as error:
+        p.error(f"--steps {args.steps} / --starts {args.starts} (configs/model/toy.yaml's start_steps): {error}")
     default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
     out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
 

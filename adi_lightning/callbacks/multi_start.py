@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from adi_lightning.checks import check_starts_leave_steps
 from adi_lightning.data.triples import image_key, load_image
 
 #: (anchor, timestep, noise) draws per comparison, cycling over the anchors and templates.
@@ -82,13 +83,8 @@ class MultiStartCallback(L.Callback):
         # Before any checkpoint is restored: the rows every start begins from.
         self.initial = pl_module.identifier.embedding.detach().clone()
         self.settings = (hp.starts, hp.start_steps)
-        pl_module.start_selection = {"current_start": 1}
         total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
-        if hp.starts * hp.start_steps >= total:
-            raise ValueError(
-                f"model.starts={hp.starts} x model.start_steps={hp.start_steps} = {hp.starts * hp.start_steps} "
-                f"steps of starts leave none of the run's {total} steps (trainer.max_steps) for the chosen start: "
-                "raise trainer.max_steps or lower model.starts / model.start_steps")
+        check_starts_leave_steps(hp.starts, hp.start_steps, total)
         dataset = getattr(getattr(trainer, "datamodule", None), "train_dataset", None)
         if not getattr(dataset, "anchors", None):
             raise ValueError(f"model.starts={hp.starts} scores each start on the exemplars of the training data "
@@ -110,12 +106,14 @@ class MultiStartCallback(L.Callback):
         hp = pl_module.hparams
         if hp.starts == 1:
             return
-        if len(self.losses) >= hp.starts:  # chosen (also when resumed from a checkpoint after the choice)
-            pl_module.start_selection = self._selection(hp)
-            return
-        if len(self.losses) >= trainer.global_step // hp.start_steps:  # the current start goes on
-            pl_module.start_selection = {"current_start": len(self.losses) + 1}
-            return
+        if len(self.losses) < min(hp.starts, trainer.global_step // hp.start_steps):  # a start just ended
+            self._end_start(trainer, pl_module, hp)
+        # What the identifier file records (also right after a resume from a checkpoint).
+        pl_module.start_selection = (self._selection() if len(self.losses) >= hp.starts
+                                     else {"current_start": len(self.losses) + 1})
+
+    def _end_start(self, trainer, pl_module, hp) -> None:
+        """Score the start that just ended; begin the next one, or continue the best."""
         loss = float(trainer.strategy.broadcast(large_t_anchor_loss(pl_module, trainer.datamodule.train_dataset)))
         self.losses.append(loss)
         optimizer = trainer.optimizers[0]
@@ -132,14 +130,12 @@ class MultiStartCallback(L.Callback):
             if len(self.losses) < hp.starts:  # the next start: initial rows, fresh AdamW moments
                 table.copy_(self.initial.to(table))
                 optimizer.state.clear()
-                pl_module.start_selection = {"current_start": len(self.losses) + 1}
                 return
             table.copy_(self.best["rows"].to(table))
         optimizer.load_state_dict(self.best["optimizer"])
         for group in optimizer.param_groups:  # the run's own settings, not those saved with the start
             group["lr"], group["weight_decay"] = hp.learning_rate, hp.weight_decay
-        pl_module.start_selection = self._selection(hp)
         rank_zero_info(f"multi-start: continuing start {self.best['start']} (large-t anchor loss {self.best['loss']:.5f})")
 
-    def _selection(self, hp) -> dict:
+    def _selection(self) -> dict:
         return {"chosen": self.best["start"], "large_t_losses": [round(x, 6) for x in self.losses]}
