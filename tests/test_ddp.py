@@ -15,19 +15,21 @@ from adi_lightning.cli import RUN_DIR_ENV
 from adi_lightning.identifier import read_identifier
 
 REPO = Path(__file__).resolve().parents[1]
-# Stated tolerance for 2 ranks x batch 1 vs 1 rank x batch 2 after 4 ADI steps, per (backbone family
-# of the tiny pipeline, mask statistic).
-# SD absolute: measured 0.0 on CPU (bit-identical); 1e-6 allows for backends whose kernels differ with
-# the batch size. SD projection: measured 3.6e-6 on CPU; it divides by |g_a - g_d|^2 per row, which
-# magnifies last-bit differences between the batch-1 and batch-2 kernels where g_a and g_d are close.
-# SDXL absolute: measured 2.2e-6 on CPU. The text features are bit-identical across batch sizes, but
-# the UNet's added-condition embedding (``add_embedding``, Linear layers over the [B, 6*8 + 24] time
-# ids and pooled text) rounds differently for B = 3 and B = 6 rows on CPU (1.5e-7), which moves the
-# per-sample gradients by ~1e-6 relative (computed row by row, they are bit-identical). SDXL runs the absolute statistic only: projection magnifies
-# that to 2.6e-4, a tolerance that would hide real errors, and the statistics' math does not depend on
-# the family (it is checked on SD above).
-TOLERANCE = {("sd", "absolute"): 1e-6, ("sd", "projection"): 1e-5, ("sdxl", "absolute"): 1e-5}
 PIPELINES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}  # conftest fixtures
+CASES = [("sd", "absolute"), ("sd", "projection"), ("sdxl", "absolute")]
+# What the code guarantees, and what it does not:
+# - 2 ranks x batch 1 against 1 rank x batch 1 x accumulate_grad_batches=2: every kernel runs on the
+#   same shapes in the same order (one triple per forward), the per-triple role gradients are
+#   gathered in the same order, and DDP's mean over 2 ranks equals the accumulated sum of halves
+#   exactly (division by 2 is exact in floating point). So the identifiers are bit-identical.
+# - 2 ranks x batch 1 against 1 rank x batch 2: the same arithmetic, but batch-2 kernels (matmul
+#   blocking, SDXL's add_embedding Linear) round differently from batch-1 kernels, and which kernel
+#   a CPU picks depends on the CPU and the torch build. The gap is last-bit rounding carried through
+#   4 AdamW steps (projection divides by |g_a - g_d|^2 per row and magnifies it). It is bounded
+#   relative to how far training moved the identifier: a real error (a wrong triple, a lost rank's
+#   update, a missed mask) moves entries by about one step's size, a quarter of 4 steps' movement.
+#   The measured gaps and the margin are in the docs ("Resume, DDP and multi-node").
+MOVEMENT_FRACTION_BOUND = 0.02
 
 
 def _run_cli(args: list[str], devices: int) -> None:
@@ -54,21 +56,31 @@ def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int, st
     return read_identifier(run / "identifier.safetensors")[0]
 
 
-@pytest.mark.parametrize("family,statistic", sorted(TOLERANCE))
-def test_two_ranks_match_one_rank_with_the_same_global_batch(family, statistic, tiny_data, tmp_path, request):
+def _initial_rows(pipeline: str) -> torch.Tensor:
+    from adi_lightning.module import ADIModule
+
+    return ADIModule(pretrained_model_name_or_path=pipeline).identifier.embedding.detach()
+
+
+@pytest.mark.parametrize("family,statistic", CASES)
+def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(family, statistic, tiny_data, tmp_path, request):
     pipeline = request.getfixturevalue(PIPELINES[family])
-    single = _fit(tmp_path / "one", pipeline, tiny_data, devices=1, batch_size=2, statistic=statistic)
-    ddp = _fit(tmp_path / "two", pipeline, tiny_data, devices=2, batch_size=1, statistic=statistic)
+    single = _fit(tmp_path / "one", pipeline, tiny_data, 1, 1, statistic, "--trainer.accumulate_grad_batches=2")
+    ddp = _fit(tmp_path / "two", pipeline, tiny_data, 2, 1, statistic)
     assert not torch.equal(single[0], single[-1])  # rows started equal (initializer) and trained apart
-    assert (single - ddp).abs().max().item() <= TOLERANCE[family, statistic]
+    assert torch.equal(single, ddp), f"max difference {(single - ddp).abs().max().item():.3g}"
+    batched = _fit(tmp_path / "batched", pipeline, tiny_data, 1, 2, statistic)  # batch-2 kernels
+    moved = (ddp - _initial_rows(pipeline)).abs().max().item()
+    gap = (batched - ddp).abs().max().item()
+    assert gap <= MOVEMENT_FRACTION_BOUND * moved, f"gap {gap:.3g}, movement {moved:.3g}"
 
 
 def test_multi_start_under_two_ranks_matches_one_rank(tiny_pipeline, tiny_data, tmp_path):
     """Every rank scores the starts on the same draws and continues the same one (rank 0's choice)."""
     starts = ("--model.starts=2", "--model.start_steps=1")
-    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, 1, 2, "absolute", *starts)
+    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, 1, 1, "absolute", *starts, "--trainer.accumulate_grad_batches=2")
     ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, 2, 1, "absolute", *starts)
-    assert (single - ddp).abs().max().item() <= TOLERANCE["sd", "absolute"]
+    assert torch.equal(single, ddp), f"max difference {(single - ddp).abs().max().item():.3g}"
     chosen = [json.loads(read_identifier(f)[1]["starts"]) for f in sorted(tmp_path.glob("*/*/identifier.safetensors"))]
     assert len(chosen) == 2 and chosen[0] == chosen[1] and chosen[0]["chosen"] in (1, 2)
     assert len(chosen[0]["large_t_losses"]) == 2

@@ -1,5 +1,6 @@
 """Packaging stays in one piece: the conda env's pip pins equal pyproject's, torch's range is the
-supported one, and CI runs exactly the test command the README gives."""
+supported one, every install reads constraints.txt (the versions CI tested), and CI runs exactly
+the test command the README gives."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def conda_pip_requirements() -> list[str]:
     pip_blocks = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_blocks) == 1, "environment.yml needs exactly one pip: block"
     # Installing the package itself is not a requirement of it.
-    return [r for r in pip_blocks[0] if not str(r).startswith(("-e ", "--editable", "."))]
+    return [r for r in pip_blocks[0] if not str(r).startswith(("-e ", "--editable", ".", "-c "))]
 
 
 def normalised(reqs: list[str]) -> list[str]:
@@ -70,6 +71,50 @@ def test_python_requirement_matches_environment():
     assert len(pythons) == 1, pythons
     version = re.split(r"[=<>]+", pythons[0], maxsplit=1)[1]
     assert requires.contains(version + ".0" if version.count(".") == 1 else version)
+
+
+# --------------------------------------------------------------------------- constraints.txt
+def constraints() -> dict[str, str]:
+    """``{normalised name: version}`` of constraints.txt's ``name==version`` lines."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonical(req.name)] = spec.version
+    return pins
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_constraints_pin_every_requirement_inside_its_range():
+    """The tested versions: every dependency and extra is pinned, at a version pyproject admits."""
+    pins = constraints()
+    extras = pyproject()["project"].get("optional-dependencies", {})
+    for text in [*pyproject()["project"]["dependencies"], *(r for reqs in extras.values() for r in reqs)]:
+        req = Requirement(text)
+        name = canonical(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt: {req.name}=={pins[name]} outside {req}"
+        for extra in req.extras:  # e.g. jsonargparse[signatures,omegaconf]: its extras' packages too
+            assert extra in ("signatures", "omegaconf") or extra in pins, f"{req}: extra {extra!r} not pinned"
+    assert pins["torch"] == "2.13.0"
+
+
+def test_every_install_reads_the_constraints():
+    install = re.compile(r"pip install (?:-c constraints\.txt -e|-e .* -c constraints\.txt)")
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert install.search(ci), ".ci/run must install with -c constraints.txt"
+    assert install.search(readme), "the README's install must use -c constraints.txt"
+    assert not re.search(r"pip install -e", readme), "an install in the README skips constraints.txt"
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_block = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert "-c constraints.txt" in pip_block
 
 
 # --------------------------------------------------------------------------- README <-> .ci/run
