@@ -328,6 +328,32 @@ def disk_full_while_writing_a_checkpoint(data: Path, tmp: Path):
             re.compile(r"could not write \S+/checkpoints/\S+\.ckpt: No space left on device$"))
 
 
+def misspelt_key_in_a_group_file_on_the_command_line(data: Path, tmp: Path):
+    """a misspelt key in a group file typed on the command line (`--model my_model.yaml`)"""
+    (tmp / "my_model.yaml").write_text("layerwise: true\nmask_treshold: 0.5\n")
+    return ({"model": str(tmp / "my_model.yaml")},
+            f"unknown key 'model.mask_treshold' in {tmp / 'my_model.yaml'}, line 2; did you mean model.mask_threshold")
+
+
+def dangling_symbolic_link(data: Path, tmp: Path):
+    """an image that is a symbolic link to a file that does not exist"""
+    (data / "red_jumping.png").unlink()
+    (data / "red_jumping.png").symlink_to(tmp / "elsewhere" / "red_jumping.png")
+    return {}, f"red_jumping.png is a symbolic link to {tmp / 'elsewhere' / 'red_jumping.png'}, which does not exist"
+
+
+def toy_cache_folder_not_written_by_adi_lightning(data: Path, tmp: Path):
+    """a folder in the toy cache that adi_lightning did not write, where `fit` would export a toy folder"""
+    from adi_lightning.paths import cache_dir
+
+    root = cache_dir() / "toy" / "shared" / f"not-ours-{tmp.name}"
+    root.mkdir(parents=True)
+    (root / "IMG_0001.jpg").write_bytes(b"the user's")
+    return ({"data.root": str(root), "data.export_toy_if_missing": "true"},
+            f"adi_lightning did not write it, so it is never replaced; move it away (mv {root} {root}.old) and run "
+            "the command again")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -340,7 +366,9 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint]
+         empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
+         misspelt_key_in_a_group_file_on_the_command_line, dangling_symbolic_link,
+         toy_cache_folder_not_written_by_adi_lightning]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -411,7 +439,24 @@ def sweep_value_none(data: Path, tmp: Path):
     return {"subcommand": "test", "model.identifier_path": "None", "data.test_seeds": "None"}, check
 
 
-HANDLED = [images_of_several_sizes_and_modes, exif_rotated_jpeg, metadata_with_bom_and_crlf, sweep_value_none]
+def image_linked_from_outside_the_folder(data: Path, tmp: Path):
+    """an image that is a symbolic link to a file outside the data folder"""
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(data / "red_jumping.png", elsewhere / "red_jumping.png")
+    (data / "red_jumping.png").symlink_to(elsewhere / "red_jumping.png")
+    expected = load_image(elsewhere / "red_jumping.png", 32)
+
+    def check(run: Path) -> None:
+        [record] = [r for r in read_action_folder(data) if r.file_name == "red_jumping.png"]
+        assert torch.equal(load_image(record.path, 32), expected)  # read where the link points
+        assert (run / "identifier.safetensors").is_file()
+
+    return {}, check
+
+
+HANDLED = [images_of_several_sizes_and_modes, exif_rotated_jpeg, metadata_with_bom_and_crlf, sweep_value_none,
+           image_linked_from_outside_the_folder]
 
 
 # ------------------------------------------------------------------ the runs
