@@ -9,7 +9,8 @@
   null, as YAML's ``null``; a key that cannot be null then refuses it by name.
 - :func:`explain_unknown_key`: jsonargparse 4.x reports an unknown key without suggestions and without
   the file it came from; this turns it into one line naming the key, its source (the command line, or
-  the YAML file and line) and the closest valid keys (:mod:`difflib` over the parser's own keys).
+  the YAML file and line: a ``--config`` file, a group file it names, or a group file typed on the
+  command line, ``--model configs/model/ti.yaml``) and the closest valid keys (:mod:`difflib` over the parser's own keys).
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ def explain_unknown_key(message: str, argv: list[str], valid_keys: list[str]) ->
     where = "on the command line" if any(a.lstrip("-").partition("=")[0] == key for a in argv) else None
     if where is None:
         found = find_key_in_configs(key, config_files(argv))
+        for file, group in group_files(argv):  # typed later on the command line: they win
+            if key.startswith(group + "."):
+                found = _find(Path(file), key[len(group) + 1:].split("."), depth=0) or found
         where = f"in {found[0]}, line {found[1]}" if found else "in a config file"
     close = difflib.get_close_matches(key, valid_keys, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; see --help for the keys under {key.split('.')[0]}"
@@ -161,6 +165,14 @@ def config_files(argv: list[str]) -> list[str]:
     """The ``--config`` files in ``argv``, in order."""
     return [option_value(o) for o in split_options(argv)
             if option_name(o) in ("--config", "-c") and (len(o) == 2 or "=" in o[0]) and option_value(o)]
+
+
+def group_files(argv: list[str]) -> list[tuple[str, str]]:
+    """(file, group) for each YAML file typed as a group's value (``--model configs/model/ti.yaml``:
+    group ``model``; ``--trainer.logger=x.yaml``: ``trainer.logger``), in order."""
+    return [(option_value(o), option_name(o)[2:]) for o in split_options(argv)
+            if option_name(o).startswith("--") and option_name(o) not in ("--config",)
+            and (len(o) == 2 or "=" in o[0]) and _is_yaml_path(option_value(o))]
 
 
 def find_key_in_configs(key: str, files: list[str]) -> tuple[str, int] | None:

@@ -145,6 +145,50 @@ def load_backbone(
     return backbone
 
 
+def backbone_identity(name_or_path: str, variant: str | None = None, revision: str | None = None) -> dict:
+    """What identifies the backbone's weights, cheap to compute (no file is read): ``files``, each
+    model file's ``[relative path, size in bytes, mtime in ns]`` under the pipeline folder (links
+    followed, hidden entries skipped), plus ``variant`` and ``revision``. A hub id is the folder of
+    its cached snapshot (``snapshot``: the commit) when the hub cache holds one, else ``files`` is
+    empty. New weights at the same path change a size or an mtime, so a cache keyed by this is
+    rebuilt; copying a folder without keeping mtimes rebuilds it too.
+    """
+    from adi_lightning.paths import resolve_project_path
+
+    local = Path(os.path.expanduser(resolve_project_path(name_or_path)))
+    out: dict = {"source": name_or_path, "variant": variant, "revision": revision}
+    if not local.is_dir():
+        local = _hub_snapshot(name_or_path, revision)
+        out["snapshot"] = local.name if local is not None else None
+    out["files"] = _file_stats(local) if local is not None else []
+    return out
+
+
+def _file_stats(folder: Path) -> list[list]:
+    found = []
+    for parent, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(n for n in names if not n.startswith(".")):
+            path = Path(parent) / name
+            try:
+                stat = path.stat()
+                found.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
+            except OSError:  # a dangling link: recorded as such
+                found.append([path.relative_to(folder).as_posix(), None, None])
+    return found
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The hub cache's snapshot folder of ``repo_id`` at ``revision``, or None when not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "model_index.json", revision=revision)
+    except Exception:  # not a valid repo id, no hub library: nothing cached to describe
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def load_pipeline(name_or_path: str, weight_dtype: str = "float32", **kwargs):
     """The frozen stock pipeline of :func:`load_backbone` (e.g. ``StableDiffusionPipeline``)."""
     return load_backbone(name_or_path, weight_dtype, **kwargs).pipe

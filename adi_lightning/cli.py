@@ -177,6 +177,7 @@ class ADICLI(LightningCLI):
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", "./"):
                 init_args.save_dir = str(run_dir)
         _add_progress_bar(trainer)
+        _add_checkpoint_io(trainer)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"adi_lightning: run directory {run_dir}", file=sys.stderr)
 
@@ -190,6 +191,33 @@ def _add_progress_bar(trainer) -> None:
     if callbacks is None or any("ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks):
         return
     trainer.callbacks = [*callbacks, Namespace(class_path=default_progress_bar(), init_args=Namespace())]
+
+
+def _add_checkpoint_io(trainer) -> None:
+    """Checkpoints are written atomically beside their target (:mod:`adi_lightning.checkpoint_io`),
+    unless the config names its own CheckpointIO plugin."""
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+    from adi_lightning.checkpoint_io import AtomicCheckpointIO
+
+    plugins = trainer.plugins if isinstance(trainer.plugins, list) else [] if trainer.plugins is None else [trainer.plugins]
+    for plugin in plugins:
+        path = plugin if isinstance(plugin, str) else getattr(plugin, "class_path", None)
+        cls = type(plugin) if path is None else _import_class(path)
+        if isinstance(cls, type) and issubclass(cls, CheckpointIO):
+            return
+    path = f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"
+    trainer.plugins = [*plugins, Namespace(class_path=path, init_args=Namespace())]
+
+
+def _import_class(path: str):
+    from importlib import import_module
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # not a class path (a precision name such as "bf16-mixed"): Lightning decides
 
 
 def main(args=None) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from adi_lightning.identifier import read_identifier, saved_layer_to_row
-from adi_lightning.io import atomic_path, atomic_save_safetensors
+from adi_lightning.io import atomic_save_safetensors, atomic_torch_save
 
 #: ``--format sdxl`` keys, in row order: ``text_encoder`` (CLIP ViT-L) then ``text_encoder_2``
 #: (OpenCLIP bigG), as :attr:`adi_lightning.families.StableDiffusionXLFamily.text_parts`.
@@ -84,9 +84,7 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     # AUTOMATIC1111 embedding .pt layout.
     payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
                "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None}
-    with atomic_path(out) as tmp:
-        torch.save(payload, tmp)
-    return Path(out)
+    return atomic_torch_save(payload, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,3 +94,53 @@ def fail_fit_at(monkeypatch):
         monkeypatch.setattr(ADIModule, "compute_loss", compute_loss)
 
     return patch
+
+
+class _FullDiskFile:
+    """A real file whose first write stores half its bytes and then fails as a full disk does."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        import errno
+
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+@pytest.fixture()
+def disk_full(monkeypatch):
+    """``disk_full(pattern)``: from then on, a file whose name matches ``pattern`` (fnmatch, e.g.
+    ``*.ckpt*``, which matches a checkpoint's temp file too) opened for writing through Python's
+    ``open`` takes half of its first write and then raises ``OSError(ENOSPC)``; other files are untouched.
+    (Tests run as root, which a read-only mode does not stop.)"""
+    import builtins
+    import fnmatch
+    import io
+    from pathlib import Path
+
+    real = io.open
+
+    def patch(pattern: str) -> None:
+        def open_(file, mode="r", *args, **kwargs):
+            handle = real(file, mode, *args, **kwargs)
+            writing = isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+")
+            if writing and fnmatch.fnmatch(Path(file).name, pattern):
+                return _FullDiskFile(handle)
+            return handle
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)
+
+    return patch

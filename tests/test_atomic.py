@@ -1,5 +1,6 @@
 """Atomic outputs: an interrupted writer leaves the old file or the new one, never a torn one."""
 
+import errno
 import signal
 import subprocess
 import sys
@@ -57,3 +58,52 @@ def test_completed_write_replaces_the_file(tmp_path):
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["grid.json"]
+
+
+def _write_checkpoint(value, target):
+    from adi_lightning.checkpoint_io import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({"state": torch.full((64,), float(value))}, target)
+
+
+def _write_image(value, target):
+    from PIL import Image
+
+    from adi_lightning.io import atomic_save_image
+
+    atomic_save_image(Image.new("RGB", (8, 8), (value, 0, 0)), target)
+
+
+WRITERS = {
+    "epoch=0-step=2.ckpt": _write_checkpoint,
+    "identifier.safetensors": lambda v, t: atomic_save_safetensors({"identifier": torch.full((4, 8), float(v))}, t,
+                                                                   {"format": "x"}),
+    "grid.png": _write_image,
+    "metrics.json": lambda v, t: __import__("adi_lightning.io").io.atomic_write_json(t, {"value": v}),
+}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_torn_file(name, tmp_path, disk_full):
+    """ENOSPC while writing a checkpoint, an identifier, a grid or metrics: one line
+    ``could not write <path>: <strerror>``, the earlier file intact, no temp file left."""
+    target = tmp_path / name
+    WRITERS[name](1, target)
+    before = target.read_bytes()
+    disk_full(f"*{target.suffix}*")
+    with pytest.raises(OSError) as caught:
+        WRITERS[name](2, target)
+    assert str(caught.value) == f"could not write {target}: No space left on device"
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_failed_runs_folder_never_lists_a_temp_file(tmp_path):
+    """A writer killed mid-write leaves its hidden temp file; it is not a result to keep."""
+    from adi_lightning.callbacks import run_results
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".epoch=0-step=2.ckpt.k2j3h4.tmp").write_bytes(b"torn")
+    (tmp_path / "config.yaml").write_text("{}")
+    assert run_results(tmp_path) == []

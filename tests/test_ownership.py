@@ -83,3 +83,39 @@ def test_the_toy_folder_defaults_to_the_project_cache(toy_cache):
     assert dm.root == str(toy_cache / "toy" / "diverse" / "kicking") == str(toy_cache_dir("diverse", "kicking"))
     dm.prepare_data()
     assert is_owned(dm.root) and (toy_cache / "toy" / "diverse" / "kicking" / "metadata.jsonl").is_file()
+
+
+def test_a_damaged_toy_cache_folder_is_exported_again(tmp_path, monkeypatch, capsys):
+    """fit's toy folder in the project cache repairs itself: a missing image or a missing
+    metadata.jsonl is exported again (atomically, said in one line), never 'choose another --out'."""
+    from adi_lightning.data import ActionTripleDataModule, read_action_folder
+    from adi_lightning.paths import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    dm = ActionTripleDataModule(action="waving", export_toy_if_missing=True, toy_difficulty="diverse")
+    dm.prepare_data()
+    root = toy_cache_dir("diverse", "waving")
+    images = sorted(p.name for p in root.glob("*.png"))
+    (root / images[0]).unlink()
+    dm.prepare_data()
+    assert f"the toy folder {root} is damaged (" in capsys.readouterr().err
+    assert sorted(p.name for p in root.glob("*.png")) == images and is_owned(root)
+    (root / "metadata.jsonl").unlink()
+    dm.prepare_data()
+    assert f"the toy folder {root} has no metadata.jsonl; exporting it again" in capsys.readouterr().err
+    assert len(read_action_folder(root)) == len(images)
+    assert [p.name for p in root.parent.iterdir()] == ["waving"]  # no temp folders left
+
+
+def test_a_toy_cache_folder_it_did_not_write_is_refused_with_the_command_that_clears_it(tmp_path, monkeypatch):
+    from adi_lightning.data import ActionTripleDataModule
+    from adi_lightning.paths import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    root = toy_cache_dir("diverse", "waving")
+    before = user_photos(root)
+    dm = ActionTripleDataModule(action="waving", export_toy_if_missing=True, toy_difficulty="diverse")
+    with pytest.raises(ValueError) as err:
+        dm.prepare_data()
+    assert f"move it away (mv {root} {root}.old) and run the command again" in str(err.value)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before

@@ -1,7 +1,9 @@
 """Generated action-different partners: cached with a manifest, reused, regenerated on change."""
 
 import json
+import os
 import shutil
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -86,3 +88,51 @@ def test_exemplar_only_folder_trains_with_masking_on(make_module, tiny_dir, tmp_
     generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
     assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
     assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
+
+
+def _generating_datamodule(folder, pipeline, **hparams):
+    """A datamodule that generates partners, attached to a stand-in module: the backbone's
+    hyperparameters and a counting img2img (prepare_data reads nothing else of the module)."""
+    gen = CountingGenerator()
+    module = SimpleNamespace(img2img=lambda images, prompts, seeds, **_: gen(images, prompts, seeds),
+                             hparams=SimpleNamespace(pretrained_model_name_or_path=str(pipeline), variant=None,
+                                                     revision=None, weight_dtype="float32", **hparams))
+    dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, action_different="generate",
+                                generate_steps=2, generate_per_anchor=1)
+    dm.trainer = SimpleNamespace(lightning_module=module)
+    return dm, module, gen
+
+
+def test_partners_are_regenerated_for_another_weight_dtype_or_new_weights(tiny_dir, tmp_path, capsys):
+    """The cache key holds the backbone's identity (model files' sizes and mtimes) and the dtype:
+    the same path with another ``model.weight_dtype``, or new weights there, never reuses it."""
+    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    pipeline = shutil.copytree(tiny_dir / "pipeline", tmp_path / "pipeline")
+    dm, module, gen = _generating_datamodule(folder, pipeline)
+    dm.prepare_data()
+    dm.prepare_data()
+    assert gen.calls == 4  # made once, then reused
+    module.hparams.weight_dtype = "bfloat16"
+    dm.prepare_data()
+    assert gen.calls == 8
+    assert "were made with other settings (weight_dtype); generating them again" in capsys.readouterr().err
+    weights = next(pipeline.glob("unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # new weights at the same path: a new mtime
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    dm.prepare_data()
+    assert gen.calls == 12
+    assert "(backbone_identity)" in capsys.readouterr().err
+
+
+def test_a_damaged_partner_cache_is_rebuilt(tiny_dir, tmp_path, capsys):
+    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline")
+    dm.prepare_data()
+    cache = folder / ".adi_cache" / "partners-jumping"
+    next(cache.glob("*.png")).unlink()
+    dm.prepare_data()
+    assert gen.calls == 8 and len(list(cache.glob("*.png"))) == 4
+    assert f"the generated partners in {cache} are damaged (" in capsys.readouterr().err
+    (cache / MANIFEST).write_text("{not json")
+    dm.prepare_data()
+    assert gen.calls == 12 and json.loads((cache / MANIFEST).read_text())["settings"]["weight_dtype"] == "float32"

@@ -2,7 +2,8 @@
 
 The rule: when a command fails, its run folder is kept if it holds a result, and removed if it
 holds only bookkeeping (``config.yaml``, ``run_info.json``, a logger's ``hparams.yaml``, a
-``metrics.csv`` without a logged row). A result is any other file: a checkpoint, an identifier
+``metrics.csv`` without a logged row), and the temp files of an interrupted atomic write
+(:func:`adi_lightning.io.is_temp_file`: never a result, whatever their size). A result is any other file: a checkpoint, an identifier
 file, images, evaluation metrics, logs with at least one logged step.
 
 A ``fit`` that fails after at least one completed step first saves the last good identifier, the
@@ -61,9 +62,11 @@ class LastGoodIdentifierCallback(L.Callback):
 
 def run_results(run_dir: str | Path) -> list[Path]:
     """The files of a run folder that count as results under the rule above, sorted."""
+    from adi_lightning.io import is_temp_file
+
     found = []
     for path in sorted(Path(run_dir).rglob("*")):
-        if not path.is_file() or path.name in _BOOKKEEPING:
+        if not path.is_file() or path.name in _BOOKKEEPING or is_temp_file(path):
             continue
         if path.name == "metrics.csv" and len(path.read_text(errors="replace").splitlines()) < 2:
             continue  # a header without a logged row

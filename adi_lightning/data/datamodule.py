@@ -217,9 +217,17 @@ class ActionTripleDataModule(L.LightningDataModule):
     def generates_partners(self) -> bool:
         return self.action_different == "generate" and self.with_partners
 
-    def _partner_settings(self, backbone: str) -> PartnerSettings:
+    def _partner_settings(self, hparams) -> PartnerSettings:
+        """The partner cache's key: these settings and the module's backbone (path, model files'
+        sizes and mtimes, variant, revision) and weight dtype."""
+        from adi_lightning.backbone import backbone_identity
+
+        source = str(hparams.pretrained_model_name_or_path)
+        variant, revision = getattr(hparams, "variant", None), getattr(hparams, "revision", None)
         return PartnerSettings(tuple(self.generate_actions), self.generate_per_anchor, self.generate_strength,
-                               self.generate_steps, self.generate_guidance, self.resolution, self.seed, backbone)
+                               self.generate_steps, self.generate_guidance, self.resolution, self.seed, source,
+                               str(getattr(hparams, "weight_dtype", "float32")),
+                               backbone_identity(source, variant, revision))
 
     def _cache_dir(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(self.root) / ".adi_cache"
@@ -234,13 +242,11 @@ class ActionTripleDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Export the toy folder and generate partners once (local rank zero), when asked to."""
-        if (self.export_toy_if_missing and self.root and is_in_cache(self.root)
-                and not (Path(self.root) / "metadata.jsonl").is_file()):
+        if self.export_toy_if_missing and self.root and is_in_cache(self.root):
             from adi_lightning.toy.export import ensure_action_folder
 
-            self._check_fit_keys()
-            ensure_action_folder(self.root, self.action, difficulty=self.toy_difficulty)
-            log.info("exported the toy %r folder to %s", self.action, self.root)
+            self._check_fit_keys()  # a damaged cached folder is exported again (ensure_action_folder)
+            ensure_action_folder(self.root, self.action, repair=True, difficulty=self.toy_difficulty)
         if not self.generates_partners:
             return
         self._check_fit_keys()
@@ -248,7 +254,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "img2img"):
             raise ValueError("data.action_different=generate needs the ADI model's backbone (run it through fit)")
         anchors = records_of_action(read_action_folder(self.root), self.action)
-        settings = self._partner_settings(str(module.hparams.pretrained_model_name_or_path))
+        settings = self._partner_settings(module.hparams)
         generate = partial(module.img2img, strength=self.generate_strength, steps=self.generate_steps,
                            guidance=self.generate_guidance)
         folder, made = ensure_partners(anchors, self.action, settings, self._cache_dir(), generate)

@@ -13,12 +13,16 @@ appearance factors (string values) that the leak metrics compare with a judge's 
 ``context_pool: true`` marks an image of the action that is a *context-different partner only*:
 never an anchor, never a training target (see ``ActionTripleDataset``). Any other key is ignored. Every malformed case
 raises a single :class:`DataLayoutError` naming the file (and ``metadata.jsonl:<line>``
-where a line is at fault), so a bad folder fails at setup and never mid-training.
+where a line is at fault), so a bad folder fails at setup and never mid-training. An image may
+be a symbolic link, to a file inside the folder or outside it: links are followed (``file_name``
+must stay inside the folder; where a link points is the user's choice), and a dangling link is
+refused naming the link and its target.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -231,6 +235,9 @@ def read_action_folder(root: str | Path) -> list[ImageRecord]:
                                   f"(first listed at {meta}:{seen[file_name]})")
         seen[file_name] = line_no
         if not path.is_file():
+            if path.is_symlink():  # links are followed (README "Data layout"); a dangling one is named
+                raise DataLayoutError(f"{where}: image file {file_name!r} at {path} is a symbolic link to "
+                                      f"{os.readlink(path)}, which does not exist")
             raise DataLayoutError(f"{where}: image file {file_name!r} not found at {path}")
         records.append(ImageRecord(
             file_name=file_name, path=path, action=obj["action"], subject=obj["subject"],

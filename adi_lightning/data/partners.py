@@ -4,8 +4,10 @@ Exemplar sets rarely show the same person doing another action. Image-to-image f
 keeps its background, clothing and colours while a prompt with another action word changes the
 pose. Generated once before training, cached as an ordinary action folder (images +
 ``metadata.jsonl``) with a ``manifest.json``. The cache is reused while the manifest matches
-(same anchors, prompts, seeds, strength, steps, guidance, backbone, package versions) and is
-regenerated, atomically, when it does not.
+(same anchors, prompts, seeds, strength, steps, guidance, resolution, package versions, and the
+backbone: its path, the model files' sizes and mtimes, variant, revision and ``model.weight_dtype``)
+and every listed image is there. Otherwise it is regenerated, atomically, with one line on stderr
+saying why; a folder at that path that this project did not write is refused by name.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from adi_lightning.io import atomic_dir, atomic_write_json, package_versions
+from adi_lightning.paths import is_owned
 
 from .layout import ImageRecord
 from .triples import load_image, triple_key
@@ -41,6 +45,9 @@ class PartnerSettings:
     resolution: int
     seed: int
     backbone: str
+    weight_dtype: str = "float32"
+    # adi_lightning.backbone.backbone_identity: model files' sizes and mtimes, variant, revision
+    backbone_identity: dict = field(default_factory=dict, hash=False)
 
 
 def partner_prompt(anchor: ImageRecord, action_word: str) -> str:
@@ -98,9 +105,11 @@ def ensure_partners(
     folder = partner_folder(cache_dir, action)
     plan = plan_partners(anchors, settings)
     manifest = manifest_for(plan, settings)
-    existing = folder / MANIFEST
-    if existing.is_file() and json.loads(existing.read_text()) == json.loads(json.dumps(manifest)):
+    stale = stale_reason(folder, json.loads(json.dumps(manifest)))
+    if stale is None:
         return folder, False
+    if stale and is_owned(folder):  # a folder this project did not write is refused by atomic_dir
+        print(f"adi_lightning: the generated partners in {folder} {stale}; generating them again", file=sys.stderr)
 
     from tqdm.auto import tqdm
 
@@ -122,6 +131,31 @@ def ensure_partners(
         (tmp / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
         atomic_write_json(tmp / MANIFEST, manifest)
     return folder, True
+
+
+def stale_reason(folder: Path, manifest: dict) -> str | None:
+    """Why the cache at ``folder`` cannot be reused for ``manifest`` (a phrase), ``""`` when there is
+    none yet, None when it matches and holds every image it lists."""
+    path = folder / MANIFEST
+    if not folder.exists():
+        return ""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"are damaged ({MANIFEST}: {getattr(err, 'strerror', None) or err})"
+    if not isinstance(found, dict):
+        return f"are damaged ({MANIFEST} is not a JSON object)"
+    if found != manifest:
+        old, new = found.get("settings") or {}, manifest["settings"]
+        changed = [key for key in new if old.get(key) != new[key]]
+        changed += ["anchors or prompts"] if found.get("images") != manifest["images"] else []
+        changed += ["package versions"] if found.get("packages") != manifest["packages"] else []
+        return f"were made with other settings ({', '.join(changed) or 'manifest format'})"
+    missing = [e["file_name"] for e in manifest["images"] if not (folder / e["file_name"]).is_file()]
+    missing += [] if (folder / "metadata.jsonl").is_file() else ["metadata.jsonl"]
+    if missing:
+        return f"are damaged ({missing[0]} is missing)"
+    return None
 
 
 def _to_pil(pixels) -> Image.Image:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,16 +155,45 @@ def folder_difficulty(root: str | Path) -> str:
     return json.loads(path.read_text(encoding="utf-8"))["difficulty"] if path.is_file() else LEGACY_DIFFICULTY
 
 
-def ensure_action_folder(root: str | Path, action: str, **kwargs) -> Path:
-    """``root`` if it already holds ``metadata.jsonl`` of the asked difficulty, else export it.
+def ensure_action_folder(root: str | Path, action: str, repair: bool = False, **kwargs) -> Path:
+    """``root`` if it already holds a sound toy folder of the asked difficulty, else export it.
 
-    Refuses a cached folder of another difficulty: reusing it would silently train on another case.
+    Sound: ``metadata.jsonl`` reads (:func:`adi_lightning.data.read_action_folder`: every image it
+    lists is there) and ``toy_folder.json`` records the asked difficulty. With ``repair`` (the
+    project cache, ``adi_lightning.paths.toy_cache_dir``), an unsound folder that this project
+    wrote is exported again, atomically, with one line on stderr; one it did not write is refused,
+    naming the command that clears the way. Without ``repair`` an unsound folder is refused:
+    reusing it would silently train on another case.
     """
     root = Path(root)
-    if (root / "metadata.jsonl").is_file():
-        wanted, found = kwargs.get("difficulty", "shared"), folder_difficulty(root)
-        if wanted != found:
-            raise ValueError(f"toy folder {root} was written with difficulty {found!r}, asked for {wanted!r}; "
-                             "remove it or pass another folder")
+    wanted = kwargs.get("difficulty", "shared")
+    problem = toy_folder_problem(root, wanted) if root.exists() else None
+    if root.exists() and problem is None:
         return root
-    return make_action_folder(root, action=action, **kwargs)
+    if problem is not None and not repair:
+        raise ValueError(f"toy folder {root} {problem}; remove it or pass another folder")
+    if problem is not None and not (root.is_dir() and is_owned(root)):
+        raise ValueError(f"toy cache folder {root} {problem}, and adi_lightning did not write it, so it is "
+                         f"never replaced; move it away (mv {root} {root}.old) and run the command again")
+    if problem is not None:
+        print(f"adi_lightning: the toy folder {root} {problem}; exporting it again", file=sys.stderr)
+    return make_action_folder(root, action=action, overwrite=problem is not None, **kwargs)
+
+
+def toy_folder_problem(root: str | Path, difficulty: str) -> str | None:
+    """What makes ``root`` unusable as a toy folder of ``difficulty`` (a phrase), or None."""
+    from ..data.layout import DataLayoutError, read_action_folder
+
+    root = Path(root)
+    if not (root / "metadata.jsonl").is_file():
+        return "has no metadata.jsonl"
+    try:
+        read_action_folder(root)
+        found = folder_difficulty(root)
+    except DataLayoutError as err:
+        return f"is damaged ({err})"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"is damaged ({FOLDER_INFO}: {err})"
+    if found != difficulty:
+        return f"was written with difficulty {found!r}, asked for {difficulty!r}"
+    return None
