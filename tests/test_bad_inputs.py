@@ -267,6 +267,18 @@ def config_with_a_yaml_syntax_error(data: Path, tmp: Path):
     return {"config": str(tmp / "broken.yaml")}, f"broken.yaml, line {line + 1}"
 
 
+def config_copied_out_of_the_project(data: Path, tmp: Path):
+    """a copy of a project experiment in another folder (its group files are relative to it)"""
+    text = (REPO / "experiments" / "tiny.yaml").read_text()
+    (tmp / "mine.yaml").write_text(text)
+    line = text.splitlines().index("trainer: ../configs/trainer/cpu.yaml") + 1
+    return ({"config": str(tmp / "mine.yaml")},
+            f"mine.yaml, line {line}: trainer: '../configs/trainer/cpu.yaml' not found (a path inside a config file "
+            f"is relative to that file's folder: {tmp.resolve().parent / 'configs' / 'trainer' / 'cpu.yaml'}); to build on a "
+            "project experiment from anywhere, layer a file holding only your changes over it: --config jump.yaml "
+            "--config mine.yaml")
+
+
 def identifier_for_other_layers(data: Path, tmp: Path):
     """identifier from another base model: other cross-attention layers (`predict`)"""
     # the 10 attn2 layers of a UNet with layers_per_block=1 (the tiny pipeline has 2: 16 layers)
@@ -328,7 +340,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          predict_prompt_with_placeholder_past_the_token_limit, nan_loss_at_the_first_step, nan_loss_after_two_steps,
          output_not_writable, float_image, metadata_not_utf8, duplicate_file_name, file_name_outside_the_folder,
          metadata_line_without_a_required_key, data_root_is_a_file, config_does_not_exist, config_is_not_text,
-         config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
+         config_with_a_yaml_syntax_error, config_copied_out_of_the_project, identifier_for_other_layers,
+         identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
          empty_predict_prompts, misspelt_key]
