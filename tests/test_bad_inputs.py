@@ -3,7 +3,7 @@
 each odd but valid input (HANDLED) runs, and what it loads is checked.
 
 Every case goes through the real CLI entry point. A case's docstring is the first cell of its
-row in the README's troubleshooting table (several cases may share a row); a test keeps the
+row in the troubleshooting table (docs/troubleshooting.md) (several cases may share a row); a test keeps the
 table and the cases one to one.
 """
 
@@ -156,7 +156,7 @@ def training_on_the_context_pool(data: Path, tmp: Path):
 
 def placeholder_only_inside_other_words(data: Path, tmp: Path):
     """the placeholder only inside another word (`model.placeholder_token=sks`, the only validation prompt "a photo of a person who asks")"""
-    # 'sks' is inside 'asks': not the placeholder (README "Prompts and the placeholder").
+    # 'sks' is inside 'asks': not the placeholder (docs/cli.md "Prompts and the placeholder").
     return ({"model.placeholder_token": "sks", "data.validation_prompts": '["a photo of a person who asks"]'},
             "none of data.validation_prompts contains model.placeholder_token 'sks'")
 
@@ -478,8 +478,8 @@ def test_odd_input_is_handled(case, tiny_pipeline, tiny_data, tmp_path, capsys, 
 
 
 def _readme_rows() -> list[list[str]]:
-    """The troubleshooting table's rows, as lists of cells."""
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    """The troubleshooting table's rows (docs/troubleshooting.md), as lists of cells."""
+    lines = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8").splitlines()
     start = lines.index("| bad input | the error says (paths shortened) | exit code | left on disk |")
     rows = []
     for line in lines[start + 2:]:
