@@ -190,7 +190,7 @@ def project_update(g: torch.Tensor, context_change: torch.Tensor, action_change:
     their difference is the pose's), and the context test removes the component along the context
     change ``g_a - g_c``. ``and`` does both (keep, then remove), ``or`` averages the two results,
     ``context_only`` / ``action_only`` one each. Channel masks assume features are axis-aligned in
-    the embedding; they are not, least at small D (ADI_METHOD.md). All tensors ``[N, L, D]``.
+    the embedding; they are not, least at small D (docs/method.md, "The statistic"). All tensors ``[N, L, D]``.
     """
     keep_action = _along(g, action_change)
     drop_context = g - _along(g, context_change)

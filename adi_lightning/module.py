@@ -66,14 +66,14 @@ class ADIModule(L.LightningModule):
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
         timestep_sampling: ``importance`` (default: ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al.
             2023, favours large t, where layout and pose form), ``uniform``, or ``cubic`` (t = (1 - u^3) T,
-            diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; README "Timesteps".
+            diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; docs/method.md "Timesteps".
         large_t_steps: The first ``large_t_steps`` optimizer steps draw t uniformly from ``[large_t_min T, T)`` (the
             pose first), then ``timestep_sampling``. 0 (default) is off: on the toy jump it moved which seeds fail.
         large_t_min: The large-t band's lower edge, a fraction of T: of the large-t phase and of multi-start's score.
         starts: Multi-start (random restarts with selection): ``starts`` runs of ``start_steps`` steps from the
             initial rows (fresh AdamW state, the data stream going on), then the one with the lowest anchor loss at
             t >= ``large_t_min`` T is continued (:class:`~adi_lightning.callbacks.MultiStartCallback`); ``trainer.
-            max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (README "Multi-start").
+            max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (docs/method.md "Multi-start").
         start_steps: Optimizer steps per start when ``starts`` > 1 (toy experiments: 50).
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16); the identifier and its
             gradients stay fp32.
