@@ -38,8 +38,8 @@ def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 def absolute_difference(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
     """``|g - g_other|`` per channel (the paper read literally), same shape as ``g``.
 
-    Scales with the gradients themselves (on the toy world Spearman +0.5 with ``|g_a|``), so a
-    quantile test on it selects channels by gradient size as much as by invariance.
+    Scales with the gradients themselves, so a quantile test on it selects channels by gradient size
+    as much as by invariance (docs/method.md, "The statistic").
     """
     return (g - g_other).abs()
 

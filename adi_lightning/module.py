@@ -45,7 +45,7 @@ class ADIModule(L.LightningModule):
             family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
         placeholder_token: The identifier string used in prompts; not in the vocabulary nor a template word.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
-            word ("standing"), never a subject noun ("person" makes "a cat <A>" start as "a cat
+            word ("standing"), never a subject noun ("person" makes ``"a cat <A>"`` start as "a cat
             person", a human; a warning names such words at setup).
         layerwise: One row per cross-attention layer (P+ / ADI). False: an alias of ``row_groups: shared``
             (Textual Inversion), refused with any other ``row_groups``.
@@ -58,7 +58,7 @@ class ADIModule(L.LightningModule):
         mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
             masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
             ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
-            measured best on the toy world: directions, not channels; :func:`adi_lightning.masking.project_update`).
+            measured best on the toy world, docs/report.md: directions, not channels; :func:`adi_lightning.masking.project_update`).
             ``sign`` and ``projection`` ignore β below 1.
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
             context-different sample's.
@@ -314,7 +314,7 @@ class ADIModule(L.LightningModule):
         shared = roles if self.hparams.share_text_encoding else 1
         features = self.family.encode(self.family.tokenize(prompts, latents.device), per_sample,
                                       self.identifier.layer_to_row(), shared)
-        # Not self.unet.dtype: diffusers' dtype property walks every submodule (about 3 ms a call).
+        # Not self.unet.dtype: diffusers' dtype property walks every submodule on every call.
         unet_dtype = next(self.unet.parameters()).dtype
         conditioning = self.family.unet_inputs(features, unet_dtype, tuple(pixels.shape[-2:]))
         pred = self._train_unet(noisy.to(unet_dtype), timesteps, **conditioning).sample
