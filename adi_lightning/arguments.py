@@ -7,6 +7,9 @@
   (:func:`check_config_file`), so a broken file is named with its line. A value written ``None``
   (``--model.identifier_path=None``: what W&B's ``${args}`` writes for a sweep's ``null``) means
   null, as YAML's ``null``; a key that cannot be null then refuses it by name.
+  A group file a config names (``trainer: ../configs/trainer/toy.yaml``) is read relative to that
+  config's folder; one that is not there is refused by name, with the layering idiom
+  (``--config jump.yaml --config mine.yaml``) that builds on a project experiment from anywhere.
 - :func:`explain_unknown_key`: jsonargparse 4.x reports an unknown key without suggestions and without
   the file it came from; this turns it into one line naming the key, its source (the command line, or
   the YAML file and line: a ``--config`` file, a group file it names, or a group file typed on the
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 
@@ -95,10 +99,11 @@ def _checked(path: str) -> str:
 def check_config_file(path: str | Path, depth: int = 0) -> None:
     """Refuse a config file that is not UTF-8 YAML holding a mapping, naming the file (and the line
     and column of a syntax error); group files it names (``trainer: ../configs/trainer/cpu.yaml``)
-    are checked too.
+    must exist relative to it and are checked too.
 
     Raises:
-        ConfigFileError: the file cannot be read, is not UTF-8, is not YAML, or is not a mapping.
+        ConfigFileError: the file cannot be read, is not UTF-8, is not YAML, is not a mapping, or
+            names a group file that does not exist.
     """
     try:
         raw = Path(path).read_bytes()
@@ -122,10 +127,26 @@ def check_config_file(path: str | Path, depth: int = 0) -> None:
     if data is not None and not isinstance(data, dict):
         raise ConfigFileError(f"{path}: a config holds keys (model:, data:, trainer: ...), but this file "
                               f"holds a {type(data).__name__}")
-    for value in (data or {}).values():
+    for key, value in (data or {}).items():
         nested = Path(path).parent / value if isinstance(value, str) and _is_yaml_path(value) else None
-        if nested is not None and nested.is_file() and depth < 4:
+        if nested is not None and not nested.is_file():
+            raise ConfigFileError(missing_group_file(path, text, key, value, nested))
+        if nested is not None and depth < 4:
             check_config_file(nested, depth + 1)
+
+
+def missing_group_file(path: str | Path, text: str, key: str, value: str, nested: Path) -> str:
+    """The error for a group file (``trainer: ../configs/trainer/toy.yaml``) that is not where the
+    config file says: jsonargparse reads it relative to the config file's folder only, so a copy of a
+    project experiment elsewhere misses it. The message names the file, line and key, and the fix:
+    layering the user's changes over a project experiment, which resolves from any directory."""
+    node = yaml.compose(text)
+    line = next((k.start_mark.line + 1 for k, _ in getattr(node, "value", []) if getattr(k, "value", None) == key), None)
+    where = f"{path}, line {line}" if line else str(path)
+    nested = Path(os.path.normpath(Path(path).resolve().parent / value))
+    return (f"{where}: {key}: {value!r} not found (a path inside a config file is relative to that file's folder: "
+            f"{nested}); to build on a project experiment from anywhere, layer a file holding only your changes "
+            f"over it: --config jump.yaml --config {Path(path).name}")
 
 
 def _is_yaml_path(value: str) -> bool:

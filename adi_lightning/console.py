@@ -19,7 +19,7 @@ SUMMARY_METRICS = ("action_acc", "subject_acc", "clean_both_correct", "appearanc
 
 
 def quiet_libraries() -> None:
-    """Silence the notices listed in README "Outputs" (the console); never the user's own warnings."""
+    """Silence the notices listed in docs/outputs.md "The console"; never the user's own warnings."""
     # (transformers' torchvision notice: filtered on import of adi_lightning, for plain Python too)
     # Lightning's advert for its cloud logger, printed on every run.
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

@@ -47,7 +47,7 @@ def keyed_noise_and_timesteps(keys: list[int], step: int, roles: int, latents: t
     :func:`~adi_lightning.data.triples.triple_key` ``(keys[b], step)``; its ``roles`` members share
     both, so only the image differs between them, and no result depends on the rank an item is on.
     While ``step < large_t_steps`` timesteps are uniform in ``[large_t_min T, T)`` (the large-t phase:
-    the pose forms there, so it is fitted before texture; README "Timesteps"), then ``kind``.
+    the pose forms there, so it is fitted before texture; docs/method.md "Timesteps"), then ``kind``.
     """
     noise, timesteps = [], []
     large_t = large_t_min if step < large_t_steps else None

@@ -11,7 +11,7 @@ identifiers; ``sdxl`` for SDXL identifiers (two text encoders): the community's 
 layout, ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` (768 and 1280 for SDXL base), the one vector
 split by the identifier's recorded ``text_dims``. diffusers loads it with one
 ``load_textual_inversion(tensor, token=..., text_encoder=..., tokenizer=...)`` call per key (a
-path to the file is refused: the file has two tensors); README "SDXL" shows the calls.
+path to the file is refused: the file has two tensors); docs/inference.md "SDXL" shows the calls.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def check_initializer_word(word: str, templates=(), subjects=()) -> list[str]:
         from lightning.pytorch.utilities import rank_zero_warn
 
         rank_zero_warn(f"model.initializer_token={word!r} is {' and '.join(found)}: the identifier starts as a "
-                       "subject, not an action. Prefer an action-neutral word such as 'standing' (README: "
+                       "subject, not an action. Prefer an action-neutral word such as 'standing' (docs/method.md: "
                        "'Choosing the initializer').")
     return found
 

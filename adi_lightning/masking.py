@@ -38,8 +38,8 @@ def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
 def absolute_difference(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
     """``|g - g_other|`` per channel (the paper read literally), same shape as ``g``.
 
-    Scales with the gradients themselves (on the toy world Spearman +0.5 with ``|g_a|``), so a
-    quantile test on it selects channels by gradient size as much as by invariance.
+    Scales with the gradients themselves, so a quantile test on it selects channels by gradient size
+    as much as by invariance (docs/method.md, "The statistic").
     """
     return (g - g_other).abs()
 
@@ -190,7 +190,7 @@ def project_update(g: torch.Tensor, context_change: torch.Tensor, action_change:
     their difference is the pose's), and the context test removes the component along the context
     change ``g_a - g_c``. ``and`` does both (keep, then remove), ``or`` averages the two results,
     ``context_only`` / ``action_only`` one each. Channel masks assume features are axis-aligned in
-    the embedding; they are not, least at small D (ADI_METHOD.md). All tensors ``[N, L, D]``.
+    the embedding; they are not, least at small D (docs/method.md, "The statistic"). All tensors ``[N, L, D]``.
     """
     keep_action = _along(g, action_change)
     drop_context = g - _along(g, context_change)

@@ -45,7 +45,7 @@ class ADIModule(L.LightningModule):
             family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
         placeholder_token: The identifier string used in prompts; not in the vocabulary nor a template word.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
-            word ("standing"), never a subject noun ("person" makes "a cat <A>" start as "a cat
+            word ("standing"), never a subject noun ("person" makes ``"a cat <A>"`` start as "a cat
             person", a human; a warning names such words at setup).
         layerwise: One row per cross-attention layer (P+ / ADI). False: an alias of ``row_groups: shared``
             (Textual Inversion), refused with any other ``row_groups``.
@@ -58,7 +58,7 @@ class ADIModule(L.LightningModule):
         mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
             masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
             ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
-            measured best on the toy world: directions, not channels; :func:`adi_lightning.masking.project_update`).
+            measured best on the toy world, docs/report.md: directions, not channels; :func:`adi_lightning.masking.project_update`).
             ``sign`` and ``projection`` ignore β below 1.
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
             context-different sample's.
@@ -66,14 +66,14 @@ class ADIModule(L.LightningModule):
         weight_decay: AdamW weight decay (masked channels are restored, so it cannot move them).
         timestep_sampling: ``importance`` (default: ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al.
             2023, favours large t, where layout and pose form), ``uniform``, or ``cubic`` (t = (1 - u^3) T,
-            diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; README "Timesteps".
+            diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; docs/method.md "Timesteps".
         large_t_steps: The first ``large_t_steps`` optimizer steps draw t uniformly from ``[large_t_min T, T)`` (the
             pose first), then ``timestep_sampling``. 0 (default) is off: on the toy jump it moved which seeds fail.
         large_t_min: The large-t band's lower edge, a fraction of T: of the large-t phase and of multi-start's score.
         starts: Multi-start (random restarts with selection): ``starts`` runs of ``start_steps`` steps from the
             initial rows (fresh AdamW state, the data stream going on), then the one with the lowest anchor loss at
             t >= ``large_t_min`` T is continued (:class:`~adi_lightning.callbacks.MultiStartCallback`); ``trainer.
-            max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (README "Multi-start").
+            max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (docs/method.md "Multi-start").
         start_steps: Optimizer steps per start when ``starts`` > 1 (toy experiments: 50).
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16); the identifier and its
             gradients stay fp32.
@@ -314,7 +314,7 @@ class ADIModule(L.LightningModule):
         shared = roles if self.hparams.share_text_encoding else 1
         features = self.family.encode(self.family.tokenize(prompts, latents.device), per_sample,
                                       self.identifier.layer_to_row(), shared)
-        # Not self.unet.dtype: diffusers' dtype property walks every submodule (about 3 ms a call).
+        # Not self.unet.dtype: diffusers' dtype property walks every submodule on every call.
         unet_dtype = next(self.unet.parameters()).dtype
         conditioning = self.family.unet_inputs(features, unet_dtype, tuple(pixels.shape[-2:]))
         pred = self._train_unet(noisy.to(unet_dtype), timesteps, **conditioning).sample

@@ -3,7 +3,7 @@
 each odd but valid input (HANDLED) runs, and what it loads is checked.
 
 Every case goes through the real CLI entry point. A case's docstring is the first cell of its
-row in the README's troubleshooting table (several cases may share a row); a test keeps the
+row in the troubleshooting table (docs/troubleshooting.md) (several cases may share a row); a test keeps the
 table and the cases one to one.
 """
 
@@ -156,7 +156,7 @@ def training_on_the_context_pool(data: Path, tmp: Path):
 
 def placeholder_only_inside_other_words(data: Path, tmp: Path):
     """the placeholder only inside another word (`model.placeholder_token=sks`, the only validation prompt "a photo of a person who asks")"""
-    # 'sks' is inside 'asks': not the placeholder (README "Prompts and the placeholder").
+    # 'sks' is inside 'asks': not the placeholder (docs/cli.md "Prompts and the placeholder").
     return ({"model.placeholder_token": "sks", "data.validation_prompts": '["a photo of a person who asks"]'},
             "none of data.validation_prompts contains model.placeholder_token 'sks'")
 
@@ -267,6 +267,18 @@ def config_with_a_yaml_syntax_error(data: Path, tmp: Path):
     return {"config": str(tmp / "broken.yaml")}, f"broken.yaml, line {line + 1}"
 
 
+def config_copied_out_of_the_project(data: Path, tmp: Path):
+    """a copy of a project experiment in another folder (its group files are relative to it)"""
+    text = (REPO / "experiments" / "tiny.yaml").read_text()
+    (tmp / "mine.yaml").write_text(text)
+    line = text.splitlines().index("trainer: ../configs/trainer/cpu.yaml") + 1
+    return ({"config": str(tmp / "mine.yaml")},
+            f"mine.yaml, line {line}: trainer: '../configs/trainer/cpu.yaml' not found (a path inside a config file "
+            f"is relative to that file's folder: {tmp.resolve().parent / 'configs' / 'trainer' / 'cpu.yaml'}); to build on a "
+            "project experiment from anywhere, layer a file holding only your changes over it: --config jump.yaml "
+            "--config mine.yaml")
+
+
 def identifier_for_other_layers(data: Path, tmp: Path):
     """identifier from another base model: other cross-attention layers (`predict`)"""
     # the 10 attn2 layers of a UNet with layers_per_block=1 (the tiny pipeline has 2: 16 layers)
@@ -363,7 +375,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          predict_prompt_with_placeholder_past_the_token_limit, nan_loss_at_the_first_step, nan_loss_after_two_steps,
          output_not_writable, float_image, metadata_not_utf8, duplicate_file_name, file_name_outside_the_folder,
          metadata_line_without_a_required_key, data_root_is_a_file, config_does_not_exist, config_is_not_text,
-         config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
+         config_with_a_yaml_syntax_error, config_copied_out_of_the_project, identifier_for_other_layers,
+         identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
          empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
@@ -525,8 +538,8 @@ def test_odd_input_is_handled(case, tiny_pipeline, tiny_data, tmp_path, capsys, 
 
 
 def _readme_rows() -> list[list[str]]:
-    """The troubleshooting table's rows, as lists of cells."""
-    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    """The troubleshooting table's rows (docs/troubleshooting.md), as lists of cells."""
+    lines = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8").splitlines()
     start = lines.index("| bad input | the error says (paths shortened) | exit code | left on disk |")
     rows = []
     for line in lines[start + 2:]:

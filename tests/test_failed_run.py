@@ -1,4 +1,4 @@
-"""What a failed fit leaves, through the CLI on experiments/tiny.yaml (README "Troubleshooting").
+"""What a failed fit leaves, through the CLI on experiments/tiny.yaml (docs/troubleshooting.md, docs/outputs.md "A failed run").
 
 Kept when it holds a result, with the last good identifier; removed when it holds only
 bookkeeping. The no-folder and NaN rows of the table are also in tests/test_bad_inputs.py.
@@ -15,7 +15,7 @@ from adi_lightning.cli import main
 from adi_lightning.identifier import read_identifier
 
 REPO = Path(__file__).resolve().parents[1]
-LAST_GOOD_FILE = "identifier_last_good.safetensors"  # the name the README documents
+LAST_GOOD_FILE = "identifier_last_good.safetensors"  # the name docs/outputs.md documents
 
 
 def fit(pipeline: str, data: str, root: Path, steps: int) -> None:

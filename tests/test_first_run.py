@@ -121,15 +121,20 @@ def test_main_job_console_has_no_library_notices(tmp_path):
 
 
 def test_readme_snippet_for_the_embedded_default_runs_as_written(tmp_path):
-    """The README's plain-Python block for the toy pipeline, with only the run folder filled in."""
+    """The README's plain-Python block for the toy pipeline, with only the run folder filled in (docs/inference.md
+    holds the same block)."""
     import re
 
     main(args=["fit", "--config", "jump.yaml", f"--trainer.default_root_dir={tmp_path}",
                "--trainer.enable_progress_bar=false", "--trainer.max_steps=1", "--model.starts=1",
                "--trainer.limit_val_batches=0"])
     (identifier,) = tmp_path.glob("*/identifier.safetensors")
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    (snippet,) = [b for b in blocks if "toy_pipeline_path" in b]
+    snippets = []
+    for page in ("README.md", "docs/inference.md"):
+        blocks = re.findall(r"```python\n(.*?)```", (REPO / page).read_text(), re.S)
+        snippets += [b for b in blocks if "toy_pipeline_path" in b]
+    assert len(snippets) == 2 and snippets[0] == snippets[1], snippets
+    snippet = snippets[0]
     assert "outputs/<run>/identifier.safetensors" in snippet
     code = snippet.replace("outputs/<run>/identifier.safetensors", str(identifier))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

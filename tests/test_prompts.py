@@ -1,6 +1,6 @@
 """Prompts and the placeholder: one rule says where the identifier is, and no prompt loses it.
 
-README "Prompts and the placeholder"; the CLI rows are in tests/test_bad_inputs.py.
+docs/cli.md "Prompts and the placeholder"; the CLI rows are in tests/test_bad_inputs.py.
 """
 
 import pytest

@@ -220,7 +220,7 @@ def trained_sdxl_identifier(tiny_sdxl_pipeline, make_module, tmp_path) -> Path:
 
 def test_clip_l_clip_g_export_loads_through_load_textual_inversion_as_install_identifier_draws_it(
         tiny_sdxl_pipeline, make_module, trained_sdxl_identifier, tmp_path):
-    """The README's snippet: ``load_file`` then one ``load_textual_inversion`` per key, on the stock
+    """The snippet in docs/inference.md ("SDXL"): ``load_file`` then one ``load_textual_inversion`` per key, on the stock
     pipeline, draws what ``install_identifier`` draws from a one-row identifier holding the same
     vector (within 1/255 per pixel)."""
     from safetensors.torch import load_file

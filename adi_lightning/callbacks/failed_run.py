@@ -1,4 +1,4 @@
-"""What a failed run leaves behind (README "Troubleshooting").
+"""What a failed run leaves behind (docs/outputs.md "A failed run").
 
 The rule: when a command fails, its run folder is kept if it holds a result, and removed if it
 holds only bookkeeping (``config.yaml``, ``run_info.json``, a logger's ``hparams.yaml``, a

@@ -3,8 +3,7 @@
 On the toy jump, textual inversion, P+ and ADI settle in one of two poses within their first
 50-100 steps (the jump, or an arms-up pose without its legs), decided by the order of the data; a
 failed start is visible in training data alone: its anchor loss at large t, where the sampler lays
-out the pose, is higher (0.0061-0.0067 against 0.0052-0.0054 at step 100 on development seeds
-10-18; README "Multi-start"). So with ``model.starts = K`` the first ``K x model.start_steps``
+out the pose, is higher (docs/method.md "Multi-start"; the measurements: docs/notes.md). So with ``model.starts = K`` the first ``K x model.start_steps``
 optimizer steps train K starts, each from the run's initial rows with a fresh AdamW state while
 the data stream goes on; each start ends with :func:`large_t_anchor_loss`, and the run continues
 the start with the lowest one (its rows and AdamW state). This is model selection on the training

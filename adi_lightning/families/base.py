@@ -1,4 +1,4 @@
-"""The seam between the method and a backbone family (ARCHITECTURE.md "Backbone families").
+"""The seam between the method and a backbone family (docs/architecture.md, "The family seam").
 
 What differs between Stable Diffusion 1.x/2.x and SDXL is small and local: the tokenizers and text
 encoders, how a prompt and the identifier become UNet conditioning, the added conditions, the

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     # One thread by default: on a small shared CPU, 2 OpenMP threads stall at every op's barrier
-    # whenever another process holds a core (measured 0.5 s/step at best, 10 s at worst; 1 thread 0.8 s).
+    # whenever another process holds a core (docs/getting-started.md, OMP_NUM_THREADS).
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal floats can slow CPU training many-fold
     args.func(args)
