@@ -25,6 +25,7 @@ from adi_lightning.cli import main
 from adi_lightning.data import read_action_folder
 from adi_lightning.data.layout import open_rgb
 from adi_lightning.data.triples import load_image
+from adi_lightning.export import main as export_main
 from adi_lightning.identifier import LayerwiseIdentifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,6 +320,29 @@ def misspelt_key(data: Path, tmp: Path):
             "unknown key 'model.mask_treshold' on the command line; did you mean model.mask_threshold")
 
 
+def _identifier(tmp: Path) -> Path:
+    """A small adi-lightning identifier file (16 rows, D=32) for the export cases."""
+    path = tmp / "identifier.safetensors"
+    meta = {"format": "adi-lightning-identifier", "layer_paths": json.dumps([f"l{i}" for i in range(16)])}
+    save_file({"identifier": torch.randn(16, 32), "layer_to_row": torch.arange(16)}, str(path), meta)
+    return path
+
+
+def export_onto_an_existing_file(data: Path, tmp: Path):
+    """`python -m adi_lightning.export --out` a file that exists and was not written by the export (`--overwrite` or not)"""
+    mine = tmp / "my_embedding.safetensors"
+    save_file({"emb": torch.ones(1, 32)}, str(mine))
+    return ({"export": ["--identifier", str(_identifier(tmp)), "--out", str(mine), "--overwrite"]},
+            f"--out {mine} already exists and was not written by adi_lightning.export")
+
+
+def export_onto_its_own_identifier(data: Path, tmp: Path):
+    """`python -m adi_lightning.export --out` the identifier being exported (`--overwrite` or not)"""
+    identifier = _identifier(tmp)
+    return ({"export": ["--identifier", str(identifier), "--out", str(identifier), "--overwrite"]},
+            f"--out {identifier} is the identifier being exported")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -331,7 +355,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key]
+         empty_predict_prompts, misspelt_key, export_onto_an_existing_file, export_onto_its_own_identifier]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -415,6 +439,11 @@ def _run(case, tiny_pipeline, tiny_data, tmp_path, fail_fit_at):
     """Prepare ``case``'s input, run it through the CLI; returns (expected, root, kept, user files, exit code)."""
     data = _copy_data(tiny_data, tmp_path / "data")
     overrides, expected = case(data, tmp_path)
+    if "export" in overrides:  # python -m adi_lightning.export: its own arguments, no run folder
+        before = _user_files(tmp_path, tmp_path / "outputs")
+        code = export_main(overrides["export"])
+        assert _user_files(tmp_path, tmp_path / "outputs") == before
+        return expected, tmp_path / "outputs", [], code
     subcommand = overrides.pop("subcommand", "fit")
     config = overrides.pop("config", str(REPO / "experiments" / "tiny.yaml"))
     kept = overrides.pop("kept", [])
