@@ -343,6 +343,19 @@ def export_onto_its_own_identifier(data: Path, tmp: Path):
             f"--out {identifier} is the identifier being exported")
 
 
+def ckpt_path_last(data: Path, tmp: Path):
+    """`--ckpt_path last` (or `best`, `hpc`): every command gets a new run folder, which holds no checkpoint"""
+    return {"ckpt_path": "last"}, "--ckpt_path last is ambiguous here: this command's run folder"
+
+
+def ckpt_path_folder_without_a_checkpoint(data: Path, tmp: Path):
+    """`--ckpt_path` a folder without a checkpoint (`*.ckpt`) in it"""
+    folder = tmp / "not_a_run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no checkpoint here")
+    return {"ckpt_path": str(folder)}, f"ckpt_path='{folder}' is a folder without a checkpoint (*.ckpt) in it"
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -355,7 +368,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key, export_onto_an_existing_file, export_onto_its_own_identifier]
+         empty_predict_prompts, misspelt_key, export_onto_an_existing_file, export_onto_its_own_identifier,
+         ckpt_path_last, ckpt_path_folder_without_a_checkpoint]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
