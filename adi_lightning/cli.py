@@ -6,18 +6,27 @@ project's own experiments (``adi_lightning.paths``), so commands run from any wo
 Model and data classes are fixed, so every switch is a flat key (``--model.mask_threshold``).
 ``parser_mode="omegaconf+"`` resolves interpolations after command-line overrides, so a swept
 value reaches every key that interpolates it. Each run gets its own, exclusively created folder
-under ``trainer.default_root_dir``; the config, run info, identifier and grids land there.
+under ``trainer.default_root_dir``; the config, run info, identifier and grids land there. A SLURM
+job names its folder by job id, so a requeued ``fit`` rejoins it and resumes from its newest
+checkpoint (:func:`make_run_dir`).
+
+A run stopped by SIGTERM exits with status 143 (SIGINT: 1) and one line naming the checkpoint to
+resume from (:func:`stop_line`; the checkpoint is written by
+:class:`~adi_lightning.callbacks.PreemptionCallback`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import signal
+import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
 from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -49,7 +58,11 @@ def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
     """Create a new run folder exclusively (never reuse another run's), and return it.
 
     DDP child processes (LOCAL_RANK > 0) re-run the command: they join the folder that rank 0
-    created, which it passes down through the environment.
+    created, which it passes down through the environment. Processes that a launcher started
+    together (torchrun, a SLURM job) agree on a name instead (:func:`_launch_id`). A single-task
+    SLURM job creates its ``<subcommand>-slurm<job>`` folder exclusively, and rejoins it only when
+    SLURM restarted the job (``SLURM_RESTART_COUNT`` > 0, a requeue); a second command in the same
+    job gets a new timestamped folder.
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and int(os.environ.get("LOCAL_RANK", "0")) > 0:
@@ -58,12 +71,17 @@ def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
     shared = _launch_id()
     if shared:  # torchrun / SLURM start every rank at once: they agree on the name instead
         run_dir = root / f"{subcommand}-{shared}"
+        single = _slurm_single_task()
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(exist_ok=not single or _slurm_restarts() > 0)
+        except FileExistsError:
+            shared = None  # another command of this job made it: fall through to a fresh folder
         except OSError as err:
             raise OSError(f"trainer.default_root_dir={str(root)!r} cannot be created: {err.strerror or err}") from err
-        os.environ[RUN_DIR_ENV] = str(run_dir)
-        return run_dir
+        else:
+            os.environ[RUN_DIR_ENV] = str(run_dir)
+            return run_dir
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -82,15 +100,30 @@ def make_run_dir(root: str | os.PathLike, subcommand: str) -> Path:
 
 
 def _launch_id() -> str | None:
-    """An id that every process of one multi-process launch shares, when a launcher other than
-    Lightning's own started them (torchrun, SLURM with several tasks); None otherwise."""
+    """An id that every process of one launch shares, when a launcher other than Lightning's own
+    started them (torchrun, SLURM with several tasks), or that a requeued single-task SLURM job
+    keeps (its job id, or array job and task id); None otherwise."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
         step = os.environ.get("SLURM_STEP_ID", "0")
         return f"slurm{os.environ['SLURM_JOB_ID']}.{step}"
+    if _slurm_single_task():
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm{array}_{task}" if array and task else f"slurm{os.environ['SLURM_JOB_ID']}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return f"torchrun-{run_id}"
     return None
+
+
+def _slurm_single_task() -> bool:
+    """A SLURM batch job of one task, as Lightning's ``SLURMEnvironment.detect`` sees one
+    (interactive allocations, job name ``bash`` or ``interactive``, are not)."""
+    return (bool(os.environ.get("SLURM_JOB_ID")) and int(os.environ.get("SLURM_NTASKS", "0") or 0) == 1
+            and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"))
+
+
+def _slurm_restarts() -> int:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 class RunDirConfigCallback(SaveConfigCallback):
@@ -178,8 +211,28 @@ class ADICLI(LightningCLI):
                 init_args.save_dir = str(run_dir)
         _add_progress_bar(trainer)
         _add_checkpoint_io(trainer)
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if rank_zero:
             print(f"adi_lightning: run directory {run_dir}", file=sys.stderr)
+        self._checkpoint_of_named(config, run_dir, rank_zero)
+
+    def _checkpoint_of_named(self, config, run_dir: Path, rank_zero: bool) -> None:
+        """Resolve ``--ckpt_path last|best|hpc`` in this run's folder or refuse it
+        (:func:`adi_lightning.resume.resolve_named`); a requeued SLURM ``fit`` without one resumes
+        from its folder's newest checkpoint. Either is said in one line."""
+        name = config.get("ckpt_path")
+        if name in resume.LIGHTNING_CKPT_NAMES:
+            config.ckpt_path = str(resume.resolve_named(name, run_dir, run_dir.parent))
+            if rank_zero:
+                print(f"adi_lightning: --ckpt_path {name}: {config.ckpt_path}", file=sys.stderr)
+        elif name is None and self.subcommand == "fit" and _slurm_restarts() > 0:
+            found = resume.newest_checkpoint(run_dir)
+            if found is not None:
+                config.ckpt_path = str(found)
+            if rank_zero:
+                print(f"adi_lightning: SLURM restarted this job ({_slurm_restarts()} time(s)): "
+                      + (f"resuming from {found}" if found else f"no checkpoint in {run_dir}, starting over"),
+                      file=sys.stderr)
 
 
 def _add_progress_bar(trainer) -> None:
@@ -235,6 +288,13 @@ def main(args=None) -> None:
     try:
         cli = ADICLI(args=args)
     except BaseException as err:
+        stopped = _stop_signal(err)
+        if stopped:
+            run_dir = os.environ.get(RUN_DIR_ENV)
+            kept = settle_failed_run(run_dir)
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                print(stop_line(stopped, kept, list(sys.argv[1:] if args is None else args)), file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM if stopped == "SIGTERM" else 1) from err
         if isinstance(err, SystemExit) and err.code in (0, None):
             raise
         report = isinstance(err, known) and not os.environ.get("ADI_DEBUG")
@@ -246,6 +306,39 @@ def main(args=None) -> None:
         raise  # not an input error (a bug, Ctrl+C): keep the traceback
     if cli.subcommand and cli.trainer.is_global_zero:
         print("\n".join(run_summary(cli.subcommand, cli.trainer.default_root_dir, time.time() - started)))
+
+
+def _stop_signal(err: BaseException) -> str | None:
+    """``"SIGTERM"`` for Lightning's SIGTERMException, ``"SIGINT"`` for Ctrl+C (Lightning turns a
+    KeyboardInterrupt during a run into ``SystemExit(1)``), else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(err, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == 1
+                                              and isinstance(err.__context__, KeyboardInterrupt)):
+        return "SIGINT"
+    return None
+
+
+def stop_line(stopped: str, run_dir: Path | None, argv: list[str]) -> str:
+    """One line: what stopped the command and, for ``fit``, the command that resumes it from the
+    run folder's newest checkpoint (``argv`` with its ``--ckpt_path`` replaced)."""
+    from adi_lightning.arguments import option_name, split_options
+    from adi_lightning.callbacks import STOPPED_NAME
+
+    options = split_options(argv)
+    subcommand = next((o[0] for o in options if len(o) == 1 and o[0] in resume.SUBCOMMANDS), None)
+    ckpt = None
+    if run_dir is not None and subcommand == "fit":  # the checkpoint written at the signal, else the newest
+        ckpt = resume.newest_checkpoint(run_dir, STOPPED_NAME.format(step="*")) or resume.newest_checkpoint(run_dir)
+    if ckpt is None:
+        what = "the run wrote no checkpoint to resume from" if subcommand == "fit" else "nothing to resume"
+        return f"adi_lightning: stopped by {stopped}; {what}: rerun the command to start over"
+    step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step")
+    kept = [tok for o in options if option_name(o) != "--ckpt_path" for tok in o]
+    command = " ".join([PROG, shlex.join([*kept, "--ckpt_path", str(ckpt)])])
+    return f"adi_lightning: stopped by {stopped} at step {step}; resume with: {command}"
 
 
 def settle_failed_run(run_dir: str | None) -> Path | None:

@@ -192,7 +192,8 @@ class ADIModule(L.LightningModule):
         from adi_lightning import callbacks as cb
 
         return [cb.MultiStartCallback(), cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(),
-                cb.EvaluationCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback()]
+                cb.EvaluationCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback(),
+                cb.PreemptionCallback()]  # last: it saves after the others' on_train_batch_end
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -7,6 +7,13 @@ rewriting the command line before it is parsed: group files first, then the chec
 then every other argument in the order given. So ``config.yaml`` records what the run used, and a
 checkpoint alone (no ``--config``) fills every model and data key it stores.
 
+``--ckpt_path`` takes a checkpoint file or a run folder; a folder means its newest checkpoint
+(:func:`newest_checkpoint`), and one console line names the file. Lightning's names ``last``,
+``best`` and ``hpc`` look inside the command's own run folder, which is new for every command, so
+they are refused with the newest checkpoint under ``trainer.default_root_dir`` as the suggestion
+(:func:`resolve_named`); ``last`` and ``hpc`` resolve only in a folder that a requeued SLURM job
+rejoins (README "Resuming and multi-GPU").
+
 Lightning 2.6's own ``LightningCLI._parse_ckpt_path`` merges the checkpoint's hyperparameters over
 the whole parsed config, typed flags included; :class:`adi_lightning.cli.ADICLI` turns it off.
 """
@@ -140,9 +147,47 @@ def read_stored(path: str) -> tuple[dict[str, dict[str, Any]], int | None]:
     return stored, ckpt.get("global_step")
 
 
+def newest_checkpoint(folder: str | os.PathLike, pattern: str = "*.ckpt") -> Path | None:
+    """The most recently written checkpoint (``pattern``) anywhere under ``folder``, or None.
+    Hidden files (an atomic writer's temp files) are skipped; equal times go to the later name."""
+    found = [p for p in Path(folder).rglob(pattern) if p.is_file() and not p.name.startswith(".")]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+
+
+def resolve_named(name: str, run_dir: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """The checkpoint Lightning's ``name`` (``last``, ``hpc``) means in ``run_dir``: its newest
+    one. ValueError for ``best``, and for a run folder without such a checkpoint (every command
+    gets a new folder, so that is the usual case), naming the newest checkpoint under ``root``."""
+    pattern = "hpc_ckpt_*.ckpt" if name == "hpc" else "*.ckpt"
+    found = newest_checkpoint(run_dir, pattern) if name != "best" else None
+    if found is not None:
+        return found
+    others = [p for p in Path(root).glob("*") if p.is_dir() and p.resolve() != Path(run_dir).resolve()]
+    candidates = [c for c in (newest_checkpoint(p) for p in others) if c is not None]
+    newest = max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name), default=None)
+    why = (f"this command's run folder {run_dir} is new and holds no {pattern}" if name != "best" else
+           "each command runs in a new process and run folder, so no best checkpoint is known")
+    hint = (f"give a checkpoint file or a run folder, e.g. the newest under {root}: --ckpt_path {newest}"
+            if newest is not None else f"give a checkpoint file or a run folder (there is none under {root})")
+    raise ValueError(f"--ckpt_path {name} is ambiguous here: {why}; {hint}")
+
+
+def _in_folder(path: str) -> str:
+    """``path``, or the newest checkpoint in it when it is a folder (said in one line)."""
+    if not Path(path).is_dir():
+        return path
+    found = newest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"ckpt_path={path!r} is a folder without a checkpoint (*.ckpt) in it")
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"adi_lightning: --ckpt_path {path}: using its newest checkpoint, {found}", file=sys.stderr)
+    return str(found)
+
+
 def find(argv: list[str], ckpt_path: str | None = None) -> CheckpointSettings | None:
     """The checkpoint settings of a command line: from its ``--ckpt_path``, or ``ckpt_path``
-    when a config file gave it. None without one, or for Lightning's named checkpoints."""
+    when a config file gave it. None without one, or for Lightning's named checkpoints. A run
+    folder is replaced by its newest checkpoint, in the returned settings' command line too."""
     options = split_options(list(argv))
     at = next((i for i, o in enumerate(options) if len(o) == 1 and o[0] in SUBCOMMANDS), None)
     if at is None:
@@ -154,6 +199,10 @@ def find(argv: list[str], ckpt_path: str | None = None) -> CheckpointSettings | 
             path = option_value(option)
     if not path or path in ("null", "None") or path in LIGHTNING_CKPT_NAMES or path.startswith("registry"):
         return None
+    resolved = _in_folder(path)
+    if resolved != path:
+        rest = [o for o in rest if option_name(o) != "--ckpt_path"] + [["--ckpt_path", resolved]]
+        path = resolved
     if not Path(path).is_file():
         raise FileNotFoundError(f"ckpt_path={path!r}: no such checkpoint file")
     settings = CheckpointSettings(path, sub, before, rest)

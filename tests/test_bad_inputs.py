@@ -25,6 +25,7 @@ from adi_lightning.cli import main
 from adi_lightning.data import read_action_folder
 from adi_lightning.data.layout import open_rgb
 from adi_lightning.data.triples import load_image
+from adi_lightning.export import main as export_main
 from adi_lightning.identifier import LayerwiseIdentifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,6 +367,42 @@ def toy_cache_folder_not_written_by_adi_lightning(data: Path, tmp: Path):
             "the command again")
 
 
+def _identifier(tmp: Path) -> Path:
+    """A small adi-lightning identifier file (16 rows, D=32) for the export cases."""
+    path = tmp / "identifier.safetensors"
+    meta = {"format": "adi-lightning-identifier", "layer_paths": json.dumps([f"l{i}" for i in range(16)])}
+    save_file({"identifier": torch.randn(16, 32), "layer_to_row": torch.arange(16)}, str(path), meta)
+    return path
+
+
+def export_onto_an_existing_file(data: Path, tmp: Path):
+    """`python -m adi_lightning.export --out` a file that exists and was not written by the export (`--overwrite` or not)"""
+    mine = tmp / "my_embedding.safetensors"
+    save_file({"emb": torch.ones(1, 32)}, str(mine))
+    return ({"export": ["--identifier", str(_identifier(tmp)), "--out", str(mine), "--overwrite"]},
+            f"--out {mine} already exists and was not written by adi_lightning.export")
+
+
+def export_onto_its_own_identifier(data: Path, tmp: Path):
+    """`python -m adi_lightning.export --out` the identifier being exported (`--overwrite` or not)"""
+    identifier = _identifier(tmp)
+    return ({"export": ["--identifier", str(identifier), "--out", str(identifier), "--overwrite"]},
+            f"--out {identifier} is the identifier being exported")
+
+
+def ckpt_path_last(data: Path, tmp: Path):
+    """`--ckpt_path last` (or `best`, `hpc`): every command gets a new run folder, which holds no checkpoint"""
+    return {"ckpt_path": "last"}, "--ckpt_path last is ambiguous here: this command's run folder"
+
+
+def ckpt_path_folder_without_a_checkpoint(data: Path, tmp: Path):
+    """`--ckpt_path` a folder without a checkpoint (`*.ckpt`) in it"""
+    folder = tmp / "not_a_run"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no checkpoint here")
+    return {"ckpt_path": str(folder)}, f"ckpt_path='{folder}' is a folder without a checkpoint (*.ckpt) in it"
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -381,7 +418,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          unknown_mask_statistic,
          empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
          misspelt_key_in_a_group_file_on_the_command_line, dangling_symbolic_link,
-         toy_cache_folder_not_written_by_adi_lightning]
+         toy_cache_folder_not_written_by_adi_lightning, export_onto_an_existing_file,
+         export_onto_its_own_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -482,6 +520,11 @@ def _run(case, tiny_pipeline, tiny_data, tmp_path, fail_fit_at, disk_full=None):
     """Prepare ``case``'s input, run it through the CLI; returns (expected, root, kept, absent, exit code)."""
     data = _copy_data(tiny_data, tmp_path / "data")
     overrides, expected = case(data, tmp_path)
+    if "export" in overrides:  # python -m adi_lightning.export: its own arguments, no run folder
+        before = _user_files(tmp_path, tmp_path / "outputs")
+        code = export_main(overrides["export"])
+        assert _user_files(tmp_path, tmp_path / "outputs") == before
+        return expected, tmp_path / "outputs", [], None, code
     subcommand = overrides.pop("subcommand", "fit")
     config = overrides.pop("config", str(REPO / "experiments" / "tiny.yaml"))
     kept, absent = overrides.pop("kept", []), overrides.pop("absent", None)

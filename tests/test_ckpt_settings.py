@@ -189,3 +189,26 @@ def test_an_identifier_that_does_not_fit_the_backbone_is_refused():
     with pytest.raises(ValueError, match="different cross-attention layers"):
         check_identifier_fits({"state_dict": {"identifier.embedding": torch.zeros(2, 32)},
                                "adi_identifier": {"layer_paths": ["a", "c"]}}, identifier)
+
+
+def test_a_run_folder_as_ckpt_path_resumes_from_its_newest_checkpoint(moved, tiny_pipeline, tmp_path, capsys):
+    ckpt, data = moved
+    folder = ckpt.parents[3]  # <run>/lightning_logs/version_0/checkpoints/last.ckpt
+    newest = max(folder.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    run = _run(_resume_args(folder, tiny_pipeline, data), tmp_path)
+    assert f"adi_lightning: --ckpt_path {folder}: using its newest checkpoint, {newest}" in capsys.readouterr().err
+    assert _config(run)["ckpt_path"] == str(newest)
+    assert _config(run)["model"]["learning_rate"] == 0.01  # the checkpoint's settings, as for a file
+    assert torch.load(_last(run), map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_ckpt_path_last_names_the_newest_checkpoint_under_the_root(moved, tiny_pipeline, tmp_path, capsys):
+    ckpt, data = moved
+    root = ckpt.parents[4]
+    newest = max(root.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    args = _resume_args("last", tiny_pipeline, data, f"--trainer.default_root_dir={root}")
+    before = sorted(root.rglob("*"))
+    err = _refused(args, capsys)
+    assert f"--ckpt_path last is ambiguous here: this command's run folder {root}/" in err
+    assert f"e.g. the newest under {root}: --ckpt_path {newest}" in err
+    assert sorted(root.rglob("*")) == before  # the refused command's new folder is gone

@@ -74,6 +74,19 @@ def test_export_row_and_errors(trained_identifier, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("fmt,suffix", [("ti", "safetensors"), ("webui", "pt")])
+def test_export_replaces_an_earlier_export_only_with_overwrite(trained_identifier, tmp_path, capsys, fmt, suffix):
+    out = tmp_path / f"exported.{suffix}"
+    args = ["--identifier", str(trained_identifier), "--format", fmt, "--out", str(out)]
+    assert export_main(args + ["--row", "0"]) == 0
+    first = out.read_bytes()
+    assert export_main(args) == 1  # exists: refused by name, the file untouched
+    assert f"adi_lightning: error: --out {out} already exists (an earlier export: add --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    assert export_main(args + ["--overwrite"]) == 0
+    assert out.read_bytes() != first and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_bf16_backbone_trains_an_fp32_identifier(make_module, tiny_data):
     from adi_lightning.data import ActionTripleDataModule
 

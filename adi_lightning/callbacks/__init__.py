@@ -6,7 +6,8 @@ from adi_lightning.callbacks.gradient_mask import GradientMaskCallback
 from adi_lightning.callbacks.image_log import ImageGridCallback, labelled_grid
 from adi_lightning.callbacks.multi_start import MultiStartCallback, large_t_anchor_loss
 from adi_lightning.callbacks.optimizer_settings import OptimizerSettingsCallback
+from adi_lightning.callbacks.preemption import STOPPED_NAME, PreemptionCallback
 from adi_lightning.callbacks.rank_consistency import RankConsistencyCallback
 
 __all__ = ["LAST_GOOD_FILE", "EvaluationCallback", "GradientMaskCallback", "ImageGridCallback", "LastGoodIdentifierCallback",
-           "MultiStartCallback", "OptimizerSettingsCallback", "RankConsistencyCallback", "labelled_grid", "large_t_anchor_loss", "run_results"]
+           "MultiStartCallback", "OptimizerSettingsCallback", "PreemptionCallback", "RankConsistencyCallback", "STOPPED_NAME", "labelled_grid", "large_t_anchor_loss", "run_results"]
