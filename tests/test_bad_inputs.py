@@ -319,6 +319,12 @@ def misspelt_key(data: Path, tmp: Path):
             "unknown key 'model.mask_treshold' on the command line; did you mean model.mask_threshold")
 
 
+def abbreviated_key(data: Path, tmp: Path):
+    """an abbreviated key (`--trainer.max_step=10`; argparse would take it as `max_steps`)"""
+    return ({"trainer.max_step": "3"},
+            "unknown key 'trainer.max_step' on the command line; did you mean trainer.max_steps")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -331,7 +337,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key]
+         empty_predict_prompts, misspelt_key, abbreviated_key]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
