@@ -325,6 +325,13 @@ def abbreviated_key(data: Path, tmp: Path):
             "unknown key 'trainer.max_step' on the command line; did you mean trainer.max_steps")
 
 
+def resume_at_max_steps(data: Path, tmp: Path):
+    """`fit --ckpt_path` from a checkpoint already at `trainer.max_steps`"""
+    # the harness first fits 2 steps (its last.ckpt is at step 2), then resumes with max_steps=2
+    return ({"resume_after": 2},
+            "is at global step 2 and trainer.max_steps=2: fit would train nothing; give --trainer.max_steps larger than 2")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -337,7 +344,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key, abbreviated_key]
+         empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -427,10 +434,19 @@ def _run(case, tiny_pipeline, tiny_data, tmp_path, fail_fit_at):
     if "nan_from_step" in overrides:
         fail_fit_at(overrides.pop("nan_from_step"))
     root = Path(overrides.pop("trainer.default_root_dir", tmp_path / "outputs"))
+    first_steps = overrides.pop("resume_after", None)
     overrides = {"data.root": str(data), **overrides}
-    args = [subcommand, "--config", config, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
-            f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
-    args += [f"--{key}={value}" for key, value in overrides.items()]
+
+    def command(sub: str, out: Path, steps: int) -> list[str]:
+        return [sub, "--config", config, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
+                f"--trainer.default_root_dir={out}", f"--trainer.max_steps={steps}",
+                "--trainer.enable_progress_bar=false", *(f"--{key}={value}" for key, value in overrides.items())]
+
+    args = command(subcommand, root, 2)
+    if first_steps is not None:  # a first fit (outside the output root), resumed from its last.ckpt
+        main(args=command("fit", tmp_path / "first", first_steps))
+        (last,) = (tmp_path / "first").rglob("last.ckpt")
+        args.append(f"--ckpt_path={last}")
     before = _user_files(tmp_path, root)
     try:
         main(args=args)
