@@ -332,6 +332,12 @@ def resume_at_max_steps(data: Path, tmp: Path):
             "is at global step 2 and trainer.max_steps=2: fit would train nothing; give --trainer.max_steps larger than 2")
 
 
+def optimizer_on_the_command_line(data: Path, tmp: Path):
+    """`--optimizer SGD` or `--lr_scheduler ...` (LightningCLI's optimizer keys)"""
+    return ({"optimizer": "SGD"}, "unknown key 'optimizer' on the command line: the optimizer is AdamW on the identifier, "
+                                  "configured by --model.learning_rate and --model.weight_decay")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -344,7 +350,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps]
+         empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
