@@ -6,6 +6,7 @@ Each message names the key (``model.*`` / ``data.*``), the value given and what 
 from __future__ import annotations
 
 from adi_lightning.diffusion import TIMESTEP_SAMPLINGS
+from adi_lightning.identifier import UNTRAINED
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, check_threshold
 
 
@@ -73,3 +74,14 @@ def check_identifier_grouping(stage: str, identifier, row_groups: str) -> None:
         raise ValueError(f"model.identifier_path holds an identifier with row_groups={identifier.row_groups} "
                          f"({identifier.num_rows} rows) but model.row_groups={row_groups}: set model.row_groups="
                          f"{identifier.row_groups} to continue training it")
+
+
+def check_identifier_chosen(stage: str, identifier_path: str | None, ckpt_path, untrained: bool) -> None:
+    """ValueError when ``validate`` / ``test`` / ``predict`` would generate with the untrained identifier
+    (``untrained``: the table still holds its initial rows) without being asked: no ``model.identifier_path``
+    and no ``--ckpt_path``. ``model.identifier_path=untrained`` asks for it (a baseline); an identifier
+    trained in the same process (``trainer.fit`` then ``trainer.test``) needs neither."""
+    if stage in ("validate", "test", "predict") and identifier_path is None and ckpt_path is None and untrained:
+        raise ValueError(f"{stage} has no identifier to use: give --model.identifier_path=<run>/identifier.safetensors "
+                         f"or --ckpt_path=<checkpoint>, or --model.identifier_path={UNTRAINED} to {stage} with the "
+                         "untrained identifier (every row the initializer word) on purpose")

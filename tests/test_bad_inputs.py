@@ -338,6 +338,16 @@ def optimizer_on_the_command_line(data: Path, tmp: Path):
                                   "configured by --model.learning_rate and --model.weight_decay")
 
 
+def predict_without_an_identifier(data: Path, tmp: Path):
+    """`validate`, `test` or `predict` without `model.identifier_path` or `--ckpt_path`"""
+    return {"subcommand": "predict"}, "predict has no identifier to use: give --model.identifier_path="
+
+
+def validate_without_an_identifier(data: Path, tmp: Path):
+    """`validate`, `test` or `predict` without `model.identifier_path` or `--ckpt_path`"""
+    return {"subcommand": "validate"}, "--model.identifier_path=untrained to validate with the untrained identifier"
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -350,7 +360,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line]
+         empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
+         predict_without_an_identifier, validate_without_an_identifier]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -418,10 +429,22 @@ def sweep_value_none(data: Path, tmp: Path):
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["model"]["identifier_path"] is None and config["data"]["test_seeds"] is None
 
-    return {"subcommand": "test", "model.identifier_path": "None", "data.test_seeds": "None"}, check
+    # in fit: validate, test and predict refuse a null identifier (predict_without_an_identifier)
+    return {"model.identifier_path": "None", "data.test_seeds": "None"}, check
 
 
-HANDLED = [images_of_several_sizes_and_modes, exif_rotated_jpeg, metadata_with_bom_and_crlf, sweep_value_none]
+def untrained_identifier_on_purpose(data: Path, tmp: Path):
+    """`--model.identifier_path=untrained` (`validate`, `test`, `predict`)"""
+
+    def check(run: Path) -> None:
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["identifier_path"] == "untrained"
+        assert list((run / "images" / "predict").glob("*.png"))
+
+    return {"subcommand": "predict", "model.identifier_path": "untrained"}, check
+
+
+HANDLED = [images_of_several_sizes_and_modes, exif_rotated_jpeg, metadata_with_bom_and_crlf, sweep_value_none,
+           untrained_identifier_on_purpose]
 
 
 # ------------------------------------------------------------------ the runs
