@@ -202,7 +202,8 @@ class ADIModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
         self.family.add_placeholder(self.hparams.placeholder_token, templates)
-        check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from)
+        check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from,
+                              self.hparams.mask_combine)
         check_identifier_grouping(stage, self.identifier, self.row_groups)
         if datamodule is not None:
             check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)

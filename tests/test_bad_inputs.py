@@ -348,6 +348,12 @@ def validate_without_an_identifier(data: Path, tmp: Path):
     return {"subcommand": "validate"}, "--model.identifier_path=untrained to validate with the untrained identifier"
 
 
+def one_subject_in_one_context(data: Path, tmp: Path):
+    """a folder whose images are all one subject in one context (no context pool), with the context test on"""
+    _rewrite(data, lambda rows: _dumps({**r, "subject": "me", "context": "room"} for r in rows))
+    return {}, "every context-different partner of anchor 'red_jumping.png' shares its subject='me' and context='room'"
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -361,7 +367,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
          empty_predict_prompts, misspelt_key, abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
-         predict_without_an_identifier, validate_without_an_identifier]
+         predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
