@@ -14,6 +14,8 @@
   the file it came from; this turns it into one line naming the key, its source (the command line, or
   the YAML file and line: a ``--config`` file, a group file it names, or a group file typed on the
   command line, ``--model configs/model/ti.yaml``) and the closest valid keys (:mod:`difflib` over the parser's own keys).
+  LightningCLI's ``--optimizer`` / ``--lr_scheduler`` are not keys here: the optimizer is AdamW,
+  configured by ``model.learning_rate`` and ``model.weight_decay`` only, and the line says so.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ _UNKNOWN = (re.compile(r"unrecognized arguments: (?P<arg>\S+)"),
             re.compile(r"does not accept option '(?P<arg>[^']+)'"),
             re.compile(r'Key "(?P<arg>[^"]+)" is not expected'),
             re.compile(r"No action for key \"(?P<arg>[^\"]+)\""))
+
+
+# LightningCLI's optimizer keys, which this CLI leaves out (auto_configure_optimizers=False).
+FIXED_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+FIXED_OPTIMIZER = ("the optimizer is AdamW on the identifier, configured by --model.learning_rate and "
+                   "--model.weight_decay (no optimizer or lr_scheduler keys)")
 
 
 class ConfigFileError(ValueError):
@@ -177,8 +185,12 @@ def explain_unknown_key(message: str, argv: list[str], valid_keys: list[str]) ->
             if key.startswith(group + "."):
                 found = _find(Path(file), key[len(group) + 1:].split("."), depth=0) or found
         where = f"in {found[0]}, line {found[1]}" if found else "in a config file"
+    top = key.split(".")[0]
+    if top in FIXED_OPTIMIZER_KEYS:
+        return f"unknown key {key!r} {where}: {FIXED_OPTIMIZER}"
     close = difflib.get_close_matches(key, valid_keys, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see --help for the keys under {key.split('.')[0]}"
+    group = f" under {top}" if any(k.startswith(top + ".") for k in valid_keys) else ""
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; see --help for the keys{group}"
     return f"unknown key {key!r} {where}{hint}"
 
 

@@ -6,6 +6,7 @@ Each message names the key (``model.*`` / ``data.*``), the value given and what 
 from __future__ import annotations
 
 from adi_lightning.diffusion import TIMESTEP_SAMPLINGS
+from adi_lightning.identifier import UNTRAINED
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, check_threshold
 
 
@@ -48,9 +49,18 @@ def check_starts_leave_steps(starts: int, start_steps: int, total_steps: int) ->
             "raise trainer.max_steps or lower model.starts / model.start_steps")
 
 
-def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_from: str) -> None:
+def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_from: str,
+                          mask_combine: str = "and") -> None:
     """ValueError when the data of ``stage`` cannot train these model settings: triples exactly when
-    masking is on (``mask_threshold < 1``), and no context-pool images in the update."""
+    masking is on (``mask_threshold < 1``), no context-pool images in the update, and context-different
+    partners that differ from their anchor whenever the context test is used (``mask_combine`` other
+    than ``action_only``).
+
+    The last is a refusal, not a warning: the context test removes what changes between the anchor and
+    a partner of another subject or context; when the labels say every partner shares the anchor's
+    subject and context (one person in one place, no context pool), nothing it removes is appearance,
+    and the run would train a different method than the one configured, with no sign of it in the
+    results. The message says what to add, or to drop the test (``model.mask_combine=action_only``)."""
     masking = mask_threshold < 1.0
     if stage == "fit" and datamodule is not None and getattr(datamodule, "with_partners", masking) != masking:
         raise ValueError(
@@ -64,6 +74,15 @@ def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_
             f"model.update_from={update_from!r} would train on context-pool images, which are "
             f"context partners only (data.context_partners={dataset.context_partners!r} uses the pool): "
             "use model.update_from=anchor or data.context_partners=exemplars")
+    find_same = getattr(dataset, "anchor_without_context_difference", None)
+    uses_context = masking and mask_combine != "action_only" and getattr(dataset, "with_partners", False)
+    same = find_same() if uses_context and find_same is not None else None
+    if same is not None:
+        raise ValueError(
+            f"{same.path_of_metadata}: every context-different partner of anchor {same.file_name!r} shares its subject="
+            f"{same.subject!r} and context={same.context!r}, so the context test (model.mask_combine={mask_combine!r}) "
+            "has no other subject or context to remove: add images of the action with another subject or context "
+            "(or a context pool: lines with \"context_pool\": true), or use model.mask_combine=action_only")
 
 
 def check_identifier_grouping(stage: str, identifier, row_groups: str) -> None:
@@ -73,3 +92,14 @@ def check_identifier_grouping(stage: str, identifier, row_groups: str) -> None:
         raise ValueError(f"model.identifier_path holds an identifier with row_groups={identifier.row_groups} "
                          f"({identifier.num_rows} rows) but model.row_groups={row_groups}: set model.row_groups="
                          f"{identifier.row_groups} to continue training it")
+
+
+def check_identifier_chosen(stage: str, identifier_path: str | None, ckpt_path, untrained: bool) -> None:
+    """ValueError when ``validate`` / ``test`` / ``predict`` would generate with the untrained identifier
+    (``untrained``: the table still holds its initial rows) without being asked: no ``model.identifier_path``
+    and no ``--ckpt_path``. ``model.identifier_path=untrained`` asks for it (a baseline); an identifier
+    trained in the same process (``trainer.fit`` then ``trainer.test``) needs neither."""
+    if stage in ("validate", "test", "predict") and identifier_path is None and ckpt_path is None and untrained:
+        raise ValueError(f"{stage} has no identifier to use: give --model.identifier_path=<run>/identifier.safetensors "
+                         f"or --ckpt_path=<checkpoint>, or --model.identifier_path={UNTRAINED} to {stage} with the "
+                         "untrained identifier (every row the initializer word) on purpose")

@@ -147,6 +147,9 @@ class ADICLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)  # parse errors become one line (main), not 90 lines of usage
         kwargs.setdefault("prog", PROG)
+        # No prefix matching: --trainer.max_step=10 is an unknown key, not max_steps (argparse's
+        # abbreviations; jsonargparse 5 turns them off too). Subcommand parsers inherit it.
+        kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
 
     def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:

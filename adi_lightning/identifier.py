@@ -24,6 +24,9 @@ FORMAT_NAME = "adi-lightning-identifier"
 FORMAT_VERSION = "1"
 IDENTIFIER_KEY = "identifier"
 LAYER_ROW_KEY = "layer_to_row"
+# The model.identifier_path value that asks for the untrained identifier (every row the initializer
+# word) in validate / test / predict, which otherwise refuse to run without an identifier or checkpoint.
+UNTRAINED = "untrained"
 
 
 class IdentifierTokenEmbedding(nn.Module):

@@ -22,9 +22,10 @@ from adi_lightning import backbone as bb
 from adi_lightning import generation
 from adi_lightning.conditioning import (RowGroups, cross_attention_layers, group_layers, install_layerwise_processors,
                                         resolve_row_groups)
-from adi_lightning.checks import check_data_fits_model, check_identifier_grouping, check_model_settings
+from adi_lightning.checks import (check_data_fits_model, check_identifier_chosen, check_identifier_grouping,
+                                 check_model_settings)
 from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
-from adi_lightning.identifier import LayerwiseIdentifier, check_initializer_word
+from adi_lightning.identifier import UNTRAINED, LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
 from adi_lightning.prompts import check_run_prompts
@@ -80,7 +81,10 @@ class ADIModule(L.LightningModule):
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
         revision: Hub revision of the pipeline.
         local_files_only: Never reach a hub; None follows ``HF_HUB_OFFLINE``.
-        identifier_path: An identifier file to start from (fit) or to use (validate/test/predict).
+        identifier_path: An identifier file to start from (fit) or to use (validate/test/predict). validate, test
+            and predict without it (and without ``--ckpt_path``) are refused, unless it is ``untrained``: the
+            untrained identifier, every row the initializer word, on purpose (a baseline; as null in fit). The
+            word is never read as a file (write ``./untrained`` for a file of that name).
         guidance_scale: Classifier-free guidance for generated images.
         num_inference_steps: Denoising steps for generated images.
         image_size: Side of generated images in pixels; None = the UNet's native size.
@@ -144,7 +148,7 @@ class ADIModule(L.LightningModule):
             layerwise, row_groups)  # the configured grouping; a loaded file's may differ (checked at fit)
         self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths, group_layers(
             layer_paths, self.row_groups, len(self.unet.config.block_out_channels)), self.row_groups)
-        if identifier_path:
+        if identifier_path and identifier_path != UNTRAINED:
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
         self.start_selection: dict | None = None  # set by MultiStartCallback when it has chosen a start
@@ -199,7 +203,8 @@ class ADIModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
         self.family.add_placeholder(self.hparams.placeholder_token, templates)
-        check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from)
+        check_data_fits_model(datamodule, stage, self.hparams.mask_threshold, self.hparams.update_from,
+                              self.hparams.mask_combine)
         check_identifier_grouping(stage, self.identifier, self.row_groups)
         if datamodule is not None:
             check_run_prompts(datamodule, stage, self.tokenizer, self.hparams.placeholder_token, self.placeholder_id)
@@ -216,6 +221,14 @@ class ADIModule(L.LightningModule):
                 "packages": package_versions(),
                 "git_revision": git_revision(),
             })
+
+    def on_generation_start(self) -> None:
+        """Before validate / test / predict generate (after a checkpoint is restored): refuse to draw the
+        untrained identifier unless asked (:func:`~adi_lightning.checks.check_identifier_chosen`)."""
+        check_identifier_chosen(self.trainer.state.fn.value, self.hparams.identifier_path, self.trainer.ckpt_path,
+                                torch.equal(self.identifier.embedding, self.identifier.initial))
+
+    on_validation_start = on_test_start = on_predict_start = on_generation_start
 
     def on_fit_start(self) -> None:
         self.latent_cache.clear()  # latents made under another precision or run are not reused

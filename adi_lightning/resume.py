@@ -106,7 +106,9 @@ class CheckpointSettings:
                                 f"on this machine with --model.{BACKBONE}=PATH") from err
 
     def check_parsed(self, config) -> None:
-        """Refuse typed values the checkpoint fixes, and say which typed values replace stored ones."""
+        """Refuse typed values the checkpoint fixes and a fit with no step left (the checkpoint at or past
+        ``trainer.max_steps``: Lightning would exit at once, with no identifier), and say which typed
+        values replace stored ones."""
         model, typed = self.stored.get("model", {}), self.typed
         for key, why in UNCHANGEABLE.items():
             if key in model and config.model[key] != model[key]:
@@ -119,6 +121,12 @@ class CheckpointSettings:
                 and config.trainer.max_epochs is None:
             raise ValueError(f"fit from checkpoint {self.path} alone has no stopping point (it is at global step "
                              f"{self.global_step}): add --trainer.max_steps=N, or --config with the run's settings")
+        max_steps = config.trainer.max_steps
+        if self.subcommand == "fit" and self.global_step is not None and max_steps not in (None, -1) \
+                and self.global_step >= max_steps:
+            raise ValueError(f"checkpoint {self.path} is at global step {self.global_step} and trainer.max_steps="
+                             f"{max_steps}: fit would train nothing; give --trainer.max_steps larger than "
+                             f"{self.global_step} to train on")
         replaced = []
         for key in sorted(typed):
             group, name = key.split(".")

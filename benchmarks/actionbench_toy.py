@@ -175,6 +175,8 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
         "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false", "--trainer.logger=false",
         f"--trainer.default_root_dir={root}", f"--data.test_seeds={list(range(test_seeds))}", *extra,
     ]
+    if method == "init":  # test refuses the untrained identifier unless asked for it by name
+        args.append("--model.identifier_path=untrained")
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the benchmark's own flags are not the CLI's
         cli = ADICLI(args=args, run=False)
     if method != "init":

@@ -403,6 +403,41 @@ def ckpt_path_folder_without_a_checkpoint(data: Path, tmp: Path):
     return {"ckpt_path": str(folder)}, f"ckpt_path='{folder}' is a folder without a checkpoint (*.ckpt) in it"
 
 
+def abbreviated_key(data: Path, tmp: Path):
+    """an abbreviated key (`--trainer.max_step=10`; argparse would take it as `max_steps`)"""
+    return ({"trainer.max_step": "3"},
+            "unknown key 'trainer.max_step' on the command line; did you mean trainer.max_steps")
+
+
+def resume_at_max_steps(data: Path, tmp: Path):
+    """`fit --ckpt_path` from a checkpoint already at `trainer.max_steps`"""
+    # the harness first fits 2 steps (its last.ckpt is at step 2), then resumes with max_steps=2
+    return ({"resume_after": 2},
+            "is at global step 2 and trainer.max_steps=2: fit would train nothing; give --trainer.max_steps larger than 2")
+
+
+def optimizer_on_the_command_line(data: Path, tmp: Path):
+    """`--optimizer SGD` or `--lr_scheduler ...` (LightningCLI's optimizer keys)"""
+    return ({"optimizer": "SGD"}, "unknown key 'optimizer' on the command line: the optimizer is AdamW on the identifier, "
+                                  "configured by --model.learning_rate and --model.weight_decay")
+
+
+def predict_without_an_identifier(data: Path, tmp: Path):
+    """`validate`, `test` or `predict` without `model.identifier_path` or `--ckpt_path`"""
+    return {"subcommand": "predict"}, "predict has no identifier to use: give --model.identifier_path="
+
+
+def validate_without_an_identifier(data: Path, tmp: Path):
+    """`validate`, `test` or `predict` without `model.identifier_path` or `--ckpt_path`"""
+    return {"subcommand": "validate"}, "--model.identifier_path=untrained to validate with the untrained identifier"
+
+
+def one_subject_in_one_context(data: Path, tmp: Path):
+    """a folder whose images are all one subject in one context (no context pool), with the context test on"""
+    _rewrite(data, lambda rows: _dumps({**r, "subject": "me", "context": "room"} for r in rows))
+    return {}, "every context-different partner of anchor 'red_jumping.png' shares its subject='me' and context='room'"
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -419,7 +454,9 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
          misspelt_key_in_a_group_file_on_the_command_line, dangling_symbolic_link,
          toy_cache_folder_not_written_by_adi_lightning, export_onto_an_existing_file,
-         export_onto_its_own_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint]
+         export_onto_its_own_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint,
+         abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
+         predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
@@ -487,7 +524,8 @@ def sweep_value_none(data: Path, tmp: Path):
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert config["model"]["identifier_path"] is None and config["data"]["test_seeds"] is None
 
-    return {"subcommand": "test", "model.identifier_path": "None", "data.test_seeds": "None"}, check
+    # in fit: validate, test and predict refuse a null identifier (predict_without_an_identifier)
+    return {"model.identifier_path": "None", "data.test_seeds": "None"}, check
 
 
 def image_linked_from_outside_the_folder(data: Path, tmp: Path):
@@ -506,8 +544,18 @@ def image_linked_from_outside_the_folder(data: Path, tmp: Path):
     return {}, check
 
 
+def untrained_identifier_on_purpose(data: Path, tmp: Path):
+    """`--model.identifier_path=untrained` (`validate`, `test`, `predict`)"""
+
+    def check(run: Path) -> None:
+        assert yaml.safe_load((run / "config.yaml").read_text())["model"]["identifier_path"] == "untrained"
+        assert list((run / "images" / "predict").glob("*.png"))
+
+    return {"subcommand": "predict", "model.identifier_path": "untrained"}, check
+
+
 HANDLED = [images_of_several_sizes_and_modes, exif_rotated_jpeg, metadata_with_bom_and_crlf, sweep_value_none,
-           image_linked_from_outside_the_folder]
+           image_linked_from_outside_the_folder, untrained_identifier_on_purpose]
 
 
 # ------------------------------------------------------------------ the runs
@@ -533,10 +581,19 @@ def _run(case, tiny_pipeline, tiny_data, tmp_path, fail_fit_at, disk_full=None):
     if "nan_from_step" in overrides:
         fail_fit_at(overrides.pop("nan_from_step"))
     root = Path(overrides.pop("trainer.default_root_dir", tmp_path / "outputs"))
+    first_steps = overrides.pop("resume_after", None)
     overrides = {"data.root": str(data), **overrides}
-    args = [subcommand, "--config", config, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
-            f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
-    args += [f"--{key}={value}" for key, value in overrides.items()]
+
+    def command(sub: str, out: Path, steps: int) -> list[str]:
+        return [sub, "--config", config, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
+                f"--trainer.default_root_dir={out}", f"--trainer.max_steps={steps}",
+                "--trainer.enable_progress_bar=false", *(f"--{key}={value}" for key, value in overrides.items())]
+
+    args = command(subcommand, root, 2)
+    if first_steps is not None:  # a first fit (outside the output root), resumed from its last.ckpt
+        main(args=command("fit", tmp_path / "first", first_steps))
+        (last,) = (tmp_path / "first").rglob("last.ckpt")
+        args.append(f"--ckpt_path={last}")
     before = _user_files(tmp_path, root)
     try:
         main(args=args)

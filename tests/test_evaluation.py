@@ -213,7 +213,7 @@ def count_untrained(module) -> list[int]:
 
 
 def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, tmp_path):
-    module = make_module(judge=FixedJudge())
+    module = make_module(judge=FixedJudge(), identifier_path="untrained")  # refused unless asked for
     untrained = count_untrained(module)
     dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, eval_subjects=["cat", "dog"],
                                 validation_seeds=[0, 1], test_seeds=[0, 1, 2])

@@ -30,3 +30,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_identifier(make_
     assert torch.isfinite(table).all()
     assert meta["global_step"] == "2"  # written with the step-2 checkpoint, before the NaN
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_subclass_optimizer_with_other_settings_is_refused_not_overwritten(tiny_pipeline, tiny_data, tmp_path):
+    """The optimizer's lr and weight decay come from model.learning_rate / model.weight_decay only: a
+    subclass's own optimizer with another lr is refused by name at fit start; one built from them trains."""
+    from adi_lightning.module import ADIModule
+
+    class SGDModule(ADIModule):
+        lr = 0.1
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([self.identifier.embedding], lr=self.lr)
+
+    def fit(module):
+        dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=1)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            limit_val_batches=0)
+        trainer.fit(module, dm)
+        return trainer
+
+    module = SGDModule(pretrained_model_name_or_path=tiny_pipeline, learning_rate=0.005, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"configure_optimizers built SGD with lr=0.1, weight_decay=0, but "
+                                         r"model.learning_rate=0.005, model.weight_decay=0.0"):
+        fit(module)
+    module.lr = 0.005  # from the key: accepted, and kept
+    (optimizer,) = fit(module).optimizers
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.005

@@ -236,6 +236,16 @@ class ActionTripleDataset(Dataset):
                 f"action_different='require'; add such images or use 'other_action'{more}")
         return tuple(result)
 
+    def anchor_without_context_difference(self) -> ImageRecord | None:
+        """The first anchor whose context-different candidates all share its ``subject`` and
+        ``context`` (by the metadata's labels: a folder whose exemplars are all one subject in one
+        context, without a context pool), or None. Such a partner differs from the anchor in
+        nothing ADI's context test is meant to remove (:func:`adi_lightning.checks.check_data_fits_model`)."""
+        for anchor, cands in zip(self.anchors, self.context_candidates):
+            if all((c.subject, c.context) == (anchor.subject, anchor.context) for c in cands):
+                return anchor
+        return None
+
     @property
     def num_anchors(self) -> int:
         return len(self.anchors)
