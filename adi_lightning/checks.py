@@ -14,11 +14,11 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
                          num_inference_steps: int, large_t_steps: int = 0, large_t_min: float = 0.8,
                          starts: int = 1, start_steps: int = 100) -> None:
     """ValueError for a ``model.*`` value outside its range (the ADIModule arguments of that name)."""
-    check_threshold(mask_threshold)
     if mask_combine not in MASK_COMBINES:
         raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
     if mask_statistic not in MASK_STATISTICS:
         raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
+    check_threshold(mask_threshold, mask_statistic)
     if update_from not in UPDATE_FROMS:
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     if timestep_sampling not in TIMESTEP_SAMPLINGS:

@@ -52,14 +52,17 @@ class ADIModule(L.LightningModule):
         row_groups: How ``attn2`` layers share identifier rows (one text encoding per row, :func:`~adi_lightning.
             conditioning.group_layers`): ``layer``, ``attention`` (per attention module), ``resolution`` (per UNet
             level) or ``shared`` (TI). None (default): ``layer``, or ``shared`` with ``layerwise: false``.
-        mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test; 1.0 turns masking
-            off (then only the target action's images are needed).
+        mask_threshold: β in [0, 1], the strength of the disentangling, from the full update at 0 (or a small
+            quantile) to P+ at 1.0, which turns masking off (then no triples are drawn and only the target action's
+            images are needed; below 1.0 every step draws triples with action-different partners). Under
+            ``projection`` and ``sign`` the update is ``β·g + (1 − β)·U(g)`` (``U`` the statistic's update; 0, the
+            default, is ``U`` alone); under ``absolute`` and ``relative`` β in (0, 1] is the per-row quantile of
+            channels each test keeps (:func:`adi_lightning.masking.triple_updates`).
         mask_combine: How the context test and the action test combine into the mask.
         mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
             masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
             ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
             measured best on the toy world: directions, not channels; :func:`adi_lightning.masking.project_update`).
-            ``sign`` and ``projection`` ignore β below 1.
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
             context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
@@ -105,7 +108,7 @@ class ADIModule(L.LightningModule):
         pretrained_model_name_or_path: str,
         placeholder_token: str = "<A>", initializer_token: str = "standing",
         layerwise: bool = True, row_groups: RowGroups | None = None,
-        mask_threshold: float = 0.5, mask_combine: MaskCombine = "and",
+        mask_threshold: float = 0.0, mask_combine: MaskCombine = "and",
         mask_statistic: MaskStatistic = "projection",
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3, weight_decay: float = 0.0,
