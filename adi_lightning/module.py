@@ -22,7 +22,8 @@ from adi_lightning import backbone as bb
 from adi_lightning import generation
 from adi_lightning.conditioning import (RowGroups, cross_attention_layers, group_layers, install_layerwise_processors,
                                         resolve_row_groups)
-from adi_lightning.checks import check_data_fits_model, check_identifier_grouping, check_model_settings
+from adi_lightning.checks import (check_data_fits_model, check_identifier_grouping, check_model_settings,
+                                  inert_settings)
 from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
 from adi_lightning.identifier import LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
@@ -229,16 +230,28 @@ class ADIModule(L.LightningModule):
 
     # ------------------------------------------------------------- identifier
     def identifier_metadata(self) -> dict[str, str]:
+        """The identifier file's metadata: strings; a training setting that was not in force
+        (:func:`~adi_lightning.checks.inert_settings`, e.g. ``mask_combine`` with masking off) is ``"null"``."""
+        h = self.hparams
+        inert = inert_settings(h)
+
+        def in_force(key: str, value):
+            return None if f"model.{key}" in inert else value
+
+        def text(key: str) -> str:
+            return json.dumps(None) if f"model.{key}" in inert else str(h[key])
+
         return {
-            "placeholder_token": self.hparams.placeholder_token,
-            "initializer_token": self.hparams.initializer_token,
-            "base_model": self.hparams.pretrained_model_name_or_path,
-            "mask_threshold": str(self.hparams.mask_threshold),
-            "mask_combine": self.hparams.mask_combine,
-            "mask_statistic": self.hparams.mask_statistic,
-            "timestep_sampling": self.hparams.timestep_sampling,
-            "large_t_steps": str(self.hparams.large_t_steps), "large_t_min": str(self.hparams.large_t_min),
-            "starts": json.dumps({"starts": self.hparams.starts, "start_steps": self.hparams.start_steps,
+            "placeholder_token": h.placeholder_token,
+            "initializer_token": h.initializer_token,
+            "base_model": h.pretrained_model_name_or_path,
+            "mask_threshold": text("mask_threshold"),
+            "mask_combine": text("mask_combine"),
+            "mask_statistic": text("mask_statistic"),
+            "update_from": text("update_from"),
+            "timestep_sampling": text("timestep_sampling"),
+            "large_t_steps": text("large_t_steps"), "large_t_min": text("large_t_min"),
+            "starts": json.dumps({"starts": h.starts, "start_steps": in_force("start_steps", h.start_steps),
                                   **(self.start_selection or {})}),
             "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),

@@ -122,8 +122,8 @@ def multi_token_initializer(data: Path, tmp: Path):
 
 
 def threshold_out_of_range(data: Path, tmp: Path):
-    """`mask_threshold` outside (0, 1]"""
-    return {"model.mask_threshold": "0"}, "model.mask_threshold"
+    """`mask_threshold` outside [0, 1]"""
+    return {"model.mask_threshold": "1.5"}, "model.mask_threshold must be in [0, 1]"
 
 
 def identifier_mismatch(data: Path, tmp: Path):
@@ -319,6 +319,34 @@ def misspelt_key(data: Path, tmp: Path):
             "unknown key 'model.mask_treshold' on the command line; did you mean model.mask_threshold")
 
 
+def threshold_zero_under_a_quantile_statistic(data: Path, tmp: Path):
+    """`mask_threshold` 0 under a quantile statistic (`absolute`, `relative`)"""
+    return ({"model.mask_statistic": "relative", "model.mask_threshold": "0"},
+            "model.mask_threshold=0 under model.mask_statistic=relative would keep no channel")
+
+
+def masking_key_typed_with_masking_off(data: Path, tmp: Path):
+    """a masking key typed with masking off (`--model.mask_threshold=1.0 --model.mask_combine=or`)"""
+    return ({"model.mask_threshold": "1.0", "model.mask_combine": "or"},
+            "--model.mask_combine=or has no effect: model.mask_threshold=1.0 turns masking off")
+
+
+def start_steps_typed_without_multi_start(data: Path, tmp: Path):
+    """`--model.start_steps` typed with `model.starts: 1`"""
+    return {"model.start_steps": "5"}, "--model.start_steps=5 has no effect: model.starts=1 (multi-start off)"
+
+
+def large_t_min_typed_without_a_large_t_phase(data: Path, tmp: Path):
+    """`--model.large_t_min` typed with `model.large_t_steps: 0` and `model.starts: 1`"""
+    return {"model.large_t_min": "0.5"}, "--model.large_t_min=0.5 has no effect: model.large_t_steps=0 and model.starts=1"
+
+
+def generate_key_typed_without_generated_partners(data: Path, tmp: Path):
+    """a `--data.generate_*` key typed without `data.action_different: generate`"""
+    return ({"data.generate_steps": "5"},
+            "--data.generate_steps=5 has no effect: data.action_different=require generates no partners")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -331,7 +359,9 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          config_with_a_yaml_syntax_error, identifier_for_other_layers, identifier_path_not_an_identifier,
          none_for_a_key_that_cannot_be_null, learning_rate_not_positive, starts_that_use_up_the_steps,
          unknown_mask_statistic,
-         empty_predict_prompts, misspelt_key]
+         empty_predict_prompts, misspelt_key, threshold_zero_under_a_quantile_statistic,
+         masking_key_typed_with_masking_off, start_steps_typed_without_multi_start,
+         large_t_min_typed_without_a_large_t_phase, generate_key_typed_without_generated_partners]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs

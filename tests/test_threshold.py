@@ -79,3 +79,21 @@ def test_the_shipped_default_trains_exactly_as_the_full_projection(make_module, 
     monkeypatch.setattr(gradient_mask, "masked_update", before_beta)
     reference = train(make_module, tiny_data, tmp_path / "reference")
     assert torch.equal(shipped, reference)
+
+
+def test_inert_settings_name_each_key_the_other_settings_make_inert():
+    from adi_lightning.checks import inert_settings
+
+    shipped = {"mask_threshold": 0.0, "starts": 8, "large_t_steps": 0, "row_groups": None}
+    data = {"action_different": "require", "eval_subjects": ["cat"], "root": None, "export_toy_if_missing": True}
+    assert set(inert_settings(shipped, data)) == {f"data.{k}" for k in (
+        "generate_actions", "generate_per_anchor", "generate_strength", "generate_steps", "generate_guidance",
+        "cache_dir", "validation_prompts")}
+    off = inert_settings({**shipped, "mask_threshold": 1.0, "starts": 1, "row_groups": "shared"},
+                         {**data, "eval_subjects": [], "root": "folder"})
+    assert {"model.mask_combine", "model.mask_statistic", "model.update_from", "model.share_text_encoding",
+            "data.action_different", "data.context_partners", "model.start_steps", "model.large_t_min",
+            "model.layerwise", "data.eval_template", "data.toy_difficulty"} <= set(off)
+    assert "model.mask_threshold" not in off  # β is the switch itself, never inert
+    assert "model.large_t_min" not in inert_settings({**shipped, "starts": 1, "large_t_steps": 10})
+    assert "data.generate_steps" not in inert_settings(shipped, {**data, "action_different": "generate"})
