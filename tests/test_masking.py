@@ -209,3 +209,19 @@ def test_sign_beta_lets_the_dropped_channels_through_in_proportion():
     for statistic in ("absolute", "relative"):
         update = masked_update(grads, 0.7, statistic=statistic).update
         assert all(u in (0.0, g) for u, g in zip(update[0].tolist(), g_a[0].tolist()))
+
+
+def test_the_channel_preset_keeps_or_drops_whole_channels():
+    """configs/model/adi_channel.yaml is a per-channel keep/drop decision in the embedding's channel
+    basis: every channel of the update is the anchor's gradient or exactly 0, and some are dropped."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model" / "adi_channel.yaml").read_text())
+    assert preset["mask_statistic"] in ("absolute", "relative") and 0 < preset["mask_threshold"] < 1
+    grads = torch.stack([G_A, G_C, G_D]).unsqueeze(0)
+    update, masks, _ = masked_update(grads, preset["mask_threshold"], preset["mask_combine"], preset["update_from"],
+                                     preset["mask_statistic"])
+    assert torch.equal(update, torch.where(masks[0], G_A, torch.zeros_like(G_A)))
+    assert 0 < int(masks.sum()) < D
