@@ -97,7 +97,7 @@ def inert_settings(model, data=None) -> dict[str, str]:
     - ``model.large_t_steps`` = 0 with ``model.starts`` = 1: ``model.large_t_min``;
     - ``model.row_groups`` given: ``model.layerwise`` (``row_groups`` decides);
     - ``data.eval_subjects`` empty: ``data.eval_template``; not empty: ``data.validation_prompts``;
-    - ``data.root`` given or ``data.export_toy_if_missing`` false: ``data.toy_difficulty``.
+    - ``data.export_toy_if_missing`` false: ``data.toy_difficulty``.
 
     β itself is never inert: every statistic gives it a meaning (:func:`adi_lightning.masking.triple_updates`).
     """
@@ -123,7 +123,6 @@ def inert_settings(model, data=None) -> dict[str, str]:
             inert["data.validation_prompts"] = "data.eval_subjects replaces them with data.eval_template prompts"
         else:
             inert["data.eval_template"] = "data.eval_subjects is empty"
-        if data.get("root") is not None or not data.get("export_toy_if_missing", False):
-            inert["data.toy_difficulty"] = ("data.root is given" if data.get("root") is not None
-                                            else "data.export_toy_if_missing is false")
+        if not data.get("export_toy_if_missing", False):
+            inert["data.toy_difficulty"] = "data.export_toy_if_missing is false"
     return inert

@@ -90,7 +90,7 @@ def test_inert_settings_name_each_key_the_other_settings_make_inert():
         "generate_actions", "generate_per_anchor", "generate_strength", "generate_steps", "generate_guidance",
         "cache_dir", "validation_prompts")}
     off = inert_settings({**shipped, "mask_threshold": 1.0, "starts": 1, "row_groups": "shared"},
-                         {**data, "eval_subjects": [], "root": "folder"})
+                         {**data, "eval_subjects": [], "export_toy_if_missing": False})
     assert {"model.mask_combine", "model.mask_statistic", "model.update_from", "model.share_text_encoding",
             "data.action_different", "data.context_partners", "model.start_steps", "model.large_t_min",
             "model.layerwise", "data.eval_template", "data.toy_difficulty"} <= set(off)
