@@ -15,11 +15,11 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
                          num_inference_steps: int, large_t_steps: int = 0, large_t_min: float = 0.8,
                          starts: int = 1, start_steps: int = 100) -> None:
     """ValueError for a ``model.*`` value outside its range (the ADIModule arguments of that name)."""
-    check_threshold(mask_threshold)
     if mask_combine not in MASK_COMBINES:
         raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {mask_combine!r}")
     if mask_statistic not in MASK_STATISTICS:
         raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
+    check_threshold(mask_threshold, mask_statistic)
     if update_from not in UPDATE_FROMS:
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -103,3 +103,56 @@ def check_identifier_chosen(stage: str, identifier_path: str | None, ckpt_path, 
         raise ValueError(f"{stage} has no identifier to use: give --model.identifier_path=<run>/identifier.safetensors "
                          f"or --ckpt_path=<checkpoint>, or --model.identifier_path={UNTRAINED} to {stage} with the "
                          "untrained identifier (every row the initializer word) on purpose")
+
+
+_MASKING_KEYS = ("mask_combine", "mask_statistic", "update_from", "share_text_encoding")
+_PARTNER_KEYS = ("action_different", "context_partners")
+_GENERATE_KEYS = ("generate_actions", "generate_per_anchor", "generate_strength", "generate_steps",
+                  "generate_guidance", "cache_dir")
+
+
+def inert_settings(model, data=None) -> dict[str, str]:
+    """``{"model.key" | "data.key": why}``: every training setting whose value has no effect under the
+    other settings (the one place that says so; the CLI refuses a typed one, notes one from config
+    files, and the identifier's metadata records null for it).
+
+    ``model`` and ``data`` are mappings with ``.get`` (a parsed config group, the module's
+    hyperparameters); a missing data mapping leaves the data rules out. The rules:
+
+    - masking off (``model.mask_threshold`` = 1.0, P+ / TI): ``model.mask_combine``,
+      ``mask_statistic``, ``update_from``, ``share_text_encoding`` and the partner keys
+      ``data.action_different``, ``context_partners``, ``generate_*``, ``cache_dir``;
+    - ``data.action_different`` other than ``generate``: ``data.generate_*`` and ``cache_dir``;
+    - ``model.starts`` = 1: ``model.start_steps``;
+    - ``model.large_t_steps`` = 0 with ``model.starts`` = 1: ``model.large_t_min``;
+    - ``model.row_groups`` given: ``model.layerwise`` (``row_groups`` decides);
+    - ``data.eval_subjects`` empty: ``data.eval_template``; not empty: ``data.validation_prompts``;
+    - ``data.export_toy_if_missing`` false: ``data.toy_difficulty``.
+
+    β itself is never inert: every statistic gives it a meaning (:func:`adi_lightning.masking.triple_updates`).
+    """
+    inert: dict[str, str] = {}
+    beta = model.get("mask_threshold", 0.0)
+    if beta == 1.0:  # masking off; a β outside [0, 1] is refused by check_threshold, not here
+        why = f"model.mask_threshold={beta} turns masking off (P+ / TI: no triples, no partners)"
+        inert.update({f"model.{k}": why for k in _MASKING_KEYS})
+        if data is not None:
+            inert.update({f"data.{k}": why for k in (*_PARTNER_KEYS, *_GENERATE_KEYS)})
+    elif data is not None and data.get("action_different", "require") != "generate":
+        why = f"data.action_different={data.get('action_different', 'require')} generates no partners"
+        inert.update({f"data.{k}": why for k in _GENERATE_KEYS})
+    starts = model.get("starts", 1)
+    if starts == 1:
+        inert["model.start_steps"] = "model.starts=1 (multi-start off)"
+        if model.get("large_t_steps", 0) == 0:
+            inert["model.large_t_min"] = "model.large_t_steps=0 and model.starts=1 (no large-t phase, no start scores)"
+    if model.get("row_groups") is not None:
+        inert["model.layerwise"] = f"model.row_groups={model.get('row_groups')} decides the rows"
+    if data is not None:
+        if data.get("eval_subjects"):
+            inert["data.validation_prompts"] = "data.eval_subjects replaces them with data.eval_template prompts"
+        else:
+            inert["data.eval_template"] = "data.eval_subjects is empty"
+        if not data.get("export_toy_if_missing", False):
+            inert["data.toy_difficulty"] = "data.export_toy_if_missing is false"
+    return inert

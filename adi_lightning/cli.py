@@ -17,6 +17,7 @@ resume from (:func:`stop_line`; the checkpoint is written by
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -30,7 +31,8 @@ import torch
 from jsonargparse import ArgumentError, Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from adi_lightning.arguments import explain_unknown_key, parser_keys, resolve_argv
+from adi_lightning.arguments import explain_unknown_key, parser_keys, resolve_argv, split_options
+from adi_lightning.checks import inert_settings
 from adi_lightning.console import default_progress_bar, quiet_libraries, run_summary
 from adi_lightning import resume
 from adi_lightning.data import ActionTripleDataModule
@@ -170,6 +172,7 @@ class ADICLI(LightningCLI):
         argv = resolve_argv(list(sys.argv[1:] if args is None else args))
         try:
             self._parse_with_checkpoint(parser, argv)
+            self._check_inert_keys(parser, argv)
         except ArgumentError as err:
             subcommands = getattr(parser._subcommands_action, "_name_parser_map", {})
             subcommand = next((a for a in argv if a in subcommands), None)
@@ -193,6 +196,32 @@ class ADICLI(LightningCLI):
         accepted = {group: set(defaults[group].keys()) for group in ("model", "data")}
         self.config = parser.parse_args(self.ckpt_settings.argv(accepted))
         self.ckpt_settings.check_parsed(self.config[self.ckpt_settings.subcommand])
+
+    def _check_inert_keys(self, parser, argv: list[str]) -> None:
+        """Refuse a ``model.*`` / ``data.*`` key typed for ``fit`` that the other settings make inert
+        (:func:`adi_lightning.checks.inert_settings`), and name in one console line those that config
+        files set. Other subcommands train nothing, so they are not audited."""
+        sub = self.config.get("subcommand")
+        if sub != "fit":
+            return
+        config = self.config[sub]
+        inert = inert_settings(config.model, config.data)
+        if not inert:
+            return
+        typed = resume.typed_keys(split_options(argv))
+        refused = [key for key in inert if key in typed]
+        if refused:
+            said = "; ".join(f"--{key}={_shown(config[key])} has no effect: {inert[key]}" for key in refused)
+            raise ValueError(f"{said}: drop {' and '.join('--' + key for key in refused)}")
+        # What files (and flags) set, without the defaults. β is given again so that its link
+        # (data.with_partners) resolves when no file sets it; β is never inert.
+        explicit = parser.parse_args([*argv, f"--model.mask_threshold={config.model.mask_threshold}"],
+                                     defaults=False)[sub]
+        from_files = [key for key in inert if _has_key(explicit, key)]
+        if from_files and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            reasons = {inert[key]: [k for k in from_files if inert[k] == inert[key]] for key in from_files}
+            print("adi_lightning: note: set by config files but without effect in this run: "
+                  + "; ".join(f"{', '.join(keys)} ({why})" for why, keys in reasons.items()), file=sys.stderr)
 
     def _parse_ckpt_path(self) -> None:
         """Off: Lightning 2.6 merges the checkpoint's hyperparameters over the parsed config, typed
@@ -236,6 +265,16 @@ class ADICLI(LightningCLI):
                 print(f"adi_lightning: SLURM restarted this job ({_slurm_restarts()} time(s)): "
                       + (f"resuming from {found}" if found else f"no checkpoint in {run_dir}, starting over"),
                       file=sys.stderr)
+
+
+def _shown(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _has_key(namespace, key: str) -> bool:
+    group, name = key.split(".", 1)
+    part = namespace.get(group)
+    return part is not None and any(k == name or k.startswith(name + ".") for k in part.keys())
 
 
 def _add_progress_bar(trainer) -> None:

@@ -21,13 +21,36 @@ UPDATE_FROMS: tuple[str, ...] = get_args(UpdateFrom)
 EPS = 1e-12
 
 
-def check_threshold(threshold: float, key: str = "model.mask_threshold") -> float:
-    """Validate β: it must lie in (0, 1]; 1.0 keeps every channel (masking off)."""
+QUANTILE_STATISTICS: tuple[str, ...] = ("absolute", "relative")  # β is a per-row quantile
+BLEND_STATISTICS: tuple[str, ...] = ("sign", "projection")  # β blends the raw gradient back in
+
+
+def check_threshold(threshold: float, statistic: str = "projection", key: str = "model.mask_threshold") -> float:
+    """Validate β for ``statistic``: a number in [0, 1]; 1.0 is masking off (P+) for every statistic.
+
+    Under a quantile statistic (``absolute``, ``relative``) β is the share of channels each test keeps
+    and must be > 0; under ``sign`` and ``projection`` 0 is the statistic's full update (see
+    :func:`blend_with_gradient`). ValueError names ``key``.
+    """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"{key} must be a number in (0, 1], got {threshold!r}")
-    if math.isnan(threshold) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"{key} must be in (0, 1] (1.0 = masking off), got {threshold!r}")
+        raise ValueError(f"{key} must be a number in [0, 1], got {threshold!r}")
+    if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{key} must be in [0, 1] (1.0 = masking off, P+), got {threshold!r}")
+    if threshold == 0.0 and statistic in QUANTILE_STATISTICS:
+        raise ValueError(f"{key}=0 under model.mask_statistic={statistic} would keep no channel (β is the per-row "
+                         "quantile each test keeps): give a value in (0, 1]")
     return float(threshold)
+
+
+def blend_with_gradient(g: torch.Tensor, update: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``β·g + (1 − β)·update`` (any shape, ``g`` and ``update`` alike): β of the raw gradient blended
+    back into a statistic's update. Exactly ``update`` at β = 0 (the statistic at full strength) and
+    exactly ``g`` at β = 1 (no disentangling: P+'s gradient)."""
+    if threshold <= 0.0:
+        return update
+    if threshold >= 1.0:
+        return g
+    return threshold * g + (1.0 - threshold) * update
 
 
 def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -57,10 +80,11 @@ def relative_difference(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
 def sign_disagreement(g: torch.Tensor, g_other: torch.Tensor) -> torch.Tensor:
     """1.0 where ``g`` and ``g_other`` point in opposite directions (or either is 0), else 0.0.
 
-    A sign test: "invariant" means only "pushes the channel the same way". Its tests ignore β
+    A sign test: "invariant" means only "pushes the channel the same way". β is no quantile here
     (a quantile of a 0/1 score is not a threshold): the context test keeps channels whose
     anchor and context gradients agree in sign, the action test those whose anchor and
-    action-different gradients disagree.
+    action-different gradients disagree, and :func:`triple_updates` blends β of the raw gradient
+    back in (:func:`blend_with_gradient`).
     """
     return ((g * g_other) <= 0).to(g.dtype)
 
@@ -83,14 +107,15 @@ def channel_mask(
     channels (the gradient survives an action change): keep ``Δd >= quantile_{1-β}(Δd)``.
     ``diff`` is the ``statistic``: :func:`absolute_difference` (the paper read literally),
     :func:`relative_difference` (scale-free) or :func:`sign_disagreement` (keep ``Δc == 0``
-    and ``Δd == 1``, no quantile). With β = 1 every channel is kept, whatever the statistic.
+    and ``Δd == 1``, no quantile: β below 1 does not change the mask). With β = 1 every channel
+    is kept, whatever the statistic. A quantile statistic refuses β = 0 (:func:`check_threshold`).
     Source of the two tests: Huang et al., CVPR 2024 ("gradient invariance from sample triples").
     """
-    check_threshold(threshold)
     if combine not in MASK_COMBINES:
         raise ValueError(f"model.mask_combine must be one of {MASK_COMBINES}, got {combine!r}")
     if statistic not in MASK_STATISTICS:
         raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {statistic!r}")
+    check_threshold(threshold, statistic)
     if not (g_anchor.shape == g_context.shape == g_action.shape):
         raise ValueError(
             "role gradients must share one shape, got "
@@ -123,16 +148,27 @@ def triple_updates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each triple's masked (or projected) update from its role gradients.
 
+    What β (``threshold``) means depends on the statistic, and every value changes the update:
+
+    - ``absolute``, ``relative`` (quantile statistics): each test keeps the β-quantile of a row's
+      channels (:func:`channel_mask`); β in (0, 1]; ``update = mask ⊙ g``.
+    - ``projection``, ``sign`` (no quantile): ``update = β·g + (1 − β)·U(g)``
+      (:func:`blend_with_gradient`), ``U`` the statistic's full update (:func:`project_update`, or
+      ``mask ⊙ g`` with the sign mask); β in [0, 1]; β = 0 is ``U`` itself (the shipped default).
+
+    β = 1 is P+ for every statistic: ``update = g`` (and the model loads no triples at all).
+
     Args:
         role_grads: ``[N, 3, L, D]``: for each of N triples, the gradients of its
             anchor, context-different and action-different losses w.r.t. the identifier.
-        threshold, combine, statistic: see :func:`channel_mask` (``projection``: see
-            :func:`project_update`; its masks keep every channel).
+        threshold, combine, statistic: as above and in :func:`channel_mask`.
         update_from: ``anchor`` uses ``g_a``; ``anchor_and_context`` the mean of ``g_a`` and ``g_c``.
             The action-different sample only ever shapes the mask.
 
     Returns:
-        ``(updates [N, L, D], masks [N, L, D] bool)``, ``updates = mask ⊙ g`` per triple.
+        ``(updates [N, L, D], masks [N, L, D] bool)``; ``masks`` marks the channels the update may
+        move (False: held at zero, restored after the step). ``projection`` and a blend with β > 0
+        hold no channel: all True.
     """
     if role_grads.ndim != 4 or role_grads.shape[1] != 3:
         raise ValueError(f"role_grads must be [N, 3, L, D], got {tuple(role_grads.shape)}")
@@ -141,11 +177,14 @@ def triple_updates(
     g_a, g_c, g_d = role_grads.unbind(1)
     source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
     if statistic == "projection":
-        masks = channel_mask(g_a, g_c, g_d, 1.0, combine)  # validates combine; keeps every channel
-        if check_threshold(threshold) >= 1.0:
+        check_threshold(threshold, statistic)
+        masks = channel_mask(g_a, g_c, g_d, 1.0, combine, statistic)  # validates combine; keeps every channel
+        if threshold >= 1.0:
             return source, masks
-        return project_update(source, g_a - g_c, g_a - g_d, combine), masks
+        return blend_with_gradient(source, project_update(source, g_a - g_c, g_a - g_d, combine), threshold), masks
     masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
+    if statistic == "sign" and 0.0 < threshold < 1.0:
+        return blend_with_gradient(source, source * masks, threshold), torch.ones_like(masks)
     return source * masks, masks
 
 

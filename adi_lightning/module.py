@@ -23,7 +23,7 @@ from adi_lightning import generation
 from adi_lightning.conditioning import (RowGroups, cross_attention_layers, group_layers, install_layerwise_processors,
                                         resolve_row_groups)
 from adi_lightning.checks import (check_data_fits_model, check_identifier_chosen, check_identifier_grouping,
-                                 check_model_settings)
+                                  check_model_settings, inert_settings)
 from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
 from adi_lightning.identifier import UNTRAINED, LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
@@ -53,14 +53,17 @@ class ADIModule(L.LightningModule):
         row_groups: How ``attn2`` layers share identifier rows (one text encoding per row, :func:`~adi_lightning.
             conditioning.group_layers`): ``layer``, ``attention`` (per attention module), ``resolution`` (per UNet
             level) or ``shared`` (TI). None (default): ``layer``, or ``shared`` with ``layerwise: false``.
-        mask_threshold: β in (0, 1], the quantile of channels kept by each invariance test; 1.0 turns masking
-            off (then only the target action's images are needed).
+        mask_threshold: β in [0, 1], the strength of the disentangling, from the full update at 0 (or a small
+            quantile) to P+ at 1.0, which turns masking off (then no triples are drawn and only the target action's
+            images are needed; below 1.0 every step draws triples with action-different partners). Under
+            ``projection`` and ``sign`` the update is ``β·g + (1 − β)·U(g)`` (``U`` the statistic's update; 0, the
+            default, is ``U`` alone); under ``absolute`` and ``relative`` β in (0, 1] is the per-row quantile of
+            channels each test keeps (:func:`adi_lightning.masking.triple_updates`).
         mask_combine: How the context test and the action test combine into the mask.
         mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
             masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
             ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
             measured best on the toy world, docs/report.md: directions, not channels; :func:`adi_lightning.masking.project_update`).
-            ``sign`` and ``projection`` ignore β below 1.
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
             context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
@@ -109,7 +112,7 @@ class ADIModule(L.LightningModule):
         pretrained_model_name_or_path: str,
         placeholder_token: str = "<A>", initializer_token: str = "standing",
         layerwise: bool = True, row_groups: RowGroups | None = None,
-        mask_threshold: float = 0.5, mask_combine: MaskCombine = "and",
+        mask_threshold: float = 0.0, mask_combine: MaskCombine = "and",
         mask_statistic: MaskStatistic = "projection",
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3, weight_decay: float = 0.0,
@@ -240,16 +243,28 @@ class ADIModule(L.LightningModule):
 
     # ------------------------------------------------------------- identifier
     def identifier_metadata(self) -> dict[str, str]:
+        """The identifier file's metadata: strings; a training setting that was not in force
+        (:func:`~adi_lightning.checks.inert_settings`, e.g. ``mask_combine`` with masking off) is ``"null"``."""
+        h = self.hparams
+        inert = inert_settings(h)
+
+        def in_force(key: str, value):
+            return None if f"model.{key}" in inert else value
+
+        def text(key: str) -> str:
+            return json.dumps(None) if f"model.{key}" in inert else str(h[key])
+
         return {
-            "placeholder_token": self.hparams.placeholder_token,
-            "initializer_token": self.hparams.initializer_token,
-            "base_model": self.hparams.pretrained_model_name_or_path,
-            "mask_threshold": str(self.hparams.mask_threshold),
-            "mask_combine": self.hparams.mask_combine,
-            "mask_statistic": self.hparams.mask_statistic,
-            "timestep_sampling": self.hparams.timestep_sampling,
-            "large_t_steps": str(self.hparams.large_t_steps), "large_t_min": str(self.hparams.large_t_min),
-            "starts": json.dumps({"starts": self.hparams.starts, "start_steps": self.hparams.start_steps,
+            "placeholder_token": h.placeholder_token,
+            "initializer_token": h.initializer_token,
+            "base_model": h.pretrained_model_name_or_path,
+            "mask_threshold": text("mask_threshold"),
+            "mask_combine": text("mask_combine"),
+            "mask_statistic": text("mask_statistic"),
+            "update_from": text("update_from"),
+            "timestep_sampling": text("timestep_sampling"),
+            "large_t_steps": text("large_t_steps"), "large_t_min": text("large_t_min"),
+            "starts": json.dumps({"starts": h.starts, "start_steps": in_force("start_steps", h.start_steps),
                                   **(self.start_selection or {})}),
             "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),

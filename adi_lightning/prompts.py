@@ -48,6 +48,20 @@ def find_placeholder(text: str, token: str, where: str = "prompt") -> int:
     return count
 
 
+def replace_placeholder(text: str, token: str, word: str) -> str:
+    """``text`` with every occurrence of ``token`` that counts as the placeholder (the rule of
+    :func:`find_placeholder`: a word of its own) replaced by ``word``; other text untouched.
+    E.g. the action word's own prompt: ``replace_placeholder("a photo of a cat <A>", "<A>", "jumping")``."""
+    out, start, done = [], text.find(token), 0
+    while start != -1:
+        end = start + len(token)
+        if not _is_word(text[start - 1 : start]) and not _is_word(text[end : end + 1]):
+            out += [text[done:start], word]
+            done = end
+        start = text.find(token, start + 1)
+    return "".join(out) + text[done:]
+
+
 def check_identifier_prompts(tokenizer, token: str, placeholder_id: int, prompts: list[str], where: str) -> list[str]:
     """Check prompts meant for the identifier and return the ones that carry it.
 

@@ -44,6 +44,17 @@ def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+def typed_keys(options: list[list[str]]) -> set[str]:
+    """The ``model.x`` / ``data.x`` keys typed as flags in ``options`` (:func:`~adi_lightning.arguments.
+    split_options` of a command line), not those that group files (``--model preset.yaml``) give."""
+    keys = set()
+    for option in options:
+        parts = option_name(option)[2:].split(".")
+        if option_name(option).startswith("--") and len(parts) >= 2 and parts[0] in ("model", "data"):
+            keys.add(f"{parts[0]}.{parts[1]}")
+    return keys
+
+
 @dataclass
 class CheckpointSettings:
     """The model and data settings a checkpoint stores, and the keys typed on the command line."""
@@ -58,12 +69,7 @@ class CheckpointSettings:
     @property
     def typed(self) -> set[str]:
         """``model.x`` / ``data.x`` keys typed as flags (not from config files)."""
-        keys = set()
-        for option in self.options:
-            parts = option_name(option)[2:].split(".")
-            if option_name(option).startswith("--") and len(parts) >= 2 and parts[0] in ("model", "data"):
-                keys.add(f"{parts[0]}.{parts[1]}")
-        return keys
+        return typed_keys(self.options)
 
     @property
     def has_config(self) -> bool:

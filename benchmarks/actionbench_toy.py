@@ -281,7 +281,7 @@ def main() -> int:
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS, help="empty: skip")
     p.add_argument("--ablation-action", default="jumping", choices=ACTIONS)
     p.add_argument("--ablation-folder", default="shared", choices=FOLDERS)
-    p.add_argument("--curve-betas", nargs="*", type=float, default=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0], help="empty: skip")
+    p.add_argument("--curve-betas", nargs="*", type=float, default=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], help="empty: skip")
     p.add_argument("--curve-action", default="jumping", choices=ACTIONS)
     p.add_argument("--curve-folder", default="shared", choices=FOLDERS)
     p.add_argument("--curve-seeds", nargs="+", type=int, default=[3])

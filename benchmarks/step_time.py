@@ -52,8 +52,8 @@ METHODS = {
     # name: (model overrides, images per item)
     "ti": (dict(layerwise=False, mask_threshold=1.0), 1),
     "pplus": (dict(layerwise=True, mask_threshold=1.0), 1),
-    "adi": (dict(layerwise=True, mask_threshold=0.5), 3),
-    "adi_unshared": (dict(layerwise=True, mask_threshold=0.5, share_text_encoding=False), 3),
+    "adi": (dict(layerwise=True, mask_threshold=0.0), 3),
+    "adi_unshared": (dict(layerwise=True, mask_threshold=0.0, share_text_encoding=False), 3),
 }
 LABELS = {"ti": "TI", "pplus": "P+", "adi": "ADI", "adi_unshared": "ADI (unshared text enc.)"}
 # SDXL base topology (stabilityai/stable-diffusion-xl-base-1.0 unet: 70 attn2 layers in 3 levels) at

@@ -123,8 +123,8 @@ def multi_token_initializer(data: Path, tmp: Path):
 
 
 def threshold_out_of_range(data: Path, tmp: Path):
-    """`mask_threshold` outside (0, 1]"""
-    return {"model.mask_threshold": "0"}, "model.mask_threshold"
+    """`mask_threshold` outside [0, 1]"""
+    return {"model.mask_threshold": "1.5"}, "model.mask_threshold must be in [0, 1]"
 
 
 def identifier_mismatch(data: Path, tmp: Path):
@@ -438,6 +438,34 @@ def one_subject_in_one_context(data: Path, tmp: Path):
     return {}, "every context-different partner of anchor 'red_jumping.png' shares its subject='me' and context='room'"
 
 
+def threshold_zero_under_a_quantile_statistic(data: Path, tmp: Path):
+    """`mask_threshold` 0 under a quantile statistic (`absolute`, `relative`)"""
+    return ({"model.mask_statistic": "relative", "model.mask_threshold": "0"},
+            "model.mask_threshold=0 under model.mask_statistic=relative would keep no channel")
+
+
+def masking_key_typed_with_masking_off(data: Path, tmp: Path):
+    """a masking key typed with masking off (`--model.mask_threshold=1.0 --model.mask_combine=or`)"""
+    return ({"model.mask_threshold": "1.0", "model.mask_combine": "or"},
+            "--model.mask_combine=or has no effect: model.mask_threshold=1.0 turns masking off")
+
+
+def start_steps_typed_without_multi_start(data: Path, tmp: Path):
+    """`--model.start_steps` typed with `model.starts: 1`"""
+    return {"model.start_steps": "5"}, "--model.start_steps=5 has no effect: model.starts=1 (multi-start off)"
+
+
+def large_t_min_typed_without_a_large_t_phase(data: Path, tmp: Path):
+    """`--model.large_t_min` typed with `model.large_t_steps: 0` and `model.starts: 1`"""
+    return {"model.large_t_min": "0.5"}, "--model.large_t_min=0.5 has no effect: model.large_t_steps=0 and model.starts=1"
+
+
+def generate_key_typed_without_generated_partners(data: Path, tmp: Path):
+    """a `--data.generate_*` key typed without `data.action_different: generate`"""
+    return ({"data.generate_steps": "5"},
+            "--data.generate_steps=5 has no effect: data.action_different=require generates no partners")
+
+
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
          placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
@@ -456,7 +484,10 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          toy_cache_folder_not_written_by_adi_lightning, export_onto_an_existing_file,
          export_onto_its_own_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint,
          abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
-         predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context]
+         predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context,
+         threshold_zero_under_a_quantile_statistic,
+         masking_key_typed_with_masking_off, start_steps_typed_without_multi_start,
+         large_t_min_typed_without_a_large_t_phase, generate_key_typed_without_generated_partners]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs

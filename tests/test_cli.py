@@ -290,6 +290,12 @@ def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_p
         run = only_new_run(root, [])
         table, meta = read_identifier(run / IDENTIFIER)
         assert meta["mask_threshold"] == "1.0" and meta["global_step"] == "2"
+        # Settings not in force are recorded as null, and the keys tiny.yaml sets for masking get one note.
+        assert meta["mask_combine"] == meta["mask_statistic"] == meta["update_from"] == meta["large_t_min"] == "null"
+        assert json.loads(meta["starts"]) == {"starts": 1, "start_steps": None}
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adi_lightning: note:")]
+        assert len(notes) == 1 and "model.mask_combine, model.update_from, data.action_different (model." \
+            "mask_threshold=1.0 turns masking off" in notes[0], notes
         assert tuple(table.shape) == (rows, 32)
         assert torch.isfinite(table).all()
 

@@ -16,9 +16,11 @@ from adi_lightning.evaluation import (
     CLIPJudge,
     Judge,
     Judgement,
+    clean_against,
     judge_rows,
     metric_names,
     with_untrained,
+    with_word,
 )
 
 
@@ -63,7 +65,8 @@ def test_metric_on_hand_made_judgements_sums_over_batches():
         "leak_subject": 1 / 5, "leak_colour": 1 / 5, "leak_pattern": 2 / 5, "leak_background": 1 / 5,
         "appearance_leak": 1 / 5,
     }, abs=1e-7)
-    assert [*values, "leak_pool_appearance"] == [n for n in metric_names(FACTORS) if not n.endswith(("_untrained", "_excess"))]
+    assert [*values, "leak_pool_appearance"] == [n for n in metric_names(FACTORS)
+                                                 if not n.endswith(("_untrained", "_excess", "_word"))]
 
 
 def test_attribute_leaks_and_their_excess_over_the_untrained_identifier():
@@ -81,7 +84,7 @@ def test_attribute_leaks_and_their_excess_over_the_untrained_identifier():
         assert values[name] == pytest.approx(now)
         assert values[f"{name}_untrained"] == pytest.approx(before)
         assert values[f"{name}_excess"] == pytest.approx(now - before)
-    assert set(values) == set(metric_names(FACTORS))
+    assert set(values) == {n for n in metric_names(FACTORS) if "_word" not in n}  # the word's: with_word
     assert "action_acc_excess" not in values and values["action_acc"] == 1.0  # excess is for leaks only
 
 
@@ -253,6 +256,53 @@ def test_a_fit_that_validates_twice_generates_the_untrained_images_once(make_mod
     for report in reports:
         metrics = json.loads(report.read_text())["metrics"]
         assert metrics["leak_subject_untrained"] == 0.0 and metrics["leak_subject_excess"] == 1.0
+
+
+def test_clean_both_correct_against_the_word_excuses_only_the_looks_the_word_draws_too():
+    subjects = ["cat", "cat", "dog"]
+    trained = judge_rows(judged("jumping cat yellow striped beach", "jumping cat yellow striped beach",
+                                "jumping dog red plain park"), "jumping", subjects, SHARED, FACTORS)
+    # The word's own images: image 1 wears the exemplars' whole look too, image 2 does not.
+    word = judge_rows(judged("jumping cat yellow striped beach", "jumping cat red plain park",
+                             "standing dog red plain park"), "jumping", subjects, SHARED, FACTORS)
+    assert [f["clean_both_correct"] for f in trained] == [False, False, True]
+    assert clean_against(trained, word) == [True, False, True]
+    values = with_word({"leak_colour": 2 / 3, "leak_colour_untrained": 0.0, "leak_colour_excess": 2 / 3},
+                       {"leak_colour": 1 / 3}, clean_against(trained, word))
+    assert values["leak_colour_word"] == pytest.approx(1 / 3) and values["leak_colour_word_excess"] == pytest.approx(1 / 3)
+    assert values["clean_both_correct_word"] == pytest.approx(2 / 3)
+    assert "leak_colour_untrained_word" not in values
+
+
+def test_the_action_word_reference_uses_the_word_and_is_generated_once(make_module, tiny_data, tmp_path):
+    """Every validation prompt is also drawn with data.action in place of <A> (same seeds, no
+    identifier), judged once per run (two validations, one set of word images), and reported."""
+    module = make_module(judge=FixedJudge())
+    untrained = count_untrained(module)
+    drawn, generate = [], module.generate
+
+    def recording(prompts, seeds, table=None):
+        if table is None and not any("<A>" in p for p in prompts):  # the word's own images
+            drawn.extend(zip(prompts, seeds))
+        return generate(prompts, seeds, table)
+
+    module.generate = recording
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, eval_subjects=["cat", "dog"],
+                                validation_seeds=[0, 1], repeats=1)
+    trainer = L.Trainer(max_steps=2, val_check_interval=1, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert sorted(drawn) == [(f"a photo of a {s} jumping", i) for s in ("cat", "dog") for i in (0, 1)]
+    assert untrained[0] == 4
+    for report in sorted(tmp_path.glob("metrics/validation_step*.json")):
+        metrics = json.loads(report.read_text())["metrics"]
+        # FixedJudge sees the word's images as it sees trained ones: "red" in the park, jumping.
+        assert metrics["leak_context_word"] == 1.0 and metrics["leak_context_word_excess"] == 0.0
+        assert metrics["leak_context_untrained"] == 0.0 and metrics["leak_context_excess"] == 1.0
+        assert metrics["clean_both_correct_word"] == 0.0  # the subject is wrong: not both correct
+        rows = list(csv.DictReader(open(report.with_suffix(".csv"))))
+        assert [r["word_context"] for r in rows] == ["park"] * 4
 
 
 def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatch):

@@ -48,12 +48,22 @@ def test_quantiles_are_per_row():
     assert mask.sum(-1).tolist() == [2, 2]
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01, float("nan"), "0.5", True])
+@pytest.mark.parametrize("bad", [-0.1, 1.01, float("nan"), "0.5", True])
 def test_threshold_out_of_range_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="mask_threshold"):
         check_threshold(bad)
     with pytest.raises(ValueError, match="mask_threshold"):
         channel_mask(G_A, G_C, G_D, bad)
+
+
+@pytest.mark.parametrize("statistic", ["absolute", "relative"])
+def test_a_quantile_statistic_refuses_beta_zero_by_name(statistic):
+    # A 0-quantile keeps no channel: refused, where the blending statistics take 0 as their full update.
+    with pytest.raises(ValueError, match=f"model.mask_threshold=0 under model.mask_statistic={statistic}"):
+        check_threshold(0.0, statistic)
+    with pytest.raises(ValueError, match="model.mask_threshold=0"):
+        masked_update(torch.stack([G_A, G_C, G_D]).unsqueeze(0), 0.0, statistic=statistic)
+    assert check_threshold(0.0, "projection") == check_threshold(0.0, "sign") == 0.0
 
 
 def test_unknown_combine_and_update_from_are_errors():
@@ -141,9 +151,77 @@ def test_projection_keeps_the_action_change_and_drops_the_context_change():
     g_c = (0 * action + 0 * context + shared).reshape(1, 1, 1, 3) + 2 * action.reshape(1, 1, 1, 3)  # same action
     g_d = (3 * context + shared).reshape(1, 1, 1, 3)  # same context, no action
     grads = torch.cat([g_a, g_c, g_d], dim=1)  # [1, 3, 1, 3]
-    update, masks, _ = masked_update(grads, 0.5, "action_only", statistic="projection")
+    update, masks, _ = masked_update(grads, 0.0, "action_only", statistic="projection")
     assert torch.allclose(update[0], 2 * action, atol=1e-5)
-    update = masked_update(grads, 0.5, "context_only", statistic="projection").update
+    update = masked_update(grads, 0.0, "context_only", statistic="projection").update
     assert torch.allclose(update[0], 2 * action + shared, atol=1e-5)
     assert masks.all()
     assert torch.equal(masked_update(grads, 1.0, statistic="projection")[0], g_a[0, 0])
+
+
+# ------------------------------------------------------------------ β under the blending statistics
+def _rotated_triple():
+    """One triple, one row of D = 3 (as above): ``g_a = 2 action + 3 context + shared``, the context
+    partner shares the action, the action-different partner shares the context."""
+    action, context, shared = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))[0]
+    g_a, g_c, g_d = 2 * action + 3 * context + shared, 2 * action + shared, 3 * context + shared
+    return torch.stack([g_a, g_c, g_d]).reshape(1, 3, 1, 3), action, context, shared
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_projection_beta_blends_the_raw_gradient_back_in(beta):
+    grads, action, context, shared = _rotated_triple()
+    g_a = grads[0, 0, 0]
+    # action_only: P(g) = 2 action; context_only: P(g) = 2 action + shared.
+    update = masked_update(grads, beta, "action_only", statistic="projection").update[0]
+    assert torch.allclose(update, beta * g_a + (1 - beta) * 2 * action, atol=1e-5)
+    update = masked_update(grads, beta, "context_only", statistic="projection").update[0]
+    assert torch.allclose(update, beta * g_a + (1 - beta) * (2 * action + shared), atol=1e-5)
+    # The context direction is kept in proportion β: what separates the blend from the full projection.
+    assert float(update @ context) == pytest.approx(3 * beta, abs=1e-5)
+
+
+def test_projection_ends_are_the_full_projection_and_the_raw_gradient_exactly():
+    from adi_lightning.masking import project_update
+
+    grads, *_ = _rotated_triple()
+    g_a, g_c, g_d = grads.unbind(1)
+    for combine in ("and", "or", "context_only", "action_only"):
+        full = project_update(g_a, g_a - g_c, g_a - g_d, combine)  # the update before β had a meaning
+        assert torch.equal(masked_update(grads, 0.0, combine, statistic="projection").update, full[0])
+        assert torch.equal(masked_update(grads, 1.0, combine, statistic="projection").update, g_a[0])
+    updates = {b: masked_update(grads, b, "and", statistic="projection").update for b in (0.0, 0.3, 0.7, 1.0)}
+    assert all(not torch.allclose(updates[a], updates[b]) for a in updates for b in updates if a < b)
+
+
+def test_sign_beta_lets_the_dropped_channels_through_in_proportion():
+    g_a = torch.tensor([[1.0, 1.0, -2.0, 3.0]])
+    g_c = torch.tensor([[2.0, -1.0, -1.0, 1.0]])
+    g_d = torch.tensor([[-1.0, -1.0, -3.0, 0.0]])  # the sign mask ("and") keeps {0, 3}, see above
+    grads = torch.stack([g_a, g_c, g_d]).unsqueeze(0)
+    full = masked_update(grads, 0.0, statistic="sign")
+    assert full.update.tolist() == [[1.0, 0.0, 0.0, 3.0]] and as_set(full.masks[0]) == {0, 3}
+    for beta in (0.3, 0.7):
+        blended = masked_update(grads, beta, statistic="sign")
+        assert blended.update[0].tolist() == pytest.approx([1.0, beta * 1.0, beta * -2.0, 3.0])
+        assert blended.masks.all()  # no channel is held: nothing is restored after the step
+    # The quantile statistics at the same β keep whole channels, never a fraction of one.
+    for statistic in ("absolute", "relative"):
+        update = masked_update(grads, 0.7, statistic=statistic).update
+        assert all(u in (0.0, g) for u, g in zip(update[0].tolist(), g_a[0].tolist()))
+
+
+def test_the_channel_preset_keeps_or_drops_whole_channels():
+    """configs/model/adi_channel.yaml is a per-channel keep/drop decision in the embedding's channel
+    basis: every channel of the update is the anchor's gradient or exactly 0, and some are dropped."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model" / "adi_channel.yaml").read_text())
+    assert preset["mask_statistic"] in ("absolute", "relative") and 0 < preset["mask_threshold"] < 1
+    grads = torch.stack([G_A, G_C, G_D]).unsqueeze(0)
+    update, masks, _ = masked_update(grads, preset["mask_threshold"], preset["mask_combine"], preset["update_from"],
+                                     preset["mask_statistic"])
+    assert torch.equal(update, torch.where(masks[0], G_A, torch.zeros_like(G_A)))
+    assert 0 < int(masks.sum()) < D

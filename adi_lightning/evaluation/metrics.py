@@ -19,8 +19,17 @@ them (torchmetrics states summed over batches and DDP ranks) and turns them into
   context-different partner only, never trained on) and of no exemplar: ADI's context test may
   swap the pool's looks in rather than remove the exemplars'. NaN without a pool.
 
-:func:`with_untrained` adds, for every leak rate, ``<name>_untrained`` (the same rate for the
-untrained identifier on the same prompts and seeds) and ``<name>_excess`` (trained - untrained).
+Two references, each the same prompts and seeds judged without the learned identifier:
+
+- the untrained identifier (the initializer word's rows): :func:`with_untrained` adds, for every leak
+  rate, ``<name>_untrained`` and ``<name>_excess`` (trained - untrained): what the training added;
+- the action word itself in place of ``<A>`` ("a photo of a cat jumping"): :func:`with_word` adds
+  ``<name>_word`` and ``<name>_word_excess`` (trained - word): what the identifier carries beyond the
+  backbone's own prior for the pose (the word's images may show appearance too), and
+  ``clean_both_correct_word``: both correct, and no exemplar look that the word's own image of the same
+  subject and seed does not show as well (:func:`clean_against`).
+
+``clean_both_correct`` itself uses no reference (any exemplar look counts against it).
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ def leak_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
 def metric_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
     """Every metric reported for a judge naming ``factors``, in report order."""
     leaks = leak_names(factors)
-    return (*RATES.values(), *leaks, *(f"{n}_untrained" for n in leaks), *(f"{n}_excess" for n in leaks))
+    return (*RATES.values(), *leaks, *(f"{n}_untrained" for n in leaks), *(f"{n}_excess" for n in leaks),
+            *(f"{n}_word" for n in leaks), *(f"{n}_word_excess" for n in leaks), "clean_both_correct_word")
 
 
 #: The metrics of every judge (``val/<name>``, ``test/<name>``); sweeps optimise ``val/clean_both_correct``.
@@ -138,4 +148,30 @@ def with_untrained(trained: Mapping[str, float], untrained: Mapping[str, float])
     leaks = [k for k in trained if k.startswith("leak_") or k == "appearance_leak"]
     out.update({f"{k}_untrained": untrained.get(k, math.nan) for k in leaks})
     out.update({f"{k}_excess": trained[k] - untrained.get(k, math.nan) for k in leaks})
+    return out
+
+
+def clean_against(flags: Sequence[Mapping[str, bool | None]],
+                  reference: Sequence[Mapping[str, bool | None]]) -> list[bool]:
+    """Per image, clean both-correct against a reference image of the same prompt subject and seed
+    (the action word's, :func:`with_word`): action and subject correct, and either no
+    ``appearance_leak`` or one that the reference image shows as well (a look the backbone draws
+    for the word is not the identifier's leak). ``flags``, ``reference``: ``[N]`` rows of
+    :func:`judge_rows`, in the same order."""
+    if len(flags) != len(reference):
+        raise ValueError(f"need one reference image per judged image, got {len(reference)} for {len(flags)}")
+    return [bool(f["both_correct"]) and not (f["appearance_leak"] and not r["appearance_leak"])
+            for f, r in zip(flags, reference)]
+
+
+def with_word(values: Mapping[str, float], word: Mapping[str, float], clean_word: Sequence[bool]) -> dict[str, float]:
+    """``values`` plus, for every leak rate, ``<name>_word`` (the rate of the action word's own images,
+    same prompts with the word in place of ``<A>``, same seeds) and ``<name>_word_excess`` (trained -
+    word), and ``clean_both_correct_word`` (the mean of :func:`clean_against`; NaN without images)."""
+    out = dict(values)
+    leaks = [k for k in values if (k.startswith("leak_") or k == "appearance_leak")
+             and not k.endswith(("_untrained", "_excess"))]
+    out.update({f"{k}_word": word.get(k, math.nan) for k in leaks})
+    out.update({f"{k}_word_excess": values[k] - word.get(k, math.nan) for k in leaks})
+    out["clean_both_correct_word"] = sum(clean_word) / len(clean_word) if clean_word else math.nan
     return out
