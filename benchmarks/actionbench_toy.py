@@ -3,8 +3,10 @@
 Each run (method, action, seed, toy folder) fits through ``experiments/toy_<action>.yaml`` plus
 ``configs/model/<method>.yaml`` in its own subprocess, then tests; its numbers are the ones the test
 stage wrote (``metrics/test_step*.json``), kept atomically in ``<out>/runs/`` and reused on a rerun.
-Tables: per folder, mean ± std of every metric per method; paired differences with bootstrap 95%
-intervals; the ablations; ADI's threshold curve (benchmarks/README.md).
+Tables: per folder, every metric per method; paired differences; the ablations; ADI's threshold
+curve. Image-level metrics get 95% intervals that resample the judged images of each run
+(``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
+over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (500 steps, 8 starts), about 2.5 h
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
@@ -26,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from unittest import mock
+
+import _images  # noqa: E402  (benchmarks/, beside this script)
 
 from adi_lightning.paths import TOY_DIFFICULTIES
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
@@ -131,6 +135,26 @@ def paired(records: list[dict], a: str, b: str, metrics: list[str], folders: lis
     return out
 
 
+def paired_images(records: list[dict], a: str, b: str, metrics: list[str], folders: list[str],
+                  rows_of: dict[str, list]) -> dict:
+    """``a - b`` over the matched images of runs paired by (action, seed, folder), per folder and over
+    all: mean, lo, hi (95%, images resampled within each pair, :func:`_images.paired_interval`), and n
+    (pairs). Without per-image rows, :func:`paired` (a bootstrap over pairs)."""
+    if not rows_of:
+        return paired(records, a, b, metrics, folders)
+    by = {(r["spec"]["method"], r["spec"]["action"], r["spec"]["seed"], r["spec"]["folder"]): rows_of.get(run_key(r["spec"]))
+          for r in records if r["spec"]["beta"] is None}
+    out = {}
+    for where in (*folders, "all"):
+        pairs = [(x, by[(b, *k[1:])]) for k, x in by.items()
+                 if k[0] == a and (b, *k[1:]) in by and where in ("all", k[3]) and x and by[(b, *k[1:])]]
+        out[where] = {}
+        for m in metrics:
+            mean, lo, hi, _ = _images.paired_interval(pairs, m)
+            out[where][m] = {"mean": mean, "lo": lo, "hi": hi, "n": len(pairs)}
+    return out
+
+
 def format_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[str], cell) -> str:
     rendered = {c: [cell(col[m]) if m in col else "-" for m in metrics] for c, col in columns.items()}
     width = max([len(title), *map(len, metrics)]) + 2
@@ -144,6 +168,11 @@ def format_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[
 
 def mean_std(x: dict) -> str:
     return f"{x['mean']:.3f}±{x['std']:.3f}"
+
+
+def cell(x: dict) -> str:
+    """``mean [lo,hi]`` where an image-level interval exists, else ``mean±std`` over runs."""
+    return f"{x['mean']:.3f} [{x['lo']:.2f},{x['hi']:.2f}]" if "lo" in x else mean_std(x)
 
 
 def diff_ci(x: dict) -> str:
@@ -236,36 +265,75 @@ def launch(s: dict, out: Path, data_dir: Path) -> tuple[int, float]:
     return rc, time.time() - started
 
 
-def by_column(pairs: list[tuple[str, dict]], records: dict[str, dict], metrics: list[str]) -> dict[str, dict]:
-    """{column: summary over its finished runs} for [(column, spec)], columns in first-seen order."""
-    cols: dict[str, list[dict]] = {}
+def by_column(pairs: list[tuple[str, dict]], records: dict[str, dict], metrics: list[str],
+              rows_of: dict[str, list] | None = None) -> dict[str, dict]:
+    """{column: summary over its finished runs} for [(column, spec)], columns in first-seen order. With
+    ``rows_of`` (run key -> its per-image CSV rows), image-level metrics also get ``lo`` / ``hi``: the 95%
+    interval that resamples each run's judged images (:func:`_images.run_interval`)."""
+    cols: dict[str, list[str]] = {}
     for col, s in pairs:
-        cols.setdefault(col, []).extend([records[run_key(s)]] if run_key(s) in records else [])
-    return {c: summarize(runs, metrics) for c, runs in cols.items()}
+        cols.setdefault(col, []).extend([run_key(s)] if run_key(s) in records else [])
+    out = {}
+    for c, keys in cols.items():
+        out[c] = summarize([records[k] for k in keys], metrics)
+        runs = [(rows_of[k], records[k]["metrics"]) for k in keys if rows_of and rows_of.get(k)]
+        for m in metrics if runs and len(runs) == len(keys) else []:
+            if _images.flag_column(m)[0] in runs[0][0][0]:
+                out[c][m].update(zip(("mean", "lo", "hi"), _images.run_interval(runs, m)))
+    return out
 
 
-def report(plan: dict, records: dict[str, dict], args) -> tuple[str, dict]:
+def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] | None = None,
+           figures: Path | None = None) -> tuple[str, dict]:
+    """The tables (text) and their data; with ``figures``, also the PNG figures written there."""
     metrics = metric_order(list(records.values()))
-    diff_metrics = [*(m for m in ("clean_both_correct", "action_acc") if m in metrics), *filter(is_leak, metrics)]
+    diff_metrics = [*(m for m in ("clean_both_correct", "clean_both_correct_word", "action_acc") if m in metrics),
+                    *(m for m in filter(is_leak, metrics) if not m.endswith(("_word", "_excess")))]
     main = [records[run_key(s)] for s in plan["main"] if run_key(s) in records]
-    data = {"main": {f: by_column([(s["method"], s) for s in plan["main"] if s["folder"] == f], records, metrics)
+    data = {"main": {f: by_column([(s["method"], s) for s in plan["main"] if s["folder"] == f], records, metrics, rows_of)
                      for f in args.folders},
-            "paired": {f"{a}-{b}": paired(main, a, b, diff_metrics, args.folders)
+            "paired": {f"{a}-{b}": paired_images(main, a, b, diff_metrics, args.folders, rows_of or {})
                        for a, b in COMPARISONS if a in args.methods and b in args.methods},
-            "ablations": by_column([(s["method"], s) for s in plan["ablations"]], records, metrics),
-            "curve": by_column([(f"beta={b:g}", s) for b, s in plan["curve"]], records, metrics)}
+            "ablations": by_column([(s["method"], s) for s in plan["ablations"]], records, metrics, rows_of),
+            "curve": by_column([(f"beta={b:g}", s) for b, s in plan["curve"]], records, metrics, rows_of)}
     n = len(args.actions) * len(args.seeds)
-    text = [format_table(f"{f}: mean±std over {n} (action, seed)", cols, metrics, mean_std)
+    text = [format_table(f"{f}: over {n} (action, seed); [95% CI over images]", cols, metrics, cell)
             for f, cols in data["main"].items()]
-    text += [format_table(f"{name}: mean [95% CI] over pairs", cols, diff_metrics, diff_ci)
-             for name, cols in data["paired"].items()]
+    text += [format_table(f"{name}: mean [95% CI over matched images], paired by (action, seed, folder)", cols,
+                          diff_metrics, diff_ci) for name, cols in data["paired"].items()]
     if data["ablations"]:
-        text.append(format_table(f"ablations ({args.ablation_action}, {args.ablation_folder}): mean±std over seeds",
-                                 data["ablations"], metrics, mean_std))
+        text.append(format_table(f"ablations ({args.ablation_action}, {args.ablation_folder}): over seeds",
+                                 data["ablations"], metrics, cell))
     if data["curve"]:
-        text.append(format_table(f"curve (adi, {args.curve_action}, {args.curve_folder})", data["curve"], metrics,
-                                 mean_std))
+        text.append(format_table(f"curve (adi, {args.curve_action}, {args.curve_folder})", data["curve"], metrics, cell))
+    if figures is not None:
+        text.append("figures: " + ", ".join(str(p) for p in write_figures(data, metrics, args, figures)))
     return "\n\n".join(text), data
+
+
+FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_colour_word_excess",
+                  "leak_pattern_word_excess", "leak_background_word_excess")
+
+
+def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Path]:
+    """Per-folder bars (every method, 95% intervals) and the β curve, for the metrics the runs have."""
+    shown = [m for m in FIGURE_METRICS if m in metrics]
+    written = []
+
+    def with_interval(cols: dict) -> dict:
+        return {c: {m: (v[m]["mean"], v[m].get("lo", v[m]["mean"]), v[m].get("hi", v[m]["mean"])) for m in shown}
+                for c, v in cols.items() if all(m in v for m in shown)}
+
+    for f, cols in data["main"].items():
+        if len(with_interval(cols)) > 1:
+            written.append(_images.bars_figure(with_interval(cols), shown, folder / f"bars_{f}.png",
+                                               f"ActionBench-toy v2, {f}: {', '.join(args.actions)}, seeds {args.seeds}"))
+    if data["curve"]:
+        points = {float(c.split("=", 1)[1]): v for c, v in with_interval(data["curve"]).items()}
+        written.append(_images.curve_figure({f"adi, {args.curve_action}": points}, shown,
+                                            folder / f"curve_{args.curve_action}_{args.curve_folder}.png",
+                                            f"β curve: {args.curve_action}, {args.curve_folder}, seeds {args.curve_seeds}"))
+    return written
 
 
 def main() -> int:
@@ -344,7 +412,8 @@ def main() -> int:
                   f"ETA {eta / 60:.1f} min", flush=True)
     finally:  # on Ctrl-C (the running runs get it too) start no further run
         pool.shutdown(wait=True, cancel_futures=True)
-    text, data = report(plan, records, args)
+    rows_of = {k: _images.read_rows(out / "runs" / f"{k}.csv") for k in records if (out / "runs" / f"{k}.csv").is_file()}
+    text, data = report(plan, records, args, rows_of, figures=out)
     header = (f"ActionBench-toy v2: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
               f"steps, {args.test_seeds} test seeds per unseen subject; {len(records)}/{len(runs)} runs; "
               f"this invocation {(time.time() - started) / 60:.1f} min with {args.jobs} jobs")
