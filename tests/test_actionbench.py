@@ -229,3 +229,45 @@ def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, cap
     launched.clear()
     assert bench.main() == 1  # resumed: only the failed run is launched again
     assert launched == ["init-jumping-shared-seed4-500steps-8starts-4ts"]
+
+
+# ------------------------------------------------------------------ intervals over judged images
+import _images  # noqa: E402
+
+
+def image(prompt, seed, **flags):
+    return {"prompt_index": str(prompt), "seed_index": str(seed), **{k: str(v) for k, v in flags.items()}}
+
+
+def test_image_interval_of_constant_flags_is_a_point_and_excess_subtracts_the_reference():
+    runs = [([image(p, s, action_correct=True, leak_colour=True) for p in range(7) for s in range(4)],
+             {"leak_colour_word": 0.25, "leak_colour_untrained": 0.5})] * 3
+    assert _images.run_interval(runs, "action_acc") == (1.0, 1.0, 1.0)
+    assert _images.run_interval(runs, "leak_colour_word_excess") == (0.75, 0.75, 0.75)
+    assert _images.run_interval(runs, "leak_colour_excess") == (0.5, 0.5, 0.5)
+    assert all(math.isnan(x) for x in _images.run_interval(runs, "leak_pattern"))  # no such flag
+
+
+def test_image_interval_is_stratified_by_run_and_brackets_the_mean():
+    ones = [image(p, 0, action_correct=True) for p in range(20)]
+    zeros = [image(p, 0, action_correct=False) for p in range(20)]
+    mixed = [image(p, 0, action_correct=p % 2 == 0) for p in range(20)]
+    # runs of all-ones and all-zeros: every resample keeps each run's mean, so the interval is a point
+    assert _images.run_interval([(ones, {}), (zeros, {})], "action_acc") == (0.5, 0.5, 0.5)
+    mean, lo, hi = _images.run_interval([(mixed, {})], "action_acc")
+    assert mean == 0.5 and lo < 0.5 < hi
+
+
+def test_paired_image_interval_matches_images_by_prompt_and_seed():
+    a = [image(p, s, action_correct=(p == 0)) for p in range(2) for s in range(2)]
+    b = [image(p, s, action_correct=True) for p in reversed(range(2)) for s in range(2)]  # other order
+    assert _images.paired_interval([(a, b)], "action_acc") == (-0.5, -1.0, 0.0, 4)
+    same = _images.paired_interval([(a, a)], "action_acc")
+    assert same == (0.0, 0.0, 0.0, 4)
+
+
+def test_figures_are_written(tmp_path):
+    point = {"action_acc": (0.5, 0.4, 0.6), "leak_colour_word_excess": (0.1, 0.0, 0.2)}
+    curve = _images.curve_figure({"adi": {0.0: point, 1.0: point}}, list(point), tmp_path / "c.png", "t")
+    bars = _images.bars_figure({"adi": point, "pplus": point}, list(point), tmp_path / "b.png", "t")
+    assert curve.read_bytes()[:4] == bars.read_bytes()[:4] == b"\x89PNG"
