@@ -11,8 +11,8 @@ This callback moves both to the end of the next optimizer step (``on_train_batch
 that stepped, after every other callback but ``ModelCheckpoint``, as ``ModelCheckpoint`` itself
 saves):
 
-- SIGTERM: it writes ``<run>/stopped-step=N.ckpt`` (N = global step; written to a hidden temp
-  file and renamed), then lets Lightning raise. Mid-accumulation it holds Lightning's flag back
+- SIGTERM: it writes ``<run>/stopped-step=N.ckpt`` (N = global step; atomically, through the
+  CLI's :class:`~adi_lightning.checkpoint_io.AtomicCheckpointIO`), then lets Lightning raise. Mid-accumulation it holds Lightning's flag back
   until the batch that steps. ``adi_lightning.cli.main`` turns the exception into exit status 143
   and one line naming the checkpoint to resume from.
 - SLURM's requeue signal: it runs Lightning's own handler there (``hpc_ckpt_N.ckpt`` in the run
@@ -26,7 +26,6 @@ the checkpoints written so far.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -86,9 +85,7 @@ class PreemptionCallback(L.Callback):
     def save(self, trainer) -> Path:
         """Write ``stopped-step=N.ckpt`` into the run folder (all ranks call; rank zero writes)."""
         target = Path(trainer.default_root_dir) / STOPPED_NAME.format(step=trainer.global_step)
-        tmp = target.with_name(f".{target.name}.tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(target)  # atomic: the CLI's AtomicCheckpointIO writes beside it and renames
         if trainer.is_global_zero:
-            os.replace(tmp, target)
             log.info("stop signal: checkpoint at step %d written to %s", trainer.global_step, target)
         return target
