@@ -688,3 +688,15 @@ def test_readme_table_lists_the_cases_one_to_one():
     assert set(inputs) == refused | handled, (set(inputs) ^ (refused | handled))
     for cell, _, code, _ in rows:
         assert code == ("0" if cell in handled else "1"), cell
+
+
+def test_fault_table_names_tests_that_exist():
+    """docs/troubleshooting.md's fault rows each name a test function that is defined where it says."""
+    import ast
+
+    text = (REPO / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
+    named = re.findall(r"\| `(tests/test_\w+\.py)::(test_\w+)` \|$", text, re.M)
+    assert len(named) >= 7
+    for path, name in named:
+        tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
+        assert name in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, f"{path}::{name}"
