@@ -8,8 +8,8 @@ from adi_lightning.conditioning import (
     cross_attention_layers,
     encode_layerwise,
     remove_layerwise_processors,
-    tokenize,
 )
+from adi_lightning.prompts import tokenize
 
 
 class Recorder:

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from adi_lightning.conditioning import encode_layerwise, encode_plain, tokenize
+from adi_lightning.conditioning import encode_layerwise, encode_plain
 from adi_lightning.families.base import BackboneFamily, Features, TextEncoderStandIn
+from adi_lightning.prompts import tokenize
 
 
 class LayerwiseTextEncoder(TextEncoderStandIn):
