@@ -50,7 +50,7 @@ class StableDiffusionFamily(BackboneFamily):
     load_kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def tokenize(self, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """``[N, T]`` (:func:`adi_lightning.conditioning.tokenize`)."""
+        """``[N, T]`` (:func:`adi_lightning.prompts.tokenize`)."""
         return tokenize(self.tokenizer, prompts, device)
 
     def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:
