@@ -8,16 +8,9 @@ from adi_lightning.callbacks import GradientMaskCallback
 from adi_lightning.data import ActionTripleDataModule
 
 
-def _batch(tiny_data, batch_size=2, with_partners=True):
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
-                                with_partners=with_partners, repeats=2, seed=3)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_data):
+def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_batch):
     module = make_module(mask_threshold=0.5)
-    batch = _batch(tiny_data)
+    batch = tiny_batch()
     loss, per_sample = module.compute_loss(batch)
     table = module.identifier.embedding
     expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
@@ -32,8 +25,8 @@ def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_dat
     assert not torch.allclose(recorded[:, 0], recorded[:, 2])
 
 
-def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_data):
-    batch = _batch(tiny_data)
+def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_batch):
+    batch = tiny_batch()
     module = make_module(mask_threshold=0.5)
     loss, _ = module.compute_loss(batch)
     loss.backward()
@@ -49,9 +42,9 @@ def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_da
         assert (recorded[:, role].mean(0) - grad).abs().max() <= 1e-5 * grad.abs().max()
 
 
-def test_masking_off_leaves_the_plain_gradient_alone(make_module, tiny_data):
+def test_masking_off_leaves_the_plain_gradient_alone(make_module, tiny_batch):
     module = make_module(mask_threshold=1.0, layerwise=False)
-    batch = _batch(tiny_data, with_partners=False)
+    batch = tiny_batch(with_partners=False)
     loss, _ = module.compute_loss(batch)
     loss.backward()
     assert module.pop_role_grads() == []  # no per-sample bookkeeping for TI / P+
