@@ -70,6 +70,7 @@ class StepProbe(L.Callback):
         self.steps.append((self.before, after, masker.last_masks.clone(), vocab_same))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_masked_channels_are_bit_identical_after_an_adamw_step(make_module, tiny_data, tmp_path, layerwise):
     # A channel statistic (projection keeps every channel and restores none).
@@ -113,6 +114,7 @@ def test_amp_scale_is_divided_out_and_inf_skips_the_step(make_module):
         callback.apply(module, grads, optimizer, scale=None, step=7)
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_masks_every_triple_of_the_global_step(tiny_pipeline, tiny_data, tmp_path):
     """E.grad at the first step (2 micro-batches) equals the masked mean over both micro-batches'
     per-sample gradients, computed independently with autograd.grad."""

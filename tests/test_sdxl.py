@@ -125,6 +125,7 @@ def test_float16_vae_encodes_in_float32_as_force_upcast_asks(tiny_sdxl_pipeline)
     assert latents.dtype == torch.float32 and torch.equal(latents, reference)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fit_predict_and_install_identifier_give_the_same_pixels(method, tiny_sdxl_pipeline, tiny_data, tmp_path):
     common = ["--config", str(TINY), f"--model.pretrained_model_name_or_path={tiny_sdxl_pipeline}",
