@@ -177,7 +177,8 @@ class ADICLI(LightningCLI):
         action = getattr(self.parser, "_subcommands_action", None)
         for choice in getattr(action, "_choices_actions", []):  # the subcommand list in the top-level --help
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
-        for subparser in self._subcommand_parsers.values():  # --print_config and the saved config.yaml
+        # --print_config and the saved config.yaml (without subcommands, run=False, the one parser dumps)
+        for subparser in getattr(self, "_subcommand_parsers", {}).values() or [self.parser]:
             subparser.dump_header = callbacks_header()
 
     def parse_arguments(self, parser, args) -> None:
