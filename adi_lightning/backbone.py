@@ -92,6 +92,32 @@ def pipeline_class_name(name_or_path: str, local_files_only: bool, revision: str
     return DiffusionPipeline.load_config(name_or_path, local_files_only=local_files_only, revision=revision)["_class_name"]
 
 
+def family_class(class_name: str, source: str = "the pipeline") -> type:
+    """The :class:`~adi_lightning.families.BackboneFamily` of a pipeline class name (``families.FAMILIES``);
+    BackboneError naming ``source`` and what is supported."""
+    from adi_lightning.families import FAMILIES, NOT_YET
+
+    if class_name in FAMILIES:
+        return FAMILIES[class_name]
+    supported = ", ".join(FAMILIES)
+    if class_name in NOT_YET:
+        raise BackboneError(f"{source} is a {class_name} ({NOT_YET[class_name]}): not yet supported by "
+                            f"adi-lightning (supported: {supported})")
+    raise BackboneError(f"{source} is a {class_name or 'pipeline without _class_name'}, which adi-lightning does not "
+                        f"support (supported: {supported})")
+
+
+def family_of(pipe):
+    """The family over a loaded pipeline object (its class or a base class names the family)."""
+    from adi_lightning.families import FAMILIES
+
+    known = {**FAMILIES, **{family.img2img_class_name: family for family in FAMILIES.values()}}
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in known:
+            return known[cls.__name__](pipe)
+    return family_class(type(pipe).__name__, f"a {type(pipe).__name__} object")(pipe)
+
+
 def load_backbone(
     name_or_path: str,
     weight_dtype: str = "float32",
@@ -104,7 +130,6 @@ def load_backbone(
     A relative folder that does not exist from the working directory is looked up in the project
     (``adi_lightning.paths.resolve_project_path``: the shipped toy pipeline from any directory).
     """
-    from adi_lightning.families import family_class
     from adi_lightning.paths import resolve_project_path
 
     name_or_path = resolve_project_path(name_or_path)
@@ -197,7 +222,6 @@ def load_pipeline(name_or_path: str, weight_dtype: str = "float32", **kwargs):
 def describe_pipeline(pipe, source: str) -> BackboneInfo:
     """What :class:`BackboneInfo` reports about a loaded pipeline of a supported family."""
     from adi_lightning.conditioning import cross_attention_layers
-    from adi_lightning.families import family_of
 
     family = family_of(pipe)
     return BackboneInfo(

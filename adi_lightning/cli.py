@@ -17,6 +17,7 @@ resume from (:func:`stop_line`; the checkpoint is written by
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -50,6 +51,20 @@ SUBCOMMAND_HELP = {
     "test": "Generate and judge the test prompts (every test seed) with a trained identifier.",
     "predict": "Generate image grids for data.predict_prompts with a trained identifier.",
 }
+
+
+def callbacks_header() -> list[str]:
+    """The comment that heads every dumped config (``--print_config``, the run's ``config.yaml``): the
+    callbacks a run uses beside ``trainer.callbacks``, which the method adds in code."""
+    from adi_lightning.module import METHOD_CALLBACKS
+
+    return ["Callbacks every run adds in code, besides trainer.callbacks (ADIModule.configure_callbacks;",
+            "their settings are model.* keys):",
+            *(f"  adi_lightning.callbacks.{name}" for name in METHOD_CALLBACKS),
+            f"  {default_progress_bar()} (unless trainer.callbacks names a progress bar or",
+            "    trainer.enable_progress_bar is false)",
+            "Add your own beside them with --trainer.callbacks+=CLASS_PATH; a list given with '=' replaces",
+            "the config files' trainer.callbacks (ModelCheckpoint), never the ones above."]
 
 
 class ConfigKeyError(ValueError):
@@ -162,6 +177,9 @@ class ADICLI(LightningCLI):
         action = getattr(self.parser, "_subcommands_action", None)
         for choice in getattr(action, "_choices_actions", []):  # the subcommand list in the top-level --help
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        # --print_config and the saved config.yaml (without subcommands, run=False, the one parser dumps)
+        for subparser in getattr(self, "_subcommand_parsers", {}).values() or [self.parser]:
+            subparser.dump_header = callbacks_header()
 
     def parse_arguments(self, parser, args) -> None:
         """Parse with config names resolved (:mod:`adi_lightning.arguments`) and the checkpoint's
@@ -230,6 +248,10 @@ class ADICLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.mask_threshold", "data.with_partners", compute_fn=lambda beta: beta < 1.0)
+        # A link is not a key a user can set: keep jsonargparse's "Linked arguments" group
+        # ("<lambda>(model.mask_threshold) --> data.with_partners") out of --help. Help only: the link still applies.
+        for link in getattr(parser, "_links_group", argparse.ArgumentParser())._group_actions:
+            link.help = argparse.SUPPRESS
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

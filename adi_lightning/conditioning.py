@@ -11,14 +11,13 @@ by call order, so gradient checkpointing, ``torch.compile`` and the stock
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-if TYPE_CHECKING:
-    from adi_lightning.identifier import IdentifierTokenEmbedding
+from adi_lightning.identifier import IdentifierTokenEmbedding
 
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 #: How cross-attention layers share identifier rows (``model.row_groups``, :func:`group_layers`).
@@ -161,17 +160,6 @@ def remove_layerwise_processors(unet: nn.Module, previous: dict[str, object] | N
             restored = (previous or {}).get(path) or module.processor.inner
             module.set_processor(restored)
 
-
-def tokenize(tokenizer, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
-    """Token ids ``[N, T]`` padded to the tokenizer's max length, as Stable Diffusion does."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return ids if device is None else ids.to(device)
 
 
 def encode_layerwise(

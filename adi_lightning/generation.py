@@ -55,7 +55,7 @@ def install_identifier(pipe, identifier_path: str | Path, token: str | None = No
     Raises a clear error if the pipeline's ``attn2`` layers or text width differ from the file's.
     Returns the pipeline (changed in place).
     """
-    from adi_lightning.families import family_of
+    from adi_lightning.backbone import family_of
 
     if getattr(pipe, "_adi_installed", None) is not None:
         remove_identifier(pipe)

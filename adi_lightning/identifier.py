@@ -99,41 +99,6 @@ def remove_overlay(text_encoder: nn.Module) -> None:
         owner.token_embedding = owner.token_embedding.base
 
 
-def add_placeholder_token(tokenizer, placeholder: str, templates: list[str] = ()) -> int:
-    """Register the placeholder with the tokenizer and return its id.
-
-    The tokenizer finds it only as a word of its own, spelled exactly
-    (``AddedToken(single_word=True, normalized=False)``: the rule of :mod:`adi_lightning.prompts`).
-    Raises ValueError when it "already exists": one existing vocabulary token (``photo`` is
-    ``photo</w>``, so ``add_tokens`` would not notice), a word of the prompt templates, or a token
-    the tokenizer already has under other matching rules.
-    """
-    from transformers import AddedToken
-
-    from adi_lightning.prompts import find_placeholder
-
-    if not placeholder or placeholder != placeholder.strip() or " " in placeholder:
-        raise ValueError(f"model.placeholder_token must be one word without spaces, got {placeholder!r}")
-    for template in templates:
-        if find_placeholder(template, placeholder, "data.prompt_templates"):
-            raise ValueError(
-                f"model.placeholder_token {placeholder!r} is a word of the prompt template {template!r}"
-            )
-    vocab = tokenizer.get_vocab()
-    if placeholder in vocab:
-        added = tokenizer.added_tokens_decoder.get(vocab[placeholder])
-        if added is not None and added.single_word and not added.normalized and not added.special:
-            return vocab[placeholder]
-        raise ValueError(f"model.placeholder_token {placeholder!r} is already in the tokenizer's vocabulary")
-    pieces = tokenizer.tokenize(placeholder)
-    if len(pieces) == 1 and pieces[0] in vocab:
-        raise ValueError(
-            f"model.placeholder_token {placeholder!r} already exists in the vocabulary as "
-            f"{pieces[0]!r}; choose a string such as '<{placeholder}>'"
-        )
-    tokenizer.add_tokens([AddedToken(placeholder, single_word=True, normalized=False)])
-    return tokenizer.convert_tokens_to_ids(placeholder)
-
 
 def initializer_embedding(tokenizer, token_embedding: nn.Module, word: str) -> torch.Tensor:
     """The frozen embedding of a single-token initializer word, in fp32."""

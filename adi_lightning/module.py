@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
 
 
+#: The method's callbacks in :mod:`adi_lightning.callbacks`, in order (PreemptionCallback last: it
+#: saves after the others' ``on_train_batch_end``); :meth:`ADIModule.configure_callbacks` adds them.
+METHOD_CALLBACKS = ("MultiStartCallback", "GradientMaskCallback", "ImageGridCallback", "RankConsistencyCallback",
+                    "EvaluationCallback", "LastGoodIdentifierCallback", "OptimizerSettingsCallback",
+                    "PreemptionCallback")
+
+
 class ADIModule(L.LightningModule):
     """Learn an action identifier ``<A>`` with ADI (layer-wise tokens + gradient masking).
 
@@ -196,11 +203,12 @@ class ADIModule(L.LightningModule):
         return self
 
     def configure_callbacks(self):
-        from adi_lightning import callbacks as cb
+        """The method's callbacks (:data:`METHOD_CALLBACKS`), in every command: Lightning appends them
+        to ``trainer.callbacks``, so a user's own callbacks run beside them (and one of the same type
+        is replaced). They read their settings from ``model.*``; config files list them in a header."""
+        from adi_lightning import callbacks
 
-        return [cb.MultiStartCallback(), cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(),
-                cb.EvaluationCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback(),
-                cb.PreemptionCallback()]  # last: it saves after the others' on_train_batch_end
+        return [getattr(callbacks, name)() for name in METHOD_CALLBACKS]
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -5,7 +5,7 @@ spelled exactly, case included) counts only as a word of its own, where no lette
 underscore touches it. "a photo of a dog <A>", "<A>, jumping" and "a-sks-b" hold it; with
 ``placeholder_token=sks``, "a person who asks" does not (``sks`` is inside another word there).
 The tokenizer gets the placeholder as ``AddedToken(single_word=True, normalized=False)``
-(:func:`adi_lightning.identifier.add_placeholder_token`), which is the same rule, and
+(:func:`add_placeholder_token`), which is the same rule, and
 :func:`check_identifier_prompts` verifies prompt by prompt that the two agree.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from adi_lightning.conditioning import tokenize
+import torch
 
 _WORD = re.compile(r"\w")
 
@@ -60,6 +60,52 @@ def replace_placeholder(text: str, token: str, word: str) -> str:
             done = end
         start = text.find(token, start + 1)
     return "".join(out) + text[done:]
+
+
+def tokenize(tokenizer, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
+    """Token ids ``[N, T]`` padded to the tokenizer's max length, as Stable Diffusion does."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids if device is None else ids.to(device)
+
+
+def add_placeholder_token(tokenizer, placeholder: str, templates: list[str] = ()) -> int:
+    """Register the placeholder with the tokenizer and return its id.
+
+    The tokenizer finds it only as a word of its own, spelled exactly
+    (``AddedToken(single_word=True, normalized=False)``: the rule above).
+    Raises ValueError when it "already exists": one existing vocabulary token (``photo`` is
+    ``photo</w>``, so ``add_tokens`` would not notice), a word of the prompt templates, or a token
+    the tokenizer already has under other matching rules.
+    """
+    from transformers import AddedToken
+
+    if not placeholder or placeholder != placeholder.strip() or " " in placeholder:
+        raise ValueError(f"model.placeholder_token must be one word without spaces, got {placeholder!r}")
+    for template in templates:
+        if find_placeholder(template, placeholder, "data.prompt_templates"):
+            raise ValueError(
+                f"model.placeholder_token {placeholder!r} is a word of the prompt template {template!r}"
+            )
+    vocab = tokenizer.get_vocab()
+    if placeholder in vocab:
+        added = tokenizer.added_tokens_decoder.get(vocab[placeholder])
+        if added is not None and added.single_word and not added.normalized and not added.special:
+            return vocab[placeholder]
+        raise ValueError(f"model.placeholder_token {placeholder!r} is already in the tokenizer's vocabulary")
+    pieces = tokenizer.tokenize(placeholder)
+    if len(pieces) == 1 and pieces[0] in vocab:
+        raise ValueError(
+            f"model.placeholder_token {placeholder!r} already exists in the vocabulary as "
+            f"{pieces[0]!r}; choose a string such as '<{placeholder}>'"
+        )
+    tokenizer.add_tokens([AddedToken(placeholder, single_word=True, normalized=False)])
+    return tokenizer.convert_tokens_to_ids(placeholder)
 
 
 def check_identifier_prompts(tokenizer, token: str, placeholder_id: int, prompts: list[str], where: str) -> list[str]:

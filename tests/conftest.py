@@ -61,6 +61,50 @@ def tiny_data(tiny_dir):
     return str(tiny_dir / "data")
 
 
+@pytest.fixture(scope="session")
+def tiny_batch(tiny_data):
+    """``tiny_batch(batch_size=2, with_partners=True, repeats=2, seed=3, num_workers=0)``: the first
+    training batch of the tiny folder's ``jumping`` triples at 32 px (``images`` ``[B, 3, C, H, W]``
+    with partners, ``[B, 1, C, H, W]`` without)."""
+    from adi_lightning.data import ActionTripleDataModule
+
+    def batch(batch_size=2, with_partners=True, repeats=2, seed=3, num_workers=0):
+        dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
+                                    with_partners=with_partners, repeats=repeats, seed=seed, num_workers=num_workers)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    return batch
+
+
+class Recorder:
+    """Wraps a layer-wise processor's inner attention and keeps the context it was last handed."""
+
+    def __init__(self, inner):
+        self.inner, self.context = inner, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        self.context = encoder_hidden_states.detach().clone()
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
+
+
+@pytest.fixture(scope="session")
+def record_contexts():
+    """``record_contexts(module)``: a :class:`Recorder` on every ``attn2`` layer of the module's UNet
+    (each must hold a LayerwiseCrossAttnProcessor), in layer order; ``r.context`` is what layer saw."""
+    from adi_lightning.conditioning import LayerwiseCrossAttnProcessor, cross_attention_layers
+
+    def record(module):
+        recorders = []
+        for attn in cross_attention_layers(module.unet).values():
+            assert isinstance(attn.processor, LayerwiseCrossAttnProcessor)
+            attn.processor.inner = Recorder(attn.processor.inner)
+            recorders.append(attn.processor.inner)
+        return recorders
+
+    return record
+
+
 @pytest.fixture()
 def make_module(tiny_pipeline):
     """Build an ADIModule on the tiny pipeline with keyword overrides."""

@@ -28,6 +28,8 @@ from adi_lightning.data.triples import load_image
 from adi_lightning.export import main as export_main
 from adi_lightning.identifier import LayerwiseIdentifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

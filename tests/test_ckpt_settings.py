@@ -18,6 +18,8 @@ import yaml
 from adi_lightning.cli import main
 from adi_lightning.identifier import read_identifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.yaml"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

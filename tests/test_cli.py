@@ -21,6 +21,8 @@ from PIL import Image
 from adi_lightning.cli import ADICLI, RUN_DIR_ENV, main
 from adi_lightning.identifier import read_identifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.yaml"
 FIT_STEPS = 4

@@ -4,33 +4,11 @@ import pytest
 import torch
 
 from adi_lightning.conditioning import (
-    LayerwiseCrossAttnProcessor,
     cross_attention_layers,
     encode_layerwise,
     remove_layerwise_processors,
-    tokenize,
 )
-
-
-class Recorder:
-    """Wraps a processor's inner attention and keeps the context it was handed."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.context = None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        self.context = encoder_hidden_states.detach().clone()
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
-
-
-def _record(module):
-    recorders = []
-    for attn in cross_attention_layers(module.unet).values():
-        assert isinstance(attn.processor, LayerwiseCrossAttnProcessor)
-        attn.processor.inner = Recorder(attn.processor.inner)
-        recorders.append(attn.processor.inner)
-    return recorders
+from adi_lightning.prompts import tokenize
 
 
 @torch.no_grad()
@@ -54,9 +32,9 @@ def test_rows_follow_unet_order_by_module_path(make_module):
         assert attn.processor.layer_index == index
 
 
-def test_perturbing_row_l_changes_only_layer_l(make_module):
+def test_perturbing_row_l_changes_only_layer_l(make_module, record_contexts):
     module = make_module(layerwise=True)
-    recorders = _record(module)
+    recorders = record_contexts(module)
     table = module.identifier.embedding.detach().clone()
     base = _contexts(module, table, recorders)
     assert len(base) == 16
@@ -70,9 +48,9 @@ def test_perturbing_row_l_changes_only_layer_l(make_module):
         assert changed == [layer]
 
 
-def test_each_layer_sees_the_encoding_of_its_own_row(make_module):
+def test_each_layer_sees_the_encoding_of_its_own_row(make_module, record_contexts):
     module = make_module(layerwise=True)
-    recorders = _record(module)
+    recorders = record_contexts(module)
     table = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     seen = _contexts(module, table, recorders)
     ids = tokenize(module.tokenizer, ["a photo of a person <A>"])
@@ -82,10 +60,10 @@ def test_each_layer_sees_the_encoding_of_its_own_row(make_module):
         assert torch.allclose(seen[layer], alone, atol=1e-6)
 
 
-def test_shared_row_feeds_every_layer(make_module):
+def test_shared_row_feeds_every_layer(make_module, record_contexts):
     module = make_module(layerwise=False)
     assert module.identifier.num_rows == 1
-    recorders = _record(module)
+    recorders = record_contexts(module)
     table = module.identifier.embedding.detach().clone()
     base = _contexts(module, table, recorders)
     assert all(torch.equal(base[0], c) for c in base[1:])

@@ -14,6 +14,8 @@ from adi_lightning.callbacks import RankConsistencyCallback
 from adi_lightning.cli import RUN_DIR_ENV
 from adi_lightning.identifier import read_identifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline"}  # conftest fixtures
 CASES = [("sd", "absolute"), ("sd", "projection"), ("sdxl", "absolute")]

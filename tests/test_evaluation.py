@@ -215,6 +215,7 @@ def count_untrained(module) -> list[int]:
     return count
 
 
+@pytest.mark.e2e
 def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, tmp_path):
     module = make_module(judge=FixedJudge(), identifier_path="untrained")  # refused unless asked for
     untrained = count_untrained(module)
@@ -241,6 +242,7 @@ def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, t
     assert (tmp_path / "images").is_dir()
 
 
+@pytest.mark.e2e
 def test_a_fit_that_validates_twice_generates_the_untrained_images_once(make_module, tiny_data, tmp_path):
     module = make_module(judge=FixedJudge())
     untrained = count_untrained(module)
@@ -274,6 +276,7 @@ def test_clean_both_correct_against_the_word_excuses_only_the_looks_the_word_dra
     assert "leak_colour_untrained_word" not in values
 
 
+@pytest.mark.e2e
 def test_the_action_word_reference_uses_the_word_and_is_generated_once(make_module, tiny_data, tmp_path):
     """Every validation prompt is also drawn with data.action in place of <A> (same seeds, no
     identifier), judged once per run (two validations, one set of word images), and reported."""
@@ -305,6 +308,7 @@ def test_the_action_word_reference_uses_the_word_and_is_generated_once(make_modu
         assert [r["word_context"] for r in rows] == ["park"] * 4
 
 
+@pytest.mark.e2e
 def test_toy_experiment_test_writes_judged_metrics_and_grid(tmp_path, monkeypatch):
     """The shipped toy backbone and exact ToyJudge, through the CLI: fit a trained identifier, then
     ``test`` it; the metrics file covers every (unseen subject, seed) and the grid is written."""

@@ -72,6 +72,7 @@ def plain(value) -> bool:
     return isinstance(value, (int, float, bool)) or value is None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_instantiates(experiment, tiny_data, tmp_path, monkeypatch, request):
     fixture, layers = TINY_BACKBONES[family(experiment)]
@@ -114,6 +115,7 @@ def model_path(experiment: Path):
 USER_WEIGHTS = [p for p in EXPERIMENTS if not str(model_path(p)).startswith("adi_lightning/")]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("experiment", USER_WEIGHTS, ids=lambda p: p.name)
 def test_missing_local_weights_fail_naming_the_key(experiment, tmp_path, monkeypatch, capsys):
     """Without the user's weights folder, fit stops with one line naming the key (offline)."""

@@ -14,6 +14,8 @@ import torch
 from adi_lightning.cli import main
 from adi_lightning.identifier import read_identifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 LAST_GOOD_FILE = "identifier_last_good.safetensors"  # the name docs/outputs.md documents
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adi_lightning.backbone import BackboneError, load_backbone
-from adi_lightning.families import StableDiffusionFamily, family_class, family_of
+from adi_lightning.backbone import BackboneError, family_class, family_of, load_backbone
+from adi_lightning.families import StableDiffusionFamily
 
 
 def _with_class_name(src: str, dst: Path, class_name: str) -> str:

@@ -15,6 +15,8 @@ import pytest
 from adi_lightning.cli import ADICLI, main
 from adi_lightning.paths import ConfigNotFoundError, resolve_config
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 # The main job shortened: two 1-step starts (multi-start end to end), one more step, one judged image.
 QUICK = ["--trainer.max_steps=3", "--model.starts=2", "--model.start_steps=1", "--data.eval_subjects=[cat]",

@@ -8,16 +8,9 @@ from adi_lightning.callbacks import GradientMaskCallback
 from adi_lightning.data import ActionTripleDataModule
 
 
-def _batch(tiny_data, batch_size=2, with_partners=True):
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
-                                with_partners=with_partners, repeats=2, seed=3)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_data):
+def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_batch):
     module = make_module(mask_threshold=0.5)
-    batch = _batch(tiny_data)
+    batch = tiny_batch()
     loss, per_sample = module.compute_loss(batch)
     table = module.identifier.embedding
     expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
@@ -32,8 +25,8 @@ def test_recorded_role_gradients_equal_per_sample_autograd(make_module, tiny_dat
     assert not torch.allclose(recorded[:, 0], recorded[:, 2])
 
 
-def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_data):
-    batch = _batch(tiny_data)
+def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_batch):
+    batch = tiny_batch()
     module = make_module(mask_threshold=0.5)
     loss, _ = module.compute_loss(batch)
     loss.backward()
@@ -49,9 +42,9 @@ def test_batched_pass_equals_three_separate_backward_passes(make_module, tiny_da
         assert (recorded[:, role].mean(0) - grad).abs().max() <= 1e-5 * grad.abs().max()
 
 
-def test_masking_off_leaves_the_plain_gradient_alone(make_module, tiny_data):
+def test_masking_off_leaves_the_plain_gradient_alone(make_module, tiny_batch):
     module = make_module(mask_threshold=1.0, layerwise=False)
-    batch = _batch(tiny_data, with_partners=False)
+    batch = tiny_batch(with_partners=False)
     loss, _ = module.compute_loss(batch)
     loss.backward()
     assert module.pop_role_grads() == []  # no per-sample bookkeeping for TI / P+
@@ -77,6 +70,7 @@ class StepProbe(L.Callback):
         self.steps.append((self.before, after, masker.last_masks.clone(), vocab_same))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_masked_channels_are_bit_identical_after_an_adamw_step(make_module, tiny_data, tmp_path, layerwise):
     # A channel statistic (projection keeps every channel and restores none).
@@ -120,6 +114,7 @@ def test_amp_scale_is_divided_out_and_inf_skips_the_step(make_module):
         callback.apply(module, grads, optimizer, scale=None, step=7)
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_masks_every_triple_of_the_global_step(tiny_pipeline, tiny_data, tmp_path):
     """E.grad at the first step (2 micro-batches) equals the masked mean over both micro-batches'
     per-sample gradients, computed independently with autograd.grad."""

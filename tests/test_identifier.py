@@ -8,13 +8,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from adi_lightning.conditioning import tokenize
 from adi_lightning.identifier import (
     IdentifierTokenEmbedding,
-    add_placeholder_token,
     read_identifier,
     token_embedding_owner,
 )
+from adi_lightning.prompts import add_placeholder_token, tokenize
 
 
 @pytest.mark.parametrize("word", ["photo", "person", "a"])

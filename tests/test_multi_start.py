@@ -31,6 +31,7 @@ class _Spy(L.Callback):
         self.adam_steps[trainer.global_step] = int(state["step"]) if "step" in state else 0
 
 
+@pytest.mark.e2e
 def test_each_start_begins_at_the_initial_rows_and_the_lowest_scored_start_is_continued(
         make_module, tiny_data, tmp_path, monkeypatch):
     scores, scored_tables = iter([3.0, 1.0, 2.0]), []
@@ -55,6 +56,7 @@ def test_each_start_begins_at_the_initial_rows_and_the_lowest_scored_start_is_co
     assert '"chosen": 2' in module.identifier_metadata()["starts"]
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_scores_each_start_once(make_module, tiny_data, tmp_path, monkeypatch):
     scored = []
     monkeypatch.setattr(multi_start, "large_t_anchor_loss", lambda module, *a, **k: scored.append(module.global_step) or 1.0)
@@ -77,6 +79,7 @@ def test_large_t_anchor_loss_is_a_fixed_draw_score_of_the_current_rows(make_modu
     assert multi_start.large_t_anchor_loss(module, data.train_dataset, draws=8) != first
 
 
+@pytest.mark.e2e
 def test_starts_that_leave_no_steps_are_refused_by_key(make_module, tiny_data, tmp_path):
     module = make_module(mask_threshold=0.5, starts=3, start_steps=2)
     with pytest.raises(ValueError, match=r"model.starts=3 x model.start_steps=2 = 6 .*trainer.max_steps"):

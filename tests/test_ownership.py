@@ -61,6 +61,7 @@ def test_atomic_dir_refuses_an_unmarked_folder_before_building(tmp_path):
     assert sorted(p.name for p in other.iterdir()) == [OWNER_MARKER, "b.txt"]
 
 
+@pytest.mark.e2e
 def test_fit_on_a_user_folder_without_metadata_is_a_layout_error_not_an_export(tmp_path, capsys):
     """The newcomer's case: the quick-start config (export_toy_if_missing: true) pointed at photos."""
     from adi_lightning.cli import main

@@ -76,6 +76,7 @@ def test_prompt_swaps_the_action_word_in_the_caption(tiny_dir):
     assert partner_prompt(anchor, "sitting") == anchor.caption.replace("jumping", "sitting")
 
 
+@pytest.mark.e2e
 def test_exemplar_only_folder_trains_with_masking_on(make_module, tiny_dir, tmp_path):
     folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
     module = make_module(mask_threshold=0.5)

@@ -22,6 +22,8 @@ from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.identifier import read_identifier
 from adi_lightning.module import ADIModule
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.yaml"
 QUIET = ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]

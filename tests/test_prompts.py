@@ -5,8 +5,7 @@ docs/cli.md "Prompts and the placeholder"; the CLI rows are in tests/test_bad_in
 
 import pytest
 
-from adi_lightning.conditioning import tokenize
-from adi_lightning.identifier import add_placeholder_token
+from adi_lightning.prompts import add_placeholder_token, tokenize
 
 # (text, whole-word occurrences of "sks")
 SKS_CASES = [

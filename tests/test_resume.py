@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from adi_lightning.data import ActionTripleDataModule, GlobalBatchSampler
 from adi_lightning.module import ADIModule
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 
 def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None, num_workers=0, **model):
     L.seed_everything(0)

@@ -5,8 +5,7 @@ import torch
 
 import adi_lightning
 from adi_lightning.checks import check_identifier_grouping
-from adi_lightning.conditioning import ROW_GROUPS, cross_attention_layers, group_layers, resolve_row_groups
-from tests.test_conditioning import Recorder
+from adi_lightning.conditioning import ROW_GROUPS, group_layers, resolve_row_groups
 
 SD15_PATHS = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2" for b in range(3) for a in range(2)] + [
     "mid_block.attentions.0.transformer_blocks.0.attn2"] + [
@@ -48,15 +47,12 @@ def _module(make_module, request, family, **kw):
 @pytest.mark.parametrize("row_groups", ROW_GROUPS)
 @torch.no_grad()
 def test_row_g_reaches_exactly_the_layers_of_group_g_with_one_encoding_per_group(make_module, request, family,
-                                                                                  row_groups):
+                                                                                  row_groups, record_contexts):
     module = _module(make_module, request, family, row_groups=row_groups)
     identifier, fam = module.identifier, module.family
     layer_to_row = identifier.layer_to_row()
     assert identifier.num_rows == int(layer_to_row.max()) + 1 and identifier.row_groups == row_groups
-    recorders = []
-    for attn in cross_attention_layers(module.unet).values():
-        attn.processor.inner = Recorder(attn.processor.inner)
-        recorders.append(attn.processor.inner)
+    recorders = record_contexts(module)
     batch_sizes = []
     hooks = [e.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0])) for e in fam.text_encoders]
     ids = fam.tokenize(["a photo of a person <A>"])

@@ -14,7 +14,7 @@ from PIL import Image
 
 import adi_lightning
 from adi_lightning.cli import main
-from adi_lightning.conditioning import LayerwiseCrossAttnProcessor, cross_attention_layers
+from adi_lightning.conditioning import cross_attention_layers
 from adi_lightning.families import StableDiffusionXLFamily
 from adi_lightning.identifier import read_identifier
 
@@ -31,15 +31,6 @@ def _stock(path: str):
     pipe = StableDiffusionXLPipeline.from_pretrained(path, low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-class Recorder:
-    def __init__(self, inner):
-        self.inner, self.context = inner, None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        self.context = encoder_hidden_states.detach().clone()
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kw)
 
 
 def test_sdxl_folder_loads_as_the_sdxl_family(tiny_sdxl_pipeline, make_module):
@@ -76,14 +67,10 @@ def test_each_text_encoder_gets_its_own_depth_heads_and_activation(tmp_path):
 
 
 def test_row_l_reaches_only_layer_l_in_both_encoders_parts_and_the_pooled_row_only_the_pooled_embedding(
-        tiny_sdxl_pipeline, make_module):
+        tiny_sdxl_pipeline, make_module, record_contexts):
     module = make_module(pretrained_model_name_or_path=tiny_sdxl_pipeline)
     family, layers = module.family, module.identifier.num_layers
-    recorders = []
-    for attn in cross_attention_layers(module.unet).values():
-        assert isinstance(attn.processor, LayerwiseCrossAttnProcessor)
-        attn.processor.inner = Recorder(attn.processor.inner)
-        recorders.append(attn.processor.inner)
+    recorders = record_contexts(module)
     ids = family.tokenize(["a photo of a person <A>"])
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -138,6 +125,7 @@ def test_float16_vae_encodes_in_float32_as_force_upcast_asks(tiny_sdxl_pipeline)
     assert latents.dtype == torch.float32 and torch.equal(latents, reference)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fit_predict_and_install_identifier_give_the_same_pixels(method, tiny_sdxl_pipeline, tiny_data, tmp_path):
     common = ["--config", str(TINY), f"--model.pretrained_model_name_or_path={tiny_sdxl_pipeline}",

@@ -5,23 +5,14 @@ noise and timestep are keyed by the triple, so both paths see the same ones.
 """
 
 import functools
-import time
 
 import pytest
 import torch
 
 from adi_lightning import speed
-from adi_lightning.data import ActionTripleDataModule
 
 REFERENCE = dict(cache_latents=False, share_text_encoding=False, channels_last=False,
                  compile_unet=False, gradient_checkpointing=False)
-
-
-def _batch(tiny_data, batch_size=2, with_partners=True, num_workers=0, seed=3):
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
-                                with_partners=with_partners, repeats=4, seed=seed, num_workers=num_workers)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 def _step(module, batch):
@@ -41,20 +32,20 @@ def _assert_close(got, ref, rtol=1e-5):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_pipeline, tiny_data):
+def reference(tiny_pipeline, tiny_batch):
     from adi_lightning.module import ADIModule
 
     module = ADIModule(tiny_pipeline, **REFERENCE)
-    batch = _batch(tiny_data)
+    batch = tiny_batch(repeats=4)
     return batch, _step(module, batch)
 
 
-def test_batch_names_its_images_and_flip(tiny_data):
-    batch = _batch(tiny_data)
+def test_batch_names_its_images_and_flip(tiny_batch):
+    batch = tiny_batch(repeats=4)
     assert batch["image_key"].shape == (2, 3) and batch["image_key"].dtype == torch.int64
     assert batch["flip"].shape == (2,) and batch["flip"].dtype == torch.bool
     # Keys are the same in a DataLoader worker process (no per-process hash salt).
-    in_worker = _batch(tiny_data, num_workers=1)
+    in_worker = tiny_batch(repeats=4, num_workers=1)
     assert torch.equal(in_worker["image_key"], batch["image_key"])
 
 
@@ -73,9 +64,9 @@ def test_cached_latents_give_the_same_loss_as_uncached(make_module, tiny_data, r
     assert torch.equal(first[0], second[0])
 
 
-def test_latent_cache_keeps_flips_apart(make_module, tiny_data):
+def test_latent_cache_keeps_flips_apart(make_module, tiny_batch):
     module = make_module(cache_latents=True)
-    batch = _batch(tiny_data, batch_size=1)
+    batch = tiny_batch(repeats=4, batch_size=1)
     pixels = batch["pixel_values"]
     plain = module._latents(dict(batch, flip=torch.tensor([False])), pixels)
     flipped = module._latents(dict(batch, flip=torch.tensor([True])), pixels.flip(-1))
@@ -125,27 +116,25 @@ def test_shared_text_encoding_is_exact_per_sample(make_module, reference):
     _assert_close(torch.cat(module.pop_role_grads()).flatten(0, 1), expected)
 
 
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(),
+                    reason="torch.compile (dynamo) is not supported by this Python / torch build")
 def test_compiled_unet_keeps_the_gradient(make_module, reference, monkeypatch):
     """torch.compile's graph capture (dynamo + AOT autograd) keeps every layer's row.
 
     Inductor's C++ code generation takes minutes for a UNet on one CPU thread, so the test
-    compiles with the ``aot_eager`` backend: the same captured graph, run without codegen.
+    compiles with the ``aot_eager`` backend: the same captured graph, run without codegen. Skipped
+    only where dynamo itself is unsupported; any error of the compiled step fails the test.
     """
     batch, (_, _, ref_grads, _) = reference
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     module = make_module(**dict(REFERENCE, compile_unet=True))
     assert module._train_unet is not module.unet and "_train_unet" not in dict(module.named_modules())
-    start = time.perf_counter()
     try:
         _, _, grads, _ = _step(module, batch)
-    except Exception as err:  # noqa: BLE001 - report why compile does not run here
-        pytest.skip(f"torch.compile of the UNet does not run on this CPU build: {type(err).__name__}: {err}")
     finally:
         torch._dynamo.reset()
-    _assert_close(grads, ref_grads)  # checked whatever the compile time
-    if time.perf_counter() - start > 120:
-        pytest.skip("torch.compile took over two minutes on this CPU (the gradients matched)")
+    _assert_close(grads, ref_grads)
 
 
 def test_bf16_mixed_keeps_the_identifier_and_its_gradients_fp32(make_module, reference):

@@ -79,6 +79,7 @@ def test_sweep_schema(path):
             assert "values" in spec or "value" in spec, f"{name}: grid search needs values"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_every_parameter_is_accepted_by_the_cli(path):
     sweep = load(path)
@@ -96,6 +97,7 @@ def test_every_parameter_is_accepted_by_the_cli(path):
                 assert printed[group][key] == value
 
 
+@pytest.mark.e2e
 def test_one_trial_runs_offline_with_a_one_step_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = load(REPO / "sweeps" / "mask_threshold.yaml")

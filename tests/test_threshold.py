@@ -36,6 +36,7 @@ def train(make_module, tiny_data, tmp_path: Path, **model) -> torch.Tensor:
     return module.identifier.embedding.detach().clone()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("statistic", MASK_STATISTICS)
 def test_beta_changes_the_identifier_under_every_statistic(statistic, make_module, tiny_data, tmp_path):
     low = train(make_module, tiny_data, tmp_path / "low", mask_threshold=0.3, mask_statistic=statistic)
@@ -44,6 +45,7 @@ def test_beta_changes_the_identifier_under_every_statistic(statistic, make_modul
     assert not torch.equal(low, high), f"model.mask_threshold is inert under mask_statistic={statistic}"
 
 
+@pytest.mark.e2e
 def test_the_p_plus_end_is_p_plus_bit_for_bit(make_module, tiny_data, tmp_path):
     adi, pplus = preset("adi"), preset("pplus")
     p_plus = train(make_module, tiny_data, tmp_path / "pplus", **pplus)
@@ -55,6 +57,7 @@ def test_the_p_plus_end_is_p_plus_bit_for_bit(make_module, tiny_data, tmp_path):
     assert not torch.equal(near, p_plus) and not torch.equal(near, full)
 
 
+@pytest.mark.e2e
 def test_the_shipped_default_trains_exactly_as_the_full_projection(make_module, tiny_data, tmp_path, monkeypatch):
     """The default β reproduces the training of the shipped method from before β had a meaning under
     ``projection``: the update was ``project_update(g_a, g_a - g_c, g_a - g_d, combine)``, whatever β < 1."""

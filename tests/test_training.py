@@ -8,6 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.identifier import read_identifier
 
+pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
+
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_identifier(make_module, tiny_data, tmp_path):
     module = make_module(mask_threshold=0.5)

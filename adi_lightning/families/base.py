@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from adi_lightning.identifier import (
-    add_placeholder_token,
     initializer_embedding,
     install_overlay,
     remove_overlay,
     token_embedding_owner,
 )
+from adi_lightning.prompts import add_placeholder_token, check_identifier_prompts
 
 Features = tuple[torch.Tensor, ...]
 
@@ -138,7 +138,7 @@ class BackboneFamily:
 
     # ------------------------------------------------------------- identifier
     def add_placeholder(self, token: str, templates: list[str] = ()) -> int:
-        """Add ``token`` to every tokenizer (:func:`~adi_lightning.identifier.add_placeholder_token`)
+        """Add ``token`` to every tokenizer (:func:`~adi_lightning.prompts.add_placeholder_token`)
         and put the identifier overlay into every text encoder; returns the first tokenizer's id."""
         ids = [add_placeholder_token(tokenizer, token, templates) for tokenizer in self.tokenizers]
         for encoder, placeholder_id in zip(self.text_encoders, ids):
@@ -189,8 +189,6 @@ class BackboneFamily:
         ``[N, R, D]`` (None: plain prompts) and the family's unconditional prompt. Raises ValueError for
         a prompt whose identifier would be cut off or is joined to a word
         (:func:`adi_lightning.prompts.check_identifier_prompts`)."""
-        from adi_lightning.prompts import check_identifier_prompts
-
         device = self.text_encoders[0].device
         if rows is not None:
             placeholder_id = self.overlay.placeholder_id

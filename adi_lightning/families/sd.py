@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from adi_lightning.conditioning import encode_layerwise, encode_plain, tokenize
+from adi_lightning.conditioning import encode_layerwise, encode_plain
 from adi_lightning.families.base import BackboneFamily, Features, TextEncoderStandIn
+from adi_lightning.prompts import tokenize
 
 
 class LayerwiseTextEncoder(TextEncoderStandIn):
@@ -49,7 +50,7 @@ class StableDiffusionFamily(BackboneFamily):
     load_kwargs = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def tokenize(self, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """``[N, T]`` (:func:`adi_lightning.conditioning.tokenize`)."""
+        """``[N, T]`` (:func:`adi_lightning.prompts.tokenize`)."""
         return tokenize(self.tokenizer, prompts, device)
 
     def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:

@@ -28,9 +28,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPTextModelOutput
 
 from adi_lightning.conditioning import (call_with_rows, count_layers, cross_attention_layers, layer_rows,
-                                        spread_over_layers, tokenize)
+                                        spread_over_layers)
 from adi_lightning.families.base import BackboneFamily, Features, TextEncoderStandIn
 from adi_lightning.identifier import token_embedding_owner
+from adi_lightning.prompts import tokenize
 
 
 def pooled_layer_index(layer_paths: list[str]) -> int:
