@@ -155,6 +155,8 @@ class ADIModule(L.LightningModule):
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
         self.start_selection: dict | None = None  # set by MultiStartCallback when it has chosen a start
+        # Set by ValidationScheduleCallback for a validation inside the multi-start phase: no images.
+        self.skip_generation = False
 
         self.latent_cache = speed.LatentCache()
         if channels_last:
@@ -198,8 +200,10 @@ class ADIModule(L.LightningModule):
     def configure_callbacks(self):
         from adi_lightning import callbacks as cb
 
-        return [cb.MultiStartCallback(), cb.GradientMaskCallback(), cb.ImageGridCallback(), cb.RankConsistencyCallback(),
-                cb.EvaluationCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback(),
+        # EvaluationCallback before ImageGridCallback: it adds each image's verdict to the step's outputs.
+        return [cb.MultiStartCallback(), cb.GradientMaskCallback(), cb.EvaluationCallback(), cb.ImageGridCallback(),
+                cb.RankConsistencyCallback(), cb.CurvesCallback(), cb.LastGoodIdentifierCallback(), cb.OptimizerSettingsCallback(),
+                cb.ValidationScheduleCallback(),
                 cb.PreemptionCallback()]  # last: it saves after the others' on_train_batch_end
 
     def setup(self, stage: str) -> None:
@@ -417,12 +421,29 @@ class ADIModule(L.LightningModule):
         return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
                                      strength=strength, num_inference_steps=steps, guidance_scale=guidance)
 
-    def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
-        """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them."""
+    def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict | None:
+        """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them.
+        None (nothing generated) while :attr:`skip_generation` is set."""
+        if self.skip_generation:
+            return None
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
-        return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
-                "prompt_index": [int(i) for i in batch["prompt_index"]],
-                "seed_index": [int(i) for i in batch["seed_index"]],
-                "subject": list(batch.get("subject", []))}
+        out = {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
+               "prompt_index": [int(i) for i in batch["prompt_index"]],
+               "seed_index": [int(i) for i in batch["seed_index"]],
+               "subject": list(batch.get("subject", []))}
+        if self._trainer is not None and (self.trainer.validating or self.trainer.testing
+                                          or self.trainer.state.fn == "fit"):
+            out["untrained_image"] = self.untrained_images(prompts, seeds)
+        return out
+
+    def untrained_images(self, prompts: list[str], seeds: list[int]) -> list:
+        """The untrained identifier's image of each (prompt, seed) (``identifier.initial``): generated
+        once per module and (prompt, seed), then reused (a fit that validates N times draws them once)."""
+        cache = self.__dict__.setdefault("_untrained_images", {})
+        missing = list(dict.fromkeys(k for k in zip(prompts, seeds) if k not in cache))
+        if missing:
+            images = self.generate([p for p, _ in missing], [s for _, s in missing], table=self.identifier.initial)
+            cache.update(zip(missing, images))
+        return [cache[key] for key in zip(prompts, seeds)]
 
     validation_step = test_step = predict_step = generation_step

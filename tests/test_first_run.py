@@ -17,7 +17,9 @@ from adi_lightning.paths import ConfigNotFoundError, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The main job shortened: two 1-step starts (multi-start end to end), one more step, one judged image.
-QUICK = ["--trainer.max_steps=3", "--model.starts=2", "--model.start_steps=1", "--data.eval_subjects=[cat]",
+# Validation is due every step: those inside the starts (steps 1, 2) are skipped, step 3 is judged.
+QUICK = ["--trainer.max_steps=3", "--trainer.val_check_interval=1", "--model.starts=2", "--model.start_steps=1",
+         "--data.eval_subjects=[cat]",
          "--data.validation_seeds=[0]", "--model.num_inference_steps=2"]
 
 

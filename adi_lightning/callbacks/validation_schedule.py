@@ -1,0 +1,54 @@
+"""ValidationScheduleCallback: judged curves during ``fit`` that judge what the run keeps, and leave it as it is.
+
+``trainer.val_check_interval = N`` (steps) validates at every multiple of N, Lightning's own schedule.
+Around it, this callback
+
+- skips the validations inside the multi-start phase (``model.starts`` > 1, the first ``starts x
+  start_steps`` steps): they would judge a start that may be discarded, so no image is generated
+  there (:attr:`ADIModule.skip_generation`);
+- validates at the run's last step even when the schedule misses it (``trainer.max_steps`` not a
+  multiple of N), through Lightning's ``trainer.should_stop``, which validates before stopping: the last
+  judged metrics (``val/clean_both_correct``, the one sweeps optimise) are always the final identifier's;
+- isolates the random number generators: every RNG state (torch, CUDA, numpy, Python) is saved when
+  a validation inside ``fit`` starts and restored when it ends, so the images drawn there consume no
+  training RNG stream and the trained identifier is bit-identical to a run without validation.
+
+An interval at or above ``trainer.max_steps`` (or ``limit_val_batches=0``) validates nowhere, as in
+Lightning.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+
+def in_starts(pl_module, step: int) -> bool:
+    """Whether ``step`` (optimizer steps done) lies inside the multi-start phase, the last start's
+    end included (its choice is made at the next step)."""
+    hp = pl_module.hparams
+    return hp.get("starts", 1) > 1 and step <= hp.starts * hp.start_steps
+
+
+class ValidationScheduleCallback(L.Callback):
+    def __init__(self) -> None:
+        self._rng: dict | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every, last = trainer.val_check_batch, trainer.max_steps  # every: batches, as Lightning counts them
+        if (last > 0 and trainer.global_step >= last and isinstance(every, int)
+                and every <= last * trainer.accumulate_grad_batches and trainer.limit_val_batches != 0):
+            # Lightning validates before it stops (it stops here anyway); once, if the interval hits here too.
+            trainer.should_stop = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self._rng = _collect_rng_states(include_cuda=True)
+        pl_module.skip_generation = in_starts(pl_module, trainer.global_step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pl_module.skip_generation = False
+        if self._rng is not None:
+            _set_rng_states(self._rng)
+            self._rng = None
