@@ -9,9 +9,10 @@ Around it, this callback
 - validates at the run's last step even when the schedule misses it (``trainer.max_steps`` not a
   multiple of N), through Lightning's ``trainer.should_stop``, which validates before stopping: the last
   judged metrics (``val/clean_both_correct``, the one sweeps optimise) are always the final identifier's;
-- isolates the random number generators: every RNG state (torch, CUDA, numpy, Python) is saved when
-  a validation inside ``fit`` starts and restored when it ends, so the images drawn there consume no
-  training RNG stream and the trained identifier is bit-identical to a run without validation.
+- isolates the random number generators: every RNG state (torch, CUDA, numpy, Python) is saved after
+  each training batch (before Lightning opens the validation loader, which draws a seed from torch's
+  RNG) and restored when a validation inside ``fit`` ends (the sanity check likewise), so validation
+  consumes no training RNG stream and the trained identifier is bit-identical to a run without it.
 
 An interval at or above ``trainer.max_steps`` (or ``limit_val_batches=0``) validates nowhere, as in
 Lightning.
@@ -20,6 +21,7 @@ Lightning.
 from __future__ import annotations
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 
@@ -35,20 +37,32 @@ class ValidationScheduleCallback(L.Callback):
         self._rng: dict | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # The RNG states a validation right after this batch must give back: saved here, before Lightning
+        # starts the validation loop (its DataLoader iterator draws a seed from torch's global RNG
+        # before any validation hook runs). A few KiB of state per batch.
+        self._rng = _collect_rng_states(include_cuda=torch.cuda.is_initialized())
         every, last = trainer.val_check_batch, trainer.max_steps  # every: batches, as Lightning counts them
         if (last > 0 and trainer.global_step >= last and isinstance(every, int)
                 and every <= last * trainer.accumulate_grad_batches and trainer.limit_val_batches != 0):
             # Lightning validates before it stops (it stops here anyway); once, if the interval hits here too.
             trainer.should_stop = True
 
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._rng = _collect_rng_states(include_cuda=torch.cuda.is_initialized())
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self._restore()
+
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking:
-            return
-        self._rng = _collect_rng_states(include_cuda=True)
-        pl_module.skip_generation = in_starts(pl_module, trainer.global_step)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module.skip_generation = in_starts(pl_module, trainer.global_step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         pl_module.skip_generation = False
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._restore()
+
+    def _restore(self) -> None:
         if self._rng is not None:
             _set_rng_states(self._rng)
             self._rng = None
