@@ -207,6 +207,7 @@ class ADIModule(L.LightningModule):
                 cb.PreemptionCallback()]  # last: it saves after the others' on_train_batch_end
 
     def setup(self, stage: str) -> None:
+        self.__dict__["_untrained_images"] = {}  # drawn afresh by each fit / validate / test call (its precision)
         datamodule = getattr(self.trainer, "datamodule", None)
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
         self.family.add_placeholder(self.hparams.placeholder_token, templates)
@@ -438,7 +439,8 @@ class ADIModule(L.LightningModule):
 
     def untrained_images(self, prompts: list[str], seeds: list[int]) -> list:
         """The untrained identifier's image of each (prompt, seed) (``identifier.initial``): generated
-        once per module and (prompt, seed), then reused (a fit that validates N times draws them once)."""
+        once per (prompt, seed) and trainer call (fit, validate, test), then reused: a fit that validates
+        N times draws them once."""
         cache = self.__dict__.setdefault("_untrained_images", {})
         missing = list(dict.fromkeys(k for k in zip(prompts, seeds) if k not in cache))
         if missing:
