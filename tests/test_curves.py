@@ -104,3 +104,22 @@ def test_judged_plot_shows_each_metric_beside_its_untrained_rate(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["action_acc", "leak_pattern"]  # no derived figure (excess) gets a panel
     assert [[line.get_label() for line in ax.get_lines()] for ax in fig.axes] == [["trained", "untrained"]] * 2
+
+
+def test_progress_bar_counts_the_runs_steps_and_names_the_chosen_start(tiny_pipeline, tiny_data, tmp_path):
+    """One bar over the run: total = trainer.max_steps (not the epoch's batches), completed = the global
+    step; its description ends on the multi-start phase ("start k of K chosen")."""
+    from adi_lightning.cli import ADICLI
+    from adi_lightning.console import StepRichProgressBar
+
+    cli = ADICLI(args=["--config", str(REPO / "experiments" / "tiny.yaml"),
+                       f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--data.root={tiny_data}",
+                       f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_model_summary=false",
+                       "--model.starts=2", "--model.start_steps=1", "--trainer.max_steps=3",
+                       "--trainer.val_check_interval=100", "--trainer.logger=false"], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepRichProgressBar)
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.total, task.completed) == (3, 3) and cli.trainer.num_training_batches > 3
+    assert task.description.endswith("train, start 2 of 2 chosen") or "start 1 of 2 chosen" in task.description

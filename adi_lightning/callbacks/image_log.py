@@ -140,6 +140,11 @@ def verdict_caption(verdict: dict | None, action: str | None, subject: str | Non
     return f"{verdict.get('action')} {verdict.get('subject')}", "darkgreen" if right else "firebrick"
 
 
+def _read(path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def gather_objects(items: list, key) -> list:
     """Every rank's items on every rank, without the duplicates a padded sampler adds.
 
@@ -217,7 +222,7 @@ class ImageGridCallback(L.Callback):
         grid = labelled_grid(images, prompts, columns, captions=captions if any(captions) else None)
         exemplars = list(getattr(trainer.datamodule, "exemplar_paths", []) or [])[:STRIP_EXEMPLARS]
         if stage != "predict" and exemplars:
-            grid = with_strip(grid, [Image.open(path) for path in exemplars], "training exemplars")
+            grid = with_strip(grid, [_read(path) for path in exemplars], "training exemplars")
         name = f"{stage}_step{trainer.global_step:06d}"
         folder = pl_module.run_dir / "images"
         path = atomic_save_image(grid, folder / f"{name}.png")
