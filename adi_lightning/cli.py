@@ -264,6 +264,7 @@ class ADICLI(LightningCLI):
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", "./"):
                 init_args.save_dir = str(run_dir)
         _add_progress_bar(trainer)
+        _place_checkpoints(trainer, run_dir)
         _add_checkpoint_io(trainer)
         rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0
         if rank_zero:
@@ -308,6 +309,40 @@ def _add_progress_bar(trainer) -> None:
     if callbacks is None or any("ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks):
         return
     trainer.callbacks = [*callbacks, Namespace(class_path=default_progress_bar(), init_args=Namespace())]
+
+
+#: Where every ModelCheckpoint without its own ``dirpath`` writes, under any logger (docs/outputs.md).
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _place_checkpoints(trainer, run_dir: Path) -> None:
+    """Checkpoints in ``<run>/checkpoints/`` whatever the logger (Lightning would nest them under the
+    logger's own folder: ``lightning_logs/version_0/`` for CSV, ``<project>/<id>/`` for W&B). A
+    ModelCheckpoint that names its ``dirpath`` keeps it; without any, Lightning's default checkpoint
+    callback is added here with this folder (unless ``enable_checkpointing`` is false)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = trainer.callbacks if isinstance(trainer.callbacks, list) else [] if trainer.callbacks is None else None
+    if callbacks is None:
+        return
+    folder = str(run_dir / CHECKPOINT_DIR)
+    found = False
+    for callback in callbacks:
+        path = getattr(callback, "class_path", None)
+        cls = _import_class(path) if path else type(callback)
+        if not (isinstance(cls, type) and issubclass(cls, ModelCheckpoint)):
+            continue
+        found = True
+        if path is None:  # an instance (Python callers)
+            if callback.dirpath is None:
+                callback.dirpath = folder
+        elif callback.init_args is None or callback.init_args.get("dirpath") is None:
+            if callback.init_args is None:
+                callback.init_args = Namespace()
+            callback.init_args.dirpath = folder
+    if not found and trainer.enable_checkpointing is not False:
+        path = f"{ModelCheckpoint.__module__}.{ModelCheckpoint.__name__}"
+        trainer.callbacks = [*callbacks, Namespace(class_path=path, init_args=Namespace(dirpath=folder))]
 
 
 def _add_checkpoint_io(trainer) -> None:

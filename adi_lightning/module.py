@@ -39,9 +39,11 @@ IDENTIFIER_FILE = "identifier.safetensors"
 
 #: The method's callbacks in :mod:`adi_lightning.callbacks`, in order (PreemptionCallback last: it
 #: saves after the others' ``on_train_batch_end``); :meth:`ADIModule.configure_callbacks` adds them.
-METHOD_CALLBACKS = ("MultiStartCallback", "GradientMaskCallback", "ImageGridCallback", "RankConsistencyCallback",
-                    "EvaluationCallback", "LastGoodIdentifierCallback", "OptimizerSettingsCallback",
-                    "PreemptionCallback")
+# In this order: EvaluationCallback before ImageGridCallback (it adds each image's verdict to the
+# step's outputs); PreemptionCallback last (it saves after the others' on_train_batch_end).
+METHOD_CALLBACKS = ("MultiStartCallback", "GradientMaskCallback", "EvaluationCallback", "ImageGridCallback",
+                    "RankConsistencyCallback", "CurvesCallback", "LastGoodIdentifierCallback",
+                    "OptimizerSettingsCallback", "ValidationScheduleCallback", "PreemptionCallback")
 
 
 class ADIModule(L.LightningModule):
@@ -162,6 +164,8 @@ class ADIModule(L.LightningModule):
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
         self.start_selection: dict | None = None  # set by MultiStartCallback when it has chosen a start
+        # Set by ValidationScheduleCallback for a validation inside the multi-start phase: no images.
+        self.skip_generation = False
 
         self.latent_cache = speed.LatentCache()
         if channels_last:
@@ -211,6 +215,7 @@ class ADIModule(L.LightningModule):
         return [getattr(callbacks, name)() for name in METHOD_CALLBACKS]
 
     def setup(self, stage: str) -> None:
+        self.__dict__["_untrained_images"] = {}  # drawn afresh by each fit / validate / test call (its precision)
         datamodule = getattr(self.trainer, "datamodule", None)
         templates = list(getattr(datamodule, "prompt_templates", []) or [])
         self.family.add_placeholder(self.hparams.placeholder_token, templates)
@@ -425,12 +430,30 @@ class ADIModule(L.LightningModule):
         return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
                                      strength=strength, num_inference_steps=steps, guidance_scale=guidance)
 
-    def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict:
-        """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them."""
+    def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict | None:
+        """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them.
+        None (nothing generated) while :attr:`skip_generation` is set."""
+        if self.skip_generation:
+            return None
         prompts, seeds = list(batch["prompt"]), [int(s) for s in batch["seed"]]
-        return {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
-                "prompt_index": [int(i) for i in batch["prompt_index"]],
-                "seed_index": [int(i) for i in batch["seed_index"]],
-                "subject": list(batch.get("subject", []))}
+        out = {"prompt": prompts, "seed": seeds, "image": self.generate(prompts, seeds),
+               "prompt_index": [int(i) for i in batch["prompt_index"]],
+               "seed_index": [int(i) for i in batch["seed_index"]],
+               "subject": list(batch.get("subject", []))}
+        if self._trainer is not None and (self.trainer.validating or self.trainer.testing
+                                          or self.trainer.state.fn == "fit"):
+            out["untrained_image"] = self.untrained_images(prompts, seeds)
+        return out
+
+    def untrained_images(self, prompts: list[str], seeds: list[int]) -> list:
+        """The untrained identifier's image of each (prompt, seed) (``identifier.initial``): generated
+        once per (prompt, seed) and trainer call (fit, validate, test), then reused: a fit that validates
+        N times draws them once."""
+        cache = self.__dict__.setdefault("_untrained_images", {})
+        missing = list(dict.fromkeys(k for k in zip(prompts, seeds) if k not in cache))
+        if missing:
+            images = self.generate([p for p, _ in missing], [s for _, s in missing], table=self.identifier.initial)
+            cache.update(zip(missing, images))
+        return [cache[key] for key in zip(prompts, seeds)]
 
     validation_step = test_step = predict_step = generation_step

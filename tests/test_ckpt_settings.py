@@ -195,7 +195,7 @@ def test_an_identifier_that_does_not_fit_the_backbone_is_refused():
 
 def test_a_run_folder_as_ckpt_path_resumes_from_its_newest_checkpoint(moved, tiny_pipeline, tmp_path, capsys):
     ckpt, data = moved
-    folder = ckpt.parents[3]  # <run>/lightning_logs/version_0/checkpoints/last.ckpt
+    folder = ckpt.parents[1]  # <run>/checkpoints/last.ckpt
     newest = max(folder.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     run = _run(_resume_args(folder, tiny_pipeline, data), tmp_path)
     assert f"adi_lightning: --ckpt_path {folder}: using its newest checkpoint, {newest}" in capsys.readouterr().err
@@ -206,7 +206,7 @@ def test_a_run_folder_as_ckpt_path_resumes_from_its_newest_checkpoint(moved, tin
 
 def test_ckpt_path_last_names_the_newest_checkpoint_under_the_root(moved, tiny_pipeline, tmp_path, capsys):
     ckpt, data = moved
-    root = ckpt.parents[4]
+    root = ckpt.parents[2]
     newest = max(root.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     args = _resume_args("last", tiny_pipeline, data, f"--trainer.default_root_dir={root}")
     before = sorted(root.rglob("*"))

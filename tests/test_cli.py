@@ -79,6 +79,15 @@ def grid_cells(size: tuple[int, int], cols: int) -> tuple[int, int]:
     return cols, (height - HEADER) // 128
 
 
+def _layout():
+    from adi_lightning.callbacks.image_log import HEADER, LABEL_WIDTH
+
+    return HEADER, LABEL_WIDTH
+
+
+HEADER_PX, LABEL_PX = _layout()
+
+
 def pixels(path: Path) -> np.ndarray:
     with Image.open(path) as img:
         return np.asarray(img.convert("RGB")).copy()
@@ -218,8 +227,13 @@ def test_validate_and_test_write_grids(first_fit, tiny_pipeline, tmp_path, subco
     _, run = first_fit
     out = generate(subcommand, run / IDENTIFIER, tiny_pipeline, tmp_path)
     grid = one(out / "images", f"{stage}_step*.png")
-    with Image.open(grid) as img:
-        assert grid_cells(img.size, 2) == (2, 2)  # tiny.yaml: 2 validation prompts x 2 seeds
+    with Image.open(grid) as img:  # tiny.yaml: 2 validation prompts x 2 seeds, each beside its untrained image
+        assert grid_cells(img.size, 4) == (4, 2)
+    sidecar = json.loads(grid.with_suffix(".json").read_text())
+    assert sidecar["columns"] == ["seed 0", "seed 0 untrained", "seed 1", "seed 1 untrained"]
+    # the untrained column is the untrained identifier's image: the trained one differs from it
+    cells = pixels(grid)[HEADER_PX:HEADER_PX + 128, LABEL_PX:LABEL_PX + 2 * 128]
+    assert not np.array_equal(cells[:, :128], cells[:, 128:])
     assert (out / "config.yaml").is_file()
 
 

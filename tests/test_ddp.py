@@ -88,19 +88,17 @@ def test_multi_start_under_two_ranks_matches_one_rank(tiny_pipeline, tiny_data, 
     assert len(chosen[0]["large_t_losses"]) == 2
 
 
-def test_rank_divergence_is_detected():
-    class Module:
-        identifier = SimpleNamespace(embedding=torch.zeros(2, 3))
+def test_rank_divergence_is_detected(monkeypatch):
+    def all_gather_tensor(tensor):  # a second rank whose identifier differs in one entry
+        other = tensor.clone()
+        other.view(-1)[0] += 1
+        return torch.stack([tensor, other])
 
-        @staticmethod
-        def all_gather(tensor):
-            other = tensor.clone()
-            other.view(-1)[0] += 1
-            return torch.stack([tensor, other])
-
+    monkeypatch.setattr("adi_lightning.callbacks.rank_consistency.all_gather_tensor", all_gather_tensor)
+    module = SimpleNamespace(identifier=SimpleNamespace(embedding=torch.zeros(2, 3)))
     trainer = SimpleNamespace(world_size=2, global_step=5, callbacks=[])
     with pytest.raises(RuntimeError, match="identifier differs across ranks after global step 5"):
-        RankConsistencyCallback().on_train_batch_end(trainer, Module(), None, None, 0)
+        RankConsistencyCallback().on_train_batch_end(trainer, module, None, None, 0)
 
 
 def test_predict_on_two_ranks_writes_the_whole_grid(tiny_pipeline, tmp_path):

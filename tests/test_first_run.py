@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adi_lightning.cli import ADICLI, main
 from adi_lightning.paths import ConfigNotFoundError, resolve_config
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
 REPO = Path(__file__).resolve().parents[1]
 # The main job shortened: two 1-step starts (multi-start end to end), one more step, one judged image.
-QUICK = ["--trainer.max_steps=3", "--model.starts=2", "--model.start_steps=1", "--data.eval_subjects=[cat]",
+# Validation is due every step: those inside the starts (steps 1, 2) are skipped, step 3 is judged.
+QUICK = ["--trainer.max_steps=3", "--trainer.val_check_interval=1", "--model.starts=2", "--model.start_steps=1",
+         "--data.eval_subjects=[cat]",
          "--data.validation_seeds=[0]", "--model.num_inference_steps=2"]
 
 
@@ -69,7 +72,8 @@ def test_fit_ends_with_a_summary_naming_the_identifier_grid_and_metrics(tmp_path
     lines = out[[i for i, line in enumerate(out) if line.startswith("adi_lightning: fit finished in")][-1]:]
     assert f"run folder  {run}" in lines[1] and f"identifier  {run / 'identifier.safetensors'}" in lines[2]
     assert f"grid        {run / 'images' / 'validation_step000003.png'}" in lines[3]
-    assert "validation on 1 judged images: action_acc" in lines[4] and "validation_step000003.json" in lines[5]
+    assert "plots       " in lines[4] and "validation at step 3 on 1 judged images:" in lines[5]
+    assert "action_acc " in lines[6] and "(untrained " in lines[6] and "validation_step000003.json" in lines[-1]
 
 
 @pytest.mark.parametrize("where", ["command line", "yaml"])
@@ -106,7 +110,9 @@ def test_top_level_help_is_this_programs(capsys):
 
 
 NOTICES = ["tensorboardX", "litlogger", "LeafSpec", "Epoch 0/-2", "v_num", "Loading pipeline components",
-           "Loading weights", "requires torchvision", "in eval mode at the start of training"]
+           "Loading weights", "requires torchvision", "in eval mode at the start of training",
+           "ActionBenchMetric was called before", "sync_dist=True", "all_gather is deprecated",
+           "anonymous setting has no effect", "UserWarning"]
 
 
 def test_main_job_console_has_no_library_notices(tmp_path):
@@ -120,6 +126,29 @@ def test_main_job_console_has_no_library_notices(tmp_path):
     assert [n for n in NOTICES if n in console] == [], console[-3000:]
     assert "multi-start: start 2 of 2 ended at step 2" in console and "multi-start: continuing start" in console
     assert "adi_lightning: fit finished in" in console
+
+
+def test_ddp_fit_under_wandb_is_quiet_and_checkpoints_where_the_docs_say(tmp_path):
+    """The main job, shortened, on 2 CPU ranks (as tests/test_ddp.py) under the shipped W&B logger
+    (offline): no library notice; the checkpoint in <run>/checkpoints/, and the documented resume
+    command (docs/cli.md) continues from it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "WANDB_MODE": "offline"}
+    env.pop("ADI_RUN_DIR", None)
+    logger = ["--trainer.logger", str(REPO / "configs" / "logger" / "wandb.yaml")]
+    command = [sys.executable, "-m", "adi_lightning", "fit", "--config", "jump.yaml", *logger, *QUICK]
+    run = subprocess.run([*command, f"--trainer.default_root_dir={tmp_path / 'ddp'}", "--trainer.devices=2",
+                          "--trainer.strategy=ddp"], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    console = run.stdout + run.stderr
+    assert run.returncode == 0, console[-2000:]
+    assert [n for n in NOTICES if n in console] == [], console[-3000:]
+    (folder,) = [p for p in (tmp_path / "ddp").iterdir() if p.is_dir()]
+    last = folder / "checkpoints" / "last.ckpt"
+    assert last.is_file() and not list(folder.glob("adi-lightning/**/*.ckpt")), sorted(folder.rglob("*.ckpt"))
+    resumed = subprocess.run([*command, f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.max_steps=4",
+                              "--ckpt_path", str(last)], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-2000:]
+    (again,) = [p for p in (tmp_path / "resumed").iterdir() if p.is_dir()]
+    assert torch.load(again / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
 def test_readme_snippet_for_the_embedded_default_runs_as_written(tmp_path):

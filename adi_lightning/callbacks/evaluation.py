@@ -64,8 +64,11 @@ class EvaluationCallback(L.Callback):
         if trainer.sanity_checking or judge is None or not outputs or not outputs.get("subject"):
             return
         judged = judge.judge(outputs["image"]).rows()
-        untrained = self._judge_untrained(pl_module, judge, outputs["prompt"], outputs["seed"])
+        untrained = self._judge_untrained(pl_module, judge, outputs["prompt"], outputs["seed"],
+                                          outputs.get("untrained_image"))
         word = self._judge_word(trainer, pl_module, judge, outputs["prompt"], outputs["seed"])
+        # Each image's verdict, for the grid (ImageGridCallback runs after this callback).
+        outputs["verdict"], outputs["untrained_verdict"] = judged, untrained
         for i, prompt in enumerate(outputs["prompt"]):
             self.rows.append({
                 "prompt_index": outputs["prompt_index"][i], "seed_index": outputs["seed_index"][i],
@@ -78,13 +81,17 @@ class EvaluationCallback(L.Callback):
         if self._untrained_owner is None or self._untrained_owner() is not pl_module:
             self.untrained, self.word, self._untrained_owner = {}, {}, weakref.ref(pl_module)
 
-    def _judge_untrained(self, pl_module, judge, prompts: list[str], seeds: list[int]) -> list[dict[str, str]]:
-        """The judged untrained image of each (prompt, seed): generated and judged once (per module)."""
+    def _judge_untrained(self, pl_module, judge, prompts: list[str], seeds: list[int],
+                         images: list | None = None) -> list[dict[str, str]]:
+        """The judged untrained image of each (prompt, seed): judged once (per module); ``images`` are
+        those of the step's outputs (:meth:`ADIModule.untrained_images`), else they are generated."""
         self._own_caches(pl_module)
+        given = dict(zip(zip(prompts, seeds), images)) if images is not None else {}
         missing = list(dict.fromkeys(k for k in zip(prompts, seeds) if k not in self.untrained))
         if missing:
-            images = pl_module.generate([p for p, _ in missing], [s for _, s in missing],
-                                        table=pl_module.identifier.initial)
+            images = ([given[k] for k in missing] if given else
+                      pl_module.generate([p for p, _ in missing], [s for _, s in missing],
+                                         table=pl_module.identifier.initial))
             self.untrained.update(zip(missing, judge.judge(images).rows()))
         return [self.untrained[key] for key in zip(prompts, seeds)]
 
@@ -109,6 +116,8 @@ class EvaluationCallback(L.Callback):
         # Judged rows from every rank, once each (padded samplers repeat some (prompt, seed)),
         # scored identically on every rank.
         rows = gather_objects(self.rows, key=lambda r: (r["prompt_index"], r["seed_index"]))
+        if not rows:  # nothing generated (a validation skipped inside multi-start): nothing to report
+            return
         rows.sort(key=lambda r: (r["prompt_index"], r["seed_index"]))
         dm = trainer.datamodule
         exemplars = dm.exemplar_attributes  # one dict of known attributes per exemplar image
@@ -133,8 +142,10 @@ class EvaluationCallback(L.Callback):
                       **{f"untrained_{k}": v for k, v in r["untrained"].items()},
                       **{f"word_{k}": v for k, v in (r["word"] or {}).items()}} for r, f, c in zip(rows, flags, clean_word)]
         prefix = STAGE_NAMES[stage]
-        # Every rank scored the same gathered rows: every rank logs the same values.
-        pl_module.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
+        # Every rank scored the same gathered rows: every rank logs the same values. Synced with max, which
+        # returns that value exactly (a mean over 3 ranks might round it).
+        pl_module.log_dict({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)},
+                           sync_dist=True, reduce_fx="max")
         if not trainer.is_global_zero:
             return
         name = f"{stage}_step{trainer.global_step:06d}"

@@ -14,6 +14,7 @@ import logging
 import lightning as L
 import torch
 
+from adi_lightning.distributed import all_gather_tensor
 from adi_lightning.masking import MaskedUpdate, kept_fraction_per_layer, masked_update
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,9 @@ def gather_in_batch_order(pl_module, records: list[torch.Tensor], world_size: in
     if world_size == 1:
         return torch.cat(records)
     if len({r.shape for r in records}) == 1:
-        gathered = pl_module.all_gather(torch.stack(records))  # [W, M, b, 3, R, D]
+        gathered = all_gather_tensor(torch.stack(records))  # [W, M, b, 3, R, D]
         return gathered.transpose(0, 1).flatten(0, 2)
-    return pl_module.all_gather(torch.cat(records)).flatten(0, 1)
+    return all_gather_tensor(torch.cat(records)).flatten(0, 1)
 
 
 class GradientMaskCallback(L.Callback):

@@ -16,7 +16,7 @@ import copy
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from adi_lightning.checks import check_starts_leave_steps
 from adi_lightning.data.triples import image_key, load_image
@@ -88,10 +88,6 @@ class MultiStartCallback(L.Callback):
         if not getattr(dataset, "anchors", None):
             raise ValueError(f"model.starts={hp.starts} scores each start on the exemplars of the training data "
                              "(ActionTripleDataModule's train_dataset.anchors), and this run has none: use model.starts=1")
-        every = trainer.val_check_interval
-        if isinstance(every, int) and every < hp.starts * hp.start_steps:
-            rank_zero_warn(f"trainer.val_check_interval={every} validates inside the starts (the first "
-                           f"{hp.starts * hp.start_steps} steps): those images judge a start that may be discarded")
 
     def on_train_start(self, trainer, pl_module) -> None:
         hp = pl_module.hparams

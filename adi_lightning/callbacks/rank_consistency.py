@@ -10,6 +10,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from adi_lightning.distributed import all_gather_tensor
+
 
 class RankConsistencyCallback(L.Callback):
     """After every optimizer step under DDP, compare the identifier and mask across ranks."""
@@ -26,6 +28,6 @@ class RankConsistencyCallback(L.Callback):
         if masker is not None and masker.last_masks is not None:
             tensors["mask"] = masker.last_masks.to(torch.uint8)
         for name, tensor in tensors.items():
-            gathered = pl_module.all_gather(tensor)
+            gathered = all_gather_tensor(tensor)
             if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
                 raise RuntimeError(f"DDP ranks diverged: the {name} differs across ranks after global step {trainer.global_step}")

@@ -209,6 +209,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.exemplar_subjects: set[str] = set()
         self.exemplar_contexts: set[str] = set()
         self.exemplar_attributes: list[dict[str, str]] = []
+        self.exemplar_paths: list[Path] = []
         self.pool_attributes: list[dict[str, str]] = []  # the action's context-pool images
         self.train_dataset: ActionTripleDataset | None = None
         self.save_hyperparameters()
@@ -269,6 +270,7 @@ class ActionTripleDataModule(L.LightningDataModule):
             self.exemplar_subjects = {a.subject for a in anchors}
             self.exemplar_contexts = {a.context for a in anchors if a.context}
             self.exemplar_attributes = [a.appearance() for a in anchors]
+            self.exemplar_paths = [a.path for a in anchors]  # the grid's exemplar strip
             self.pool_attributes = [r.appearance() for r in records_of_action(records, self.action, pool=True)]
         if stage in ("fit", None) and self.train_dataset is None:
             self._check_fit_keys()  # root and action are set past this line, so records were read above

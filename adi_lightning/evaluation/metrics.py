@@ -21,8 +21,9 @@ them (torchmetrics states summed over batches and DDP ranks) and turns them into
 
 Two references, each the same prompts and seeds judged without the learned identifier:
 
-- the untrained identifier (the initializer word's rows): :func:`with_untrained` adds, for every leak
-  rate, ``<name>_untrained`` and ``<name>_excess`` (trained - untrained): what the training added;
+- the untrained identifier (the initializer word's rows): :func:`with_untrained` adds, for every rate,
+  ``<name>_untrained``, and for every leak rate ``<name>_excess`` (trained - untrained): what the
+  training added;
 - the action word itself in place of ``<A>`` ("a photo of a cat jumping"): :func:`with_word` adds
   ``<name>_word`` and ``<name>_word_excess`` (trained - word): what the identifier carries beyond the
   backbone's own prior for the pose (the word's images may show appearance too), and
@@ -54,7 +55,7 @@ def leak_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
 def metric_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
     """Every metric reported for a judge naming ``factors``, in report order."""
     leaks = leak_names(factors)
-    return (*RATES.values(), *leaks, *(f"{n}_untrained" for n in leaks), *(f"{n}_excess" for n in leaks),
+    return (*RATES.values(), *leaks, *(f"{n}_untrained" for n in (*RATES.values(), *leaks)), *(f"{n}_excess" for n in leaks),
             *(f"{n}_word" for n in leaks), *(f"{n}_word_excess" for n in leaks), "clean_both_correct_word")
 
 
@@ -118,14 +119,22 @@ class ActionBenchMetric(Metric):
             self.add_state(f"hits_{flag}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"known_{flag}", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, judged: Sequence[Mapping[str, str]], target_action: str, target_subject: Sequence[str],
-               exemplars: Sequence[Mapping[str, str]] = (), pool: Sequence[Mapping[str, str]] = ()) -> None:
-        """``judged``, ``target_subject``: ``[N]`` per image; see :func:`judge_rows`."""
-        self.update_flags(judge_rows(judged, target_action, target_subject, exemplars, self.factors, pool))
+    def update(self, judged: Sequence[Mapping[str, str]] | None = None, target_action: str | None = None,
+               target_subject: Sequence[str] = (), exemplars: Sequence[Mapping[str, str]] = (),
+               pool: Sequence[Mapping[str, str]] = (), *, flags: Sequence[Mapping[str, bool | None]] | None = None) -> None:
+        """``judged``, ``target_subject``: ``[N]`` per image; see :func:`judge_rows`. Or ``flags``: ``[N]``
+        rows already computed by :func:`judge_rows` with this metric's factors (:meth:`update_flags`)."""
+        if flags is None:
+            flags = judge_rows(judged, target_action, target_subject, exemplars, self.factors, pool)
+        self._count(flags)
 
     def update_flags(self, rows: Sequence[Mapping[str, bool | None]]) -> None:
         """Count per-image flags already computed by :func:`judge_rows` with this metric's factors
-        (a caller that also writes the flags out computes them once)."""
+        (a caller that also writes the flags out computes them once). Goes through :meth:`update`,
+        so torchmetrics counts the update (``compute`` after it neither warns nor returns a stale cache)."""
+        self.update(flags=rows)
+
+    def _count(self, rows: Sequence[Mapping[str, bool | None]]) -> None:
         for flag in self.flag_names:
             known = [r[flag] for r in rows if r[flag] is not None]
             setattr(self, f"hits_{flag}", getattr(self, f"hits_{flag}") + sum(known))
@@ -142,11 +151,12 @@ class ActionBenchMetric(Metric):
 
 
 def with_untrained(trained: Mapping[str, float], untrained: Mapping[str, float]) -> dict[str, float]:
-    """``trained`` plus, for every leak rate, ``<name>_untrained`` and ``<name>_excess`` (trained -
-    untrained: the leak the training added over what the untrained identifier already shows)."""
+    """``trained`` plus ``<name>_untrained`` for every rate (the accuracies too: where the run started),
+    and for every leak rate ``<name>_excess`` (trained - untrained: the leak the training added over
+    what the untrained identifier already shows)."""
     out = dict(trained)
     leaks = [k for k in trained if k.startswith("leak_") or k == "appearance_leak"]
-    out.update({f"{k}_untrained": untrained.get(k, math.nan) for k in leaks})
+    out.update({f"{k}_untrained": untrained.get(k, math.nan) for k in trained})
     out.update({f"{k}_excess": trained[k] - untrained.get(k, math.nan) for k in leaks})
     return out
 
