@@ -1,10 +1,17 @@
 """``python -m adi_lightning.export --identifier F --format ti --out F2``: one-vector exports.
 
-Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui) know single-token
-textual-inversion embeddings only, so an L-row layer-wise identifier must be squeezed into one
-vector. That is lossy: every cross-attention layer then sees the same vector, which is exactly
-what ADI's layer-wise tokens avoid. The default keeps the mean of the rows; ``--row N`` keeps one
-row (e.g. a mid-block row). A Textual-Inversion identifier (one shared row) exports losslessly.
+Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui, ComfyUI) know
+single-token textual-inversion embeddings only: every cross-attention layer sees the same vector,
+which is exactly what ADI's layer-wise tokens avoid. An R-row identifier becomes one vector by
+``--method``: ``distill`` (the default, chosen by measurement: docs/report.md "One-vector
+exports"; :mod:`adi_lightning.distill` fits the vector whose plain-TI predictions match the
+identifier's on action prompts, ``--steps`` / ``--seed`` / ``--subjects``), ``mean`` of the rows,
+or ``row`` (``--row N``, one row of the file; ``--row N`` alone means ``--method row``). Every
+such vector is measured on the pipeline the identifier was learned on (``--pipeline``, default
+its recorded ``base_model``; ``--device``): its residual (:func:`adi_lightning.distill.residual`,
+0 = the identifier's predictions, 1 = the untrained identifier's) is printed, and above
+:data:`MAX_RESIDUAL` (the vector loses the action) the export is refused unless ``--lossy``. A
+Textual-Inversion identifier (one shared row, or rows all equal) exports losslessly, unmeasured.
 
 Formats: ``ti`` (diffusers, ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x
 identifiers; ``sdxl`` for SDXL identifiers (two text encoders): the community's SDXL embedding
@@ -48,7 +55,7 @@ METHODS = ("distill", "mean", "row")
 #: The default, chosen by measurement (docs/report.md, "One-vector exports").
 DEFAULT_METHOD = "distill"
 #: The largest residual (:func:`adi_lightning.distill.residual`) written without ``--lossy``.
-MAX_RESIDUAL = 0.3
+MAX_RESIDUAL = 0.04
 
 
 def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
@@ -236,7 +243,7 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
         if report.residual > MAX_RESIDUAL and not lossy:
             hint = "; more --steps may keep more" if method == "distill" else "; --method distill keeps more"
             raise LossyExport(f"the one vector ({kept}) loses the action: residual {report.residual:.3f} > "
-                              f"{MAX_RESIDUAL} (docs/inference.md 'One-vector exports'){hint}; add --lossy to "
+                              f"{MAX_RESIDUAL} (docs/inference.md 'One-vector export'){hint}; add --lossy to "
                               f"write it anyway, or use the layer-wise identifier with adi_lightning.install_identifier")
         if report.residual > MAX_RESIDUAL:
             report.kept += " (lossy)"
