@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from adi_lightning.backbone import load_backbone
     from adi_lightning.conditioning import cross_attention_layers
     from adi_lightning.export import export_identifier, single_vector
-    from adi_lightning.identifier import read_identifier, rows_for_layers
+    from adi_lightning.identifier import read_identifier, rows_for_layers, saved_layer_to_row
     from adi_lightning.toy import DEFAULT_GUIDANCE_SCALE, DEFAULT_INFERENCE_STEPS, toy_judges_path, toy_pipeline_path
     from adi_lightning.toy.judges import ToyJudges
 
@@ -127,7 +127,6 @@ def main(argv=None) -> int:
     settings = distill.DistillSettings()
     teacher = distill.Teacher(family, rows, layer_to_row, distill.action_prompts(token), settings)
     untrained = family.initializer_row(meta["initializer_token"]).reshape(1, -1)
-    paths = list(cross_attention_layers(family.unet))
 
     with tempfile.TemporaryDirectory(prefix="export-fidelity-") as tmp:
         record("layer-wise", None, residual=0.0)
@@ -141,8 +140,6 @@ def main(argv=None) -> int:
         mean = single_vector(table)
         record("mean", None, path=vector_file("mean", mean), residual=distill.residual(teacher, mean, untrained))
         file_paths = json.loads(meta["layer_paths"])
-        from adi_lightning.identifier import saved_layer_to_row
-
         file_rows = saved_layer_to_row(args.identifier, table.shape[0], len(file_paths)).tolist()
         for r in (range(table.shape[0]) if args.rows is None else args.rows):
             vector = single_vector(table, r)
@@ -155,12 +152,11 @@ def main(argv=None) -> int:
             report = export_identifier(args.identifier, out, "ti", method="distill", pipeline=pipeline, lossy=True,
                                        settings=distill.DistillSettings(steps=steps), log=lambda *_: None)
             record(f"distill {steps}", None, path=out, residual=report.residual)
-    del paths
 
     print(f"\nexport fidelity: {Path(args.identifier)} (action {action}), stock StableDiffusionPipeline + "
           f"load_textual_inversion, {len(UNSEEN)} unseen subjects x seeds {args.seeds}, "
           f"CFG {gen['guidance']}, {gen['steps']} steps")
-    print(f"| candidate | action acc | subject acc | most drawn other action | residual |")
+    print("| candidate | action acc | subject acc | most drawn other action | residual |")
     print("|---|---|---|---|---|")
     n = len(UNSEEN) * len(args.seeds)
     for r in results:
