@@ -1,10 +1,17 @@
 """``python -m adi_lightning.export --identifier F --format ti --out F2``: one-vector exports.
 
-Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui) know single-token
-textual-inversion embeddings only, so an L-row layer-wise identifier must be squeezed into one
-vector. That is lossy: every cross-attention layer then sees the same vector, which is exactly
-what ADI's layer-wise tokens avoid. The default keeps the mean of the rows; ``--row N`` keeps one
-row (e.g. a mid-block row). A Textual-Inversion identifier (one shared row) exports losslessly.
+Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui, ComfyUI) know
+single-token textual-inversion embeddings only: every cross-attention layer sees the same vector,
+which is exactly what ADI's layer-wise tokens avoid. An R-row identifier becomes one vector by
+``--method``: ``distill`` (the default, chosen by measurement: docs/report.md "One-vector
+exports"; :mod:`adi_lightning.distill` fits the vector whose plain-TI predictions match the
+identifier's on action prompts, ``--steps`` / ``--seed`` / ``--subjects``), ``mean`` of the rows,
+or ``row`` (``--row N``, one row of the file; ``--row N`` alone means ``--method row``). Every
+such vector is measured on the pipeline the identifier was learned on (``--pipeline``, default
+its recorded ``base_model``; ``--device``): its residual (:func:`adi_lightning.distill.residual`,
+0 = the identifier's predictions, 1 = the untrained identifier's) is printed, and above
+:data:`MAX_RESIDUAL` (the vector loses the action) the export is refused unless ``--lossy``. A
+Textual-Inversion identifier (one shared row, or rows all equal) exports losslessly, unmeasured.
 
 Formats: ``ti`` (diffusers, ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x
 identifiers; ``sdxl`` for SDXL identifiers (two text encoders): the community's SDXL embedding
@@ -26,10 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from adi_lightning import distill
+from adi_lightning.distill import DEFAULT_SUBJECTS, DistillSettings
 from adi_lightning.identifier import read_identifier, saved_layer_to_row
 from adi_lightning.io import atomic_save_safetensors, atomic_torch_save
 
@@ -39,6 +49,13 @@ SDXL_KEYS = ("clip_l", "clip_g")
 FORMATS = ("ti", "webui", "sdxl")
 #: The ``written_by`` marker every export carries; ``--overwrite`` replaces only files that have it.
 WRITTEN_BY = "adi_lightning.export"
+#: How a multi-row identifier becomes one vector (``--method``): ``distill`` (:mod:`adi_lightning.distill`),
+#: ``mean`` of the rows, or one ``row``.
+METHODS = ("distill", "mean", "row")
+#: The default, chosen by measurement (docs/report.md, "One-vector exports").
+DEFAULT_METHOD = "distill"
+#: The largest residual (:func:`adi_lightning.distill.residual`) written without ``--lossy``.
+MAX_RESIDUAL = 0.04
 
 
 def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
@@ -96,17 +113,100 @@ def check_out(identifier: str | Path, out: str | Path, overwrite: bool = False) 
                               "another --out, or move the file away yourself")
 
 
-def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None,
-                      token: str | None = None, overwrite: bool = False) -> Path:
-    """Write a one-vector embedding file (``fmt`` in :data:`FORMATS`) atomically; returns its path.
+class LossyExport(ValueError):
+    """The one vector loses more of the identifier than :data:`MAX_RESIDUAL` and ``lossy`` was not given."""
 
+
+@dataclass
+class ExportReport:
+    """What an export wrote and measured: ``method`` (:data:`METHODS`, or ``"lossless"`` for a
+    one-row identifier), ``residual`` of the written vector and ``mean_residual`` of the mean of the
+    rows (:func:`adi_lightning.distill.residual`; None when not measured: one row), ``losses`` of
+    the distillation steps (empty unless ``distill``)."""
+
+    path: Path
+    method: str
+    kept: str
+    residual: float | None = None
+    mean_residual: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_method(method: str | None, row: int | None) -> str:
+    """The method ``--method`` / ``--row`` ask for: ``--row N`` alone means ``row``; ``row`` needs
+    ``--row``; ``--row`` with ``mean`` / ``distill`` is refused (ValueError)."""
+    if method is None:
+        return "row" if row is not None else DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "row" and row is None:
+        raise ValueError("--method row needs --row N (the row to keep)")
+    if method != "row" and row is not None:
+        raise ValueError(f"--row {row} keeps one row: it goes with --method row, not --method {method}")
+    return method
+
+
+def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str], method: str, row: int | None,
+               token: str, pipeline: str | None, device: str | None, settings: DistillSettings,
+               subjects=DEFAULT_SUBJECTS, log=print) -> tuple[torch.Tensor, dict]:
+    """``(vector [1, D] fp32, measured)`` for a multi-row ``table``: the mean, ``row`` or the
+    distilled vector, with its :func:`~adi_lightning.distill.residual` (``measured``: ``residual``,
+    ``mean_residual``, ``losses``), on ``pipeline`` (default: the file's ``base_model``) on ``device``."""
+    from adi_lightning.backbone import load_backbone
+    from adi_lightning.conditioning import cross_attention_layers
+    from adi_lightning.identifier import rows_for_layers
+
+    source = pipeline or meta.get("base_model")
+    if not source:
+        raise ValueError(f"{identifier} records no base_model: name the pipeline it was learned on with --pipeline")
+    if not meta.get("initializer_token"):
+        raise ValueError(f"{identifier} records no initializer_token: the loss cannot be measured against the "
+                         "untrained identifier")
+    family = load_backbone(source, "float32")
+    family.pipe.to(device or default_device())
+    distill.prepare(family, token)
+    rows, layer_to_row = rows_for_layers(identifier, table, meta, list(cross_attention_layers(family.unet)),
+                                         family.identifier_dim)
+    untrained = family.initializer_row(meta["initializer_token"]).reshape(1, -1)
+    log(f"measuring on {source} ({len(distill.action_prompts(token, subjects))} prompts over "
+        f"{', '.join(subjects)}; device {family.unet.device})")
+    teacher = distill.Teacher(family, rows, layer_to_row, distill.action_prompts(token, subjects), settings)
+    mean = single_vector(table)
+    measured = {"mean_residual": distill.residual(teacher, mean.to(teacher.device), untrained), "losses": []}
+    if method == "distill":
+        vector, measured["losses"] = distill.distill(teacher, mean)
+    else:
+        vector = single_vector(table, row)
+    measured["residual"] = (measured["mean_residual"] if method == "mean"
+                            else distill.residual(teacher, vector.to(teacher.device), untrained))
+    return vector.float().cpu().contiguous(), measured
+
+
+def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None,
+                      token: str | None = None, overwrite: bool = False, method: str | None = None,
+                      pipeline: str | None = None, lossy: bool = False, settings: DistillSettings | None = None,
+                      subjects=DEFAULT_SUBJECTS, device: str | None = None, log=print) -> ExportReport:
+    """Write a one-vector embedding file (``fmt`` in :data:`FORMATS`) atomically; returns what it
+    wrote and measured (:class:`ExportReport`).
+
+    ``method`` (:data:`METHODS`; None: ``row`` when ``row`` is given, else :data:`DEFAULT_METHOD`)
+    makes the vector of a multi-row identifier; every such vector is measured on ``pipeline``
+    (default: the file's ``base_model``; ``settings``: the distillation budget and draws).
     ValueError when the format does not fit the identifier's text encoders (``sdxl`` needs two
-    recorded ``text_dims``; ``ti`` / ``webui`` one) or ``row`` is out of range; FileExistsError
-    when ``out`` is the identifier, or exists and is not an earlier export replaced with
-    ``overwrite`` (:func:`check_out`).
+    recorded ``text_dims``; ``ti`` / ``webui`` one), ``row`` is out of range, the method and row
+    do not go together or the pipeline does not fit; :class:`LossyExport` when the vector's
+    residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when ``out`` is the
+    identifier, or exists and is not an earlier export replaced with ``overwrite`` (:func:`check_out`).
+    Nothing is written unless it returns.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    method = resolve_method(method, row)
+    settings = settings or DistillSettings()
     check_out(identifier, out, overwrite)
     table, meta = read_identifier(identifier)
     text_dims = json.loads(meta.get("text_dims", "[]")) or [table.shape[1]]  # files before SDXL: one encoder
@@ -118,29 +218,51 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     if fmt != "sdxl" and len(text_dims) > 1:
         raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, SDXL): "
                          "use --format sdxl (clip_l / clip_g)")
+    if row is not None:
+        single_vector(table, row)  # out of range: refused before any pipeline is loaded
     token = token or meta.get("placeholder_token") or "<A>"
-    vector = single_vector(table, row).float().contiguous()
-    if table.shape[0] == 1:
-        kept = "the single shared row (lossless)"
-    elif row is None:
-        kept = f"mean of {table.shape[0]} rows (lossy)"
+    if bool((table == table[:1]).all()):  # one row (Textual Inversion), or rows all equal: nothing is lost
+        report = ExportReport(Path(out), "lossless", f"the single shared row of {table.shape[0]} (lossless)")
+        vector = table[:1].float().contiguous()
+        log(f"{identifier}: one shared row, exported as it is (lossless; --method {method} has nothing to do)")
     else:
-        layers = ", ".join(_layers_of_row(identifier, meta, table.shape[0], row))
-        kept = f"row {row} of {table.shape[0]}, used by {layers} (lossy)"
+        vector, measured = one_vector(identifier, meta=meta, table=table, method=method, row=row, token=token,
+                                      pipeline=pipeline, device=device, settings=settings, subjects=subjects, log=log)
+        if method == "distill":
+            kept = f"distilled from {table.shape[0]} rows in {settings.steps} steps"
+        elif method == "mean":
+            kept = f"mean of {table.shape[0]} rows"
+        else:
+            layers = ", ".join(_layers_of_row(identifier, meta, table.shape[0], row))
+            kept = f"row {row} of {table.shape[0]}, used by {layers}"
+        report = ExportReport(Path(out), method, kept, measured["residual"], measured["mean_residual"],
+                              measured["losses"])
+        report.kept = f"{kept}, residual {report.residual:.3f}"
+        log(f"{kept}: residual {report.residual:.3f} (the mean of the rows: {report.mean_residual:.3f}; "
+            f"0 = draws what the identifier draws, 1 = as far off as the untrained identifier)")
+        if report.residual > MAX_RESIDUAL and not lossy:
+            hint = "; more --steps may keep more" if method == "distill" else "; --method distill keeps more"
+            raise LossyExport(f"the one vector ({kept}) loses the action: residual {report.residual:.3f} > "
+                              f"{MAX_RESIDUAL} (docs/inference.md 'One-vector export'){hint}; add --lossy to "
+                              f"write it anyway, or use the layer-wise identifier with adi_lightning.install_identifier")
+        if report.residual > MAX_RESIDUAL:
+            report.kept += " (lossy)"
+    metadata = {"source": str(identifier), "kept": report.kept, "method": report.method,
+                "residual": json.dumps(report.residual), "written_by": WRITTEN_BY}
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
-        return atomic_save_safetensors({token: vector}, out, {"source": str(identifier), "kept": kept,
-                                                                  "written_by": WRITTEN_BY})
-    if fmt == "sdxl":
+        atomic_save_safetensors({token: vector}, out, metadata)
+    elif fmt == "sdxl":
         # One [1, D_i] tensor per text encoder; the token is the caller's (stored for reference only).
         parts = {key: part.contiguous() for key, part in zip(SDXL_KEYS, vector.split(text_dims, dim=-1))}
-        return atomic_save_safetensors(parts, out, {"source": str(identifier), "kept": kept, "token": token,
-                                                        "written_by": WRITTEN_BY})
-    # AUTOMATIC1111 embedding .pt layout.
-    payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
-               "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None,
-               "written_by": WRITTEN_BY}
-    return atomic_torch_save(payload, out)
+        atomic_save_safetensors(parts, out, {**metadata, "token": token})
+    else:
+        # AUTOMATIC1111 embedding .pt layout.
+        payload = {"string_to_token": {"*": 265}, "string_to_param": {"*": vector}, "name": token,
+                   "step": int(meta.get("global_step", 0)), "sd_checkpoint": None, "sd_checkpoint_name": None,
+                   "written_by": WRITTEN_BY, "kept": report.kept}
+        atomic_torch_save(payload, out)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,15 +275,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output file; an existing one is refused (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out, only if it is an earlier export (never the identifier)")
-    parser.add_argument("--row", type=int, default=None, help="keep this row instead of the mean of all rows")
+    parser.add_argument("--method", default=None, choices=METHODS,
+                        help=f"how the rows become one vector (default {DEFAULT_METHOD}; --row N alone means row)")
+    parser.add_argument("--row", type=int, default=None, help="--method row: keep this row of the file")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"--method distill: optimizer steps (default {DistillSettings.steps})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"--method distill: the seed of every draw (default {DistillSettings.seed})")
+    parser.add_argument("--subjects", nargs="+", default=None,
+                        help=f"subjects of the prompts the vector is fitted and measured on (default: "
+                             f"{' '.join(DEFAULT_SUBJECTS)}), e.g. words the backbone knows")
+    parser.add_argument("--pipeline", default=None,
+                        help="the diffusers pipeline the identifier was learned on (default: its recorded base_model)")
+    parser.add_argument("--device", default=None, help="torch device for the measurement (default: cuda if available)")
+    parser.add_argument("--lossy", action="store_true",
+                        help=f"write the vector even when its residual exceeds {MAX_RESIDUAL} (it loses the action)")
     parser.add_argument("--token", default=None, help="token name stored in the file (default: the identifier's)")
     args = parser.parse_args(argv)
     try:
-        path = export_identifier(args.identifier, args.out, args.format, args.row, args.token, args.overwrite)
+        method = resolve_method(args.method, args.row)
+        for flag in ("steps", "seed"):
+            if getattr(args, flag) is not None and method != "distill":
+                raise ValueError(f"--{flag} is a setting of --method distill, not of --method {method}")
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {args.steps}")
+        settings = DistillSettings(**{k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
+        report = export_identifier(args.identifier, args.out, args.format, args.row, args.token, args.overwrite,
+                                   method, args.pipeline, args.lossy, settings,
+                                   tuple(args.subjects or DEFAULT_SUBJECTS), args.device)
     except (OSError, ValueError) as err:
         print(f"adi_lightning: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {path} ({args.format}; lossy one-vector export unless the identifier has one row)")
+    print(f"wrote {report.path} ({args.format}; {report.kept})")
     return 0
 
 

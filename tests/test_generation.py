@@ -53,7 +53,8 @@ def test_mismatching_pipeline_is_a_clear_error(tmp_path, trained_identifier):
 @pytest.mark.parametrize("fmt,suffix", [("ti", "safetensors"), ("webui", "pt")])
 def test_exported_single_vector_loads_with_load_textual_inversion(tiny_pipeline, trained_identifier, tmp_path, fmt, suffix):
     out = tmp_path / f"exported.{suffix}"
-    assert export_main(["--identifier", str(trained_identifier), "--format", fmt, "--out", str(out)]) == 0
+    assert export_main(["--identifier", str(trained_identifier), "--format", fmt, "--out", str(out),
+                        "--method", "mean", "--lossy"]) == 0
     pipe = _pipe(tiny_pipeline)
     pipe.load_textual_inversion(str(out), token="<X>")
     token_id = pipe.tokenizer.convert_tokens_to_ids("<X>")
@@ -65,7 +66,7 @@ def test_exported_single_vector_loads_with_load_textual_inversion(tiny_pipeline,
 
 
 def test_export_row_and_errors(trained_identifier, tmp_path):
-    path = export_identifier(trained_identifier, tmp_path / "row6.safetensors", "ti", row=6)
+    path = export_identifier(trained_identifier, tmp_path / "row6.safetensors", "ti", row=6, lossy=True).path
     from safetensors.torch import load_file
 
     table, _ = read_identifier(trained_identifier)
@@ -77,13 +78,13 @@ def test_export_row_and_errors(trained_identifier, tmp_path):
 @pytest.mark.parametrize("fmt,suffix", [("ti", "safetensors"), ("webui", "pt")])
 def test_export_replaces_an_earlier_export_only_with_overwrite(trained_identifier, tmp_path, capsys, fmt, suffix):
     out = tmp_path / f"exported.{suffix}"
-    args = ["--identifier", str(trained_identifier), "--format", fmt, "--out", str(out)]
+    args = ["--identifier", str(trained_identifier), "--format", fmt, "--out", str(out), "--lossy"]
     assert export_main(args + ["--row", "0"]) == 0
     first = out.read_bytes()
-    assert export_main(args) == 1  # exists: refused by name, the file untouched
+    assert export_main(args + ["--method", "mean"]) == 1  # exists: refused by name, the file untouched
     assert f"adi_lightning: error: --out {out} already exists (an earlier export: add --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == first
-    assert export_main(args + ["--overwrite"]) == 0
+    assert export_main(args + ["--method", "mean", "--overwrite"]) == 0
     assert out.read_bytes() != first and not list(tmp_path.glob(".*.tmp"))
 
 

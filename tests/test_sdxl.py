@@ -216,7 +216,8 @@ def test_clip_l_clip_g_export_loads_through_load_textual_inversion_as_install_id
     from adi_lightning.export import main as export_main
 
     out = tmp_path / "xl_action.safetensors"
-    assert export_main(["--identifier", str(trained_sdxl_identifier), "--format", "sdxl", "--out", str(out)]) == 0
+    assert export_main(["--identifier", str(trained_sdxl_identifier), "--format", "sdxl", "--out", str(out),
+                        "--method", "mean", "--lossy"]) == 0
     state_dict = load_file(out)
     table, _ = read_identifier(trained_sdxl_identifier)
     assert set(state_dict) == {"clip_l", "clip_g"}  # tiny widths here; SDXL base: [1, 768] and [1, 1280]
@@ -253,7 +254,8 @@ def test_sdxl_export_keeps_one_row_and_each_format_refuses_the_other_family(
     from adi_lightning.export import export_identifier, main as export_main
 
     table, _ = read_identifier(trained_sdxl_identifier)
-    row = load_file(export_identifier(trained_sdxl_identifier, tmp_path / "row6.safetensors", "sdxl", row=6))
+    row = load_file(export_identifier(trained_sdxl_identifier, tmp_path / "row6.safetensors", "sdxl", row=6,
+                                      lossy=True).path)
     assert torch.equal(row["clip_l"], table[6:7, :D1]) and torch.equal(row["clip_g"], table[6:7, D1:])
     # ti / webui would write one [1, D1 + D2] vector that no SDXL loader reads; sdxl needs two encoders.
     for fmt in ("ti", "webui"):
