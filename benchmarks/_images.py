@@ -104,12 +104,21 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out ``fig`` and write it as a PNG atomically."""
+    from adi_lightning.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def curve_figure(curves: dict[str, dict[float, dict[str, tuple[float, float, float]]]], metrics: list[str],
                  path: Path, title: str) -> Path:
     """One panel per metric: value against β with 95% interval bars, a line per curve (``{label: {β:
     {metric: (mean, lo, hi)}}}``). Written atomically."""
-    from adi_lightning.io import atomic_path
-
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -125,18 +134,12 @@ def curve_figure(curves: dict[str, dict[float, dict[str, tuple[float, float, flo
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def bars_figure(columns: dict[str, dict[str, tuple[float, float, float]]], metrics: list[str], path: Path,
                 title: str) -> Path:
     """Grouped bars: per metric, one bar per column (method) with its 95% interval. Written atomically."""
-    from adi_lightning.io import atomic_path
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(metrics) * max(1, len(columns)) / 2.5, 3.4))
     width = 0.8 / max(1, len(columns))
@@ -149,8 +152,4 @@ def bars_figure(columns: dict[str, dict[str, tuple[float, float, float]]], metri
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.legend(fontsize=8, ncol=min(len(columns), 5), loc="upper center", bbox_to_anchor=(0.5, -0.3))
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
