@@ -82,6 +82,17 @@ class PreemptionCallback(L.Callback):
             self.saved = self.save(trainer)
             connector.received_sigterm, self._held = True, False  # Lightning raises SIGTERMException now
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A SIGTERM that landed after :meth:`on_train_batch_end` but before Lightning's check at the
+        end of that batch (while ``ModelCheckpoint`` saved, say): the loop stopped at a step boundary
+        all the same, so the checkpoint is written here. Not in the middle of an accumulation, nor
+        during validation: there the newest checkpoint is the one to resume from."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if (isinstance(exception, SIGTERMException) and self.saved is None and trainer.training
+                and not trainer.fit_loop.epoch_loop._should_accumulate()):
+            self.saved = self.save(trainer)
+
     def save(self, trainer) -> Path:
         """Write ``stopped-step=N.ckpt`` into the run folder (all ranks call; rank zero writes)."""
         target = Path(trainer.default_root_dir) / STOPPED_NAME.format(step=trainer.global_step)
