@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +191,99 @@ def disk_full(monkeypatch):
         monkeypatch.setattr(io, "open", open_)
 
     return patch
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / "experiments" / "tiny.yaml"
+QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """The run folders under ``root`` (none when it does not exist; never creates it)."""
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+class ShortFit:
+    """What :func:`short_fit` hands a test: the one way the tests start a short run.
+
+    - ``short_fit(root, *flags, steps=4, subcommand="fit", in_process=True, pipeline=..., data=...)``
+      runs ``python -m adi_lightning <subcommand> --config experiments/tiny.yaml`` on the session's
+      tiny pipeline and action folder under ``trainer.default_root_dir=root`` (``flags`` last, so they
+      win), in this process through ``adi_lightning.cli.main`` or, with ``in_process=False``, in a
+      fresh ``python -m adi_lightning`` process (DDP re-launches its command line), and returns the
+      run folder it wrote: the one new folder under ``root`` (or the one it rejoined, a requeued
+      SLURM job). A refused command raises what ``main`` raises (``SystemExit``); a failed
+      subprocess fails the test with the tail of its stderr.
+    - ``short_fit.args(root, *flags, ...)``: that command's argument list (after ``-m adi_lightning``).
+    - ``short_fit.trainer(root, max_steps, callbacks=[...], ...)``: the same kind of short fit with a
+      plain ``lightning.Trainer`` (no CLI), returning ``(identifier table [rows, D], trainer)``.
+
+    ``steps`` is ``trainer.max_steps`` (fit only; ``None`` leaves it to the config); ``pipeline``
+    defaults to the tiny SD pipeline; ``data`` to the tiny action folder (``"null"`` gives
+    ``--data.root=null``, ``None`` leaves the key out); ``config=None`` leaves ``--config`` out.
+    """
+
+    def __init__(self, pipeline: str, data: str) -> None:
+        self.pipeline, self.data = pipeline, data
+
+    def args(self, root, *flags: str, steps: int | None = 4, subcommand: str = "fit", pipeline: str | None = None,
+             data: str | None = "", config: Path | None = TINY_YAML) -> list[str]:
+        args = [subcommand]
+        if config is not None:
+            args += ["--config", str(config)]
+        args.append(f"--model.pretrained_model_name_or_path={pipeline or self.pipeline}")
+        if data is not None:
+            args.append(f"--data.root={data or self.data}")
+        args.append(f"--trainer.default_root_dir={root}")
+        if subcommand == "fit" and steps is not None:
+            args.append(f"--trainer.max_steps={steps}")
+        return [*args, *QUIET, *flags]
+
+    def __call__(self, root, *flags: str, steps: int | None = 4, subcommand: str = "fit", in_process: bool = True,
+                 **options) -> Path:
+        from adi_lightning.cli import RUN_DIR_ENV, main
+
+        root = Path(root)
+        args = self.args(root, *flags, steps=steps, subcommand=subcommand, **options)
+        before = run_dirs(root)
+        if in_process:
+            main(args=args)
+        else:
+            env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+            env.pop(RUN_DIR_ENV, None)
+            done = subprocess.run([sys.executable, "-m", "adi_lightning", *args], cwd=REPO, env=env,  # this checkout
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        new = [p for p in run_dirs(root) if p not in before]
+        if not new and in_process and os.environ.get(RUN_DIR_ENV):
+            new = [Path(os.environ[RUN_DIR_ENV])]  # rejoined its folder (a requeued SLURM job)
+        assert len(new) == 1, f"expected exactly one new run folder under {root}, got {new}"
+        return new[0]
+
+    def trainer(self, root, max_steps: int, *, callbacks, ckpt_path: str | None = None, batch_size: int = 2,
+                repeats: int = 2, num_workers: int = 0, accumulate_grad_batches: int = 1, **model):
+        """A seeded Trainer fit of ``ADIModule`` (mask_threshold 0.5, weight_decay 0.01, learning
+        rate 0.05, ``model`` overrides them) on the tiny folder's ``jumping`` triples at 32 px (4 anchors
+        x ``repeats`` items, data seed 5), no logger and no validation, with ``callbacks`` (a
+        ModelCheckpoint among them when the test needs checkpoints); ``ckpt_path`` resumes."""
+        import lightning as L
+
+        from adi_lightning.data import ActionTripleDataModule
+        from adi_lightning.module import ADIModule
+
+        L.seed_everything(0)
+        module = ADIModule(self.pipeline, **{"mask_threshold": 0.5, "weight_decay": 0.01, "learning_rate": 0.05,
+                                             **model})
+        dm = ActionTripleDataModule(root=self.data, action="jumping", resolution=32, batch_size=batch_size,
+                                    repeats=repeats, seed=5, num_workers=num_workers)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
+                            accumulate_grad_batches=accumulate_grad_batches, callbacks=list(callbacks))
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return module.identifier.embedding.detach().clone(), trainer
+
+
+@pytest.fixture(scope="session")
+def short_fit(tiny_pipeline, tiny_data):
+    """The one helper every test that starts a short run uses (see :class:`ShortFit`)."""
+    return ShortFit(tiny_pipeline, tiny_data)

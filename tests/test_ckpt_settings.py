@@ -22,20 +22,11 @@ pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "experiments" / "tiny.yaml"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+NO_VAL = "--trainer.val_check_interval=100"
 
 
 def _runs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
-
-
-def _run(args: list[str], root: Path) -> Path:
-    """Run the CLI and return the one run folder it created under ``root``."""
-    before = _runs(root)
-    main(args=[*args, f"--trainer.default_root_dir={root}", *QUIET])
-    new = [p for p in _runs(root) if p not in before]
-    assert len(new) == 1, new
-    return new[0]
 
 
 def _refused(args: list[str], capsys) -> str:
@@ -57,35 +48,32 @@ def _last(run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def moved(tiny_pipeline, tiny_data, tmp_path_factory):
+def moved(short_fit, tiny_pipeline, tiny_data, tmp_path_factory):
     """``(checkpoint, data folder)`` of a 2-step fit whose backbone copy and identifier file are gone."""
     base = tmp_path_factory.mktemp("moved")
     backbone = base / "old_backbone"
     shutil.copytree(tiny_pipeline, backbone)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.argv", ["adi_lightning"])
-        start = _run(["fit", "--config", str(TINY), f"--model.pretrained_model_name_or_path={tiny_pipeline}",
-                      f"--data.root={tiny_data}", "--trainer.max_steps=1"], base / "start")
+        start = short_fit(base / "start", steps=1)
         identifier = base / "start.safetensors"
         shutil.copy(start / "identifier.safetensors", identifier)
-        run = _run(["fit", "--config", str(TINY), f"--model.pretrained_model_name_or_path={backbone}",
-                    f"--data.root={tiny_data}", f"--model.identifier_path={identifier}",
-                    "--model.learning_rate=0.01", "--trainer.max_steps=2", "--trainer.val_check_interval=100",
-                    "--trainer.callbacks.every_n_train_steps=2"], base / "runs")
+        run = short_fit(base / "runs", f"--model.identifier_path={identifier}", "--model.learning_rate=0.01", NO_VAL,
+                        "--trainer.callbacks.every_n_train_steps=2", steps=2, pipeline=str(backbone))
     shutil.rmtree(backbone)
     identifier.unlink()
     return _last(run), tiny_data
 
 
-def _resume_args(ckpt: Path, pipeline: str, data: str, *extra: str) -> list[str]:
-    return ["fit", "--config", str(TINY), f"--model.pretrained_model_name_or_path={pipeline}",
-            f"--data.root={data}", "--trainer.max_steps=3", "--trainer.val_check_interval=100",
-            f"--ckpt_path={ckpt}", *extra]
+def _resume_flags(ckpt: Path | str, *extra: str) -> tuple[str, ...]:
+    """Flags of the 3-step fit that resumes ``ckpt`` (``short_fit(root, *_resume_flags(ckpt), steps=3)``)."""
+    return (NO_VAL, f"--ckpt_path={ckpt}", *extra)
 
 
-def test_resume_keeps_the_checkpoint_over_the_config_and_needs_no_identifier_file(moved, tiny_pipeline, tmp_path):
+def test_resume_keeps_the_checkpoint_over_the_config_and_needs_no_identifier_file(moved, short_fit, tiny_pipeline,
+                                                                                 tmp_path):
     ckpt, data = moved
-    run = _run(_resume_args(ckpt, tiny_pipeline, data), tmp_path)
+    run = short_fit(tmp_path, *_resume_flags(ckpt), steps=3, data=data)
     config = _config(run)
     assert config["model"]["learning_rate"] == 0.01  # the checkpoint's; the config file says 0.005
     assert config["model"]["pretrained_model_name_or_path"] == tiny_pipeline  # typed: the new location
@@ -96,10 +84,10 @@ def test_resume_keeps_the_checkpoint_over_the_config_and_needs_no_identifier_fil
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == 0.01
 
 
-def test_typed_learning_rate_beats_the_checkpoint_in_config_and_optimizer(moved, tiny_pipeline, tmp_path, capsys):
+def test_typed_learning_rate_beats_the_checkpoint_in_config_and_optimizer(moved, short_fit, tmp_path, capsys):
     ckpt, data = moved
-    run = _run(_resume_args(ckpt, tiny_pipeline, data, "--model.learning_rate=0.5", "--model.weight_decay=0.02"),
-               tmp_path)
+    run = short_fit(tmp_path, *_resume_flags(ckpt, "--model.learning_rate=0.5", "--model.weight_decay=0.02"), steps=3,
+                    data=data)
     assert "model.learning_rate=0.5 (checkpoint: 0.01)" in capsys.readouterr().err
     assert _config(run)["model"]["learning_rate"] == 0.5
     assert _config(run)["model"]["weight_decay"] == 0.02
@@ -110,11 +98,10 @@ def test_typed_learning_rate_beats_the_checkpoint_in_config_and_optimizer(moved,
 
 
 @pytest.mark.parametrize("subcommand", ["predict", "validate", "test"])
-def test_typed_generation_settings_beat_the_checkpoint(moved, tiny_pipeline, tmp_path, subcommand):
+def test_typed_generation_settings_beat_the_checkpoint(moved, short_fit, tmp_path, subcommand):
     ckpt, _ = moved  # trained with guidance 3.0 and 4 steps (experiments/tiny.yaml)
-    run = _run([subcommand, "--config", str(TINY), f"--model.pretrained_model_name_or_path={tiny_pipeline}",
-                "--data.root=null", "--model.guidance_scale=7.5", "--model.num_inference_steps=2",
-                f"--ckpt_path={ckpt}"], tmp_path)
+    run = short_fit(tmp_path, "--model.guidance_scale=7.5", "--model.num_inference_steps=2", f"--ckpt_path={ckpt}",
+                    subcommand=subcommand, data="null")
     model = _config(run)["model"]
     assert (model["guidance_scale"], model["num_inference_steps"]) == (7.5, 2)
 
@@ -129,24 +116,22 @@ def test_a_moved_backbone_is_named_with_the_flag_to_give(moved, tiny_pipeline, t
     assert not _runs(tmp_path)
 
 
-def test_a_value_that_cannot_change_on_resume_is_refused_by_name(moved, tiny_pipeline, tmp_path, capsys):
+def test_a_value_that_cannot_change_on_resume_is_refused_by_name(moved, short_fit, tmp_path, capsys):
     ckpt, data = moved
-    err = _refused([*_resume_args(ckpt, tiny_pipeline, data, "--model.layerwise=false"),
-                    f"--trainer.default_root_dir={tmp_path}"], capsys)
+    err = _refused(short_fit.args(tmp_path, *_resume_flags(ckpt, "--model.layerwise=false"), steps=3, data=data), capsys)
     assert "model.layerwise=False cannot change on resume" in err and "model.layerwise=True" in err
 
 
-def test_an_identifier_file_and_a_checkpoint_together_are_refused(moved, tiny_pipeline, tmp_path, capsys):
+def test_an_identifier_file_and_a_checkpoint_together_are_refused(moved, short_fit, tmp_path, capsys):
     ckpt, data = moved
-    err = _refused([*_resume_args(ckpt, tiny_pipeline, data, "--model.identifier_path=some.safetensors"),
-                    f"--trainer.default_root_dir={tmp_path}"], capsys)
+    err = _refused(short_fit.args(tmp_path, *_resume_flags(ckpt, "--model.identifier_path=some.safetensors"), steps=3,
+                                  data=data), capsys)
     assert "model.identifier_path" in err and "--ckpt_path" in err
 
 
-def test_a_checkpoint_alone_fills_model_and_data(moved, tiny_pipeline, tmp_path):
+def test_a_checkpoint_alone_fills_model_and_data(moved, short_fit, tmp_path):
     ckpt, data = moved
-    run = _run(["fit", f"--ckpt_path={ckpt}", f"--model.pretrained_model_name_or_path={tiny_pipeline}",
-                "--trainer.max_steps=3", "--trainer.accelerator=cpu"], tmp_path)
+    run = short_fit(tmp_path, f"--ckpt_path={ckpt}", "--trainer.accelerator=cpu", steps=3, config=None, data=None)
     config = _config(run)
     assert config["model"]["learning_rate"] == 0.01 and config["model"]["num_inference_steps"] == 4
     assert config["data"]["root"] == data and config["data"]["resolution"] == 32
@@ -168,13 +153,11 @@ def test_a_checkpoint_alone_says_what_to_add(moved, tiny_pipeline, tmp_path, cap
 
 
 
-def test_a_ckpt_path_from_a_config_file_gets_the_same_precedence(moved, tiny_pipeline, tmp_path):
+def test_a_ckpt_path_from_a_config_file_gets_the_same_precedence(moved, short_fit, tmp_path):
     ckpt, data = moved
     extra = tmp_path / "resume.yaml"
     extra.write_text(yaml.safe_dump({"ckpt_path": str(ckpt)}))
-    run = _run(["fit", "--config", str(TINY), "--config", str(extra),
-                f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--data.root={data}",
-                "--trainer.max_steps=3", "--model.weight_decay=0.03"], tmp_path / "runs")
+    run = short_fit(tmp_path / "runs", "--config", str(extra), "--model.weight_decay=0.03", steps=3, data=data)
     model = _config(run)["model"]
     assert (model["learning_rate"], model["weight_decay"]) == (0.01, 0.03)  # stored over the config, typed over both
 
@@ -193,22 +176,22 @@ def test_an_identifier_that_does_not_fit_the_backbone_is_refused():
                                "adi_identifier": {"layer_paths": ["a", "c"]}}, identifier)
 
 
-def test_a_run_folder_as_ckpt_path_resumes_from_its_newest_checkpoint(moved, tiny_pipeline, tmp_path, capsys):
+def test_a_run_folder_as_ckpt_path_resumes_from_its_newest_checkpoint(moved, short_fit, tmp_path, capsys):
     ckpt, data = moved
     folder = ckpt.parents[1]  # <run>/checkpoints/last.ckpt
     newest = max(folder.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    run = _run(_resume_args(folder, tiny_pipeline, data), tmp_path)
+    run = short_fit(tmp_path, *_resume_flags(folder), steps=3, data=data)
     assert f"adi_lightning: --ckpt_path {folder}: using its newest checkpoint, {newest}" in capsys.readouterr().err
     assert _config(run)["ckpt_path"] == str(newest)
     assert _config(run)["model"]["learning_rate"] == 0.01  # the checkpoint's settings, as for a file
     assert torch.load(_last(run), map_location="cpu", weights_only=True)["global_step"] == 3
 
 
-def test_ckpt_path_last_names_the_newest_checkpoint_under_the_root(moved, tiny_pipeline, tmp_path, capsys):
+def test_ckpt_path_last_names_the_newest_checkpoint_under_the_root(moved, short_fit, tmp_path, capsys):
     ckpt, data = moved
     root = ckpt.parents[2]
     newest = max(root.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    args = _resume_args("last", tiny_pipeline, data, f"--trainer.default_root_dir={root}")
+    args = short_fit.args(root, *_resume_flags("last"), steps=3, data=data)
     before = sorted(root.rglob("*"))
     err = _refused(args, capsys)
     assert f"--ckpt_path last is ambiguous here: this command's run folder {root}/" in err

@@ -43,12 +43,10 @@ def base_args(pipeline: str, root: Path, data_root: str | None) -> list[str]:
     ]
 
 
-def fit_args(pipeline: str, root: Path, data_root: str | None, steps: int = FIT_STEPS) -> list[str]:
-    return ["fit", *base_args(pipeline, root, data_root),
-            f"--trainer.max_steps={steps}",
-            f"--trainer.val_check_interval={FIT_STEPS}",
-            "--trainer.callbacks.every_n_train_steps=2",
-            "--trainer.log_every_n_steps=1"]
+# The fits here (``short_fit(root, *FIT_FLAGS, steps=...)``): 2 inference steps, validation at FIT_STEPS,
+# a checkpoint every 2 steps, the loss logged at every step.
+FIT_FLAGS = ("--model.num_inference_steps=2", f"--trainer.val_check_interval={FIT_STEPS}",
+             "--trainer.callbacks.every_n_train_steps=2", "--trainer.log_every_n_steps=1")
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -108,13 +106,13 @@ def training_steps(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def first_fit(tiny_pipeline, tiny_data, tmp_path_factory):
+def first_fit(short_fit, tmp_path_factory):
     """One short masked fit, shared by the tests that only read its outputs."""
     root = tmp_path_factory.mktemp("fit_root")
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(RUN_DIR_ENV, raising=False)
         mp.setattr("sys.argv", ["adi_lightning"])
-        main(args=fit_args(tiny_pipeline, root, tiny_data))
+        short_fit(root, *FIT_FLAGS, steps=FIT_STEPS)
     runs = run_dirs(root)
     assert len(runs) == 1, f"fit must create exactly one run folder, got {runs}"
     return root, runs[0]
@@ -153,11 +151,11 @@ def test_fit_writes_one_run_folder_with_all_outputs(first_fit, make_module, tiny
     assert info["identifier"]["rows"] == 16 and info["identifier"]["dim"] == 32
 
 
-def test_second_fit_gets_its_own_folder_and_leaves_the_first_alone(first_fit, tiny_pipeline, tiny_data):
+def test_second_fit_gets_its_own_folder_and_leaves_the_first_alone(first_fit, short_fit):
     root, run = first_fit
     before_files = snapshot(run)
     before_runs = run_dirs(root)
-    main(args=fit_args(tiny_pipeline, root, tiny_data, steps=2))
+    short_fit(root, *FIT_FLAGS, steps=2)
     second = only_new_run(root, before_runs)
     assert second != run
     assert (second / IDENTIFIER).is_file()
@@ -174,10 +172,10 @@ def test_checkpoint_holds_only_the_identifier(first_fit):
     assert ckpt["global_step"] == FIT_STEPS
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(first_fit, tiny_pipeline, tiny_data, tmp_path):
+def test_resume_from_last_checkpoint_continues_the_step_count(first_fit, short_fit, tmp_path):
     _, run = first_fit
     last = one(run, "**/last.ckpt")
-    main(args=[*fit_args(tiny_pipeline, tmp_path, tiny_data, steps=RESUME_STEPS), f"--ckpt_path={last}"])
+    short_fit(tmp_path, *FIT_FLAGS, f"--ckpt_path={last}", steps=RESUME_STEPS)
     resumed = only_new_run(tmp_path, [])
     _, meta = read_identifier(resumed / IDENTIFIER)
     assert meta["global_step"] == str(RESUME_STEPS)
@@ -190,15 +188,16 @@ def test_resume_from_last_checkpoint_continues_the_step_count(first_fit, tiny_pi
 
 
 # ----------------------------------------------------------------------------- generation stages
-def generate(subcommand: str, identifier: Path, pipeline: str, root: Path) -> Path:
+def generate(short_fit, subcommand: str, identifier: Path, root: Path) -> Path:
     before = run_dirs(root)
-    main(args=[subcommand, *base_args(pipeline, root, None), f"--model.identifier_path={identifier}"])
+    short_fit(root, "--model.num_inference_steps=2", f"--model.identifier_path={identifier}", subcommand=subcommand,
+              data="null")
     run = only_new_run(root, before)
     assert not (run / IDENTIFIER).exists(), f"{subcommand} must not write an identifier"
     return run
 
 
-def test_predict_writes_seeded_grids_and_images(first_fit, tiny_pipeline, tmp_path):
+def test_predict_writes_seeded_grids_and_images(first_fit, short_fit, tmp_path):
     _, run = first_fit
     config = yaml.safe_load(TINY.read_text())
     data = yaml.safe_load((TINY.parent / config["data"]).read_text())
@@ -206,7 +205,7 @@ def test_predict_writes_seeded_grids_and_images(first_fit, tiny_pipeline, tmp_pa
 
     grids = []
     for _ in range(2):
-        out = generate("predict", run / IDENTIFIER, tiny_pipeline, tmp_path)
+        out = generate(short_fit, "predict", run / IDENTIFIER, tmp_path)
         grid = one(out / "images", "predict_step*.png")
         with Image.open(grid) as img:
             assert grid_cells(img.size, len(seeds)) == (len(seeds), len(prompts))
@@ -223,9 +222,9 @@ def test_predict_writes_seeded_grids_and_images(first_fit, tiny_pipeline, tmp_pa
 
 
 @pytest.mark.parametrize("subcommand, stage", [("validate", "validation"), ("test", "test")])
-def test_validate_and_test_write_grids(first_fit, tiny_pipeline, tmp_path, subcommand, stage):
+def test_validate_and_test_write_grids(first_fit, short_fit, tmp_path, subcommand, stage):
     _, run = first_fit
-    out = generate(subcommand, run / IDENTIFIER, tiny_pipeline, tmp_path)
+    out = generate(short_fit, subcommand, run / IDENTIFIER, tmp_path)
     grid = one(out / "images", f"{stage}_step*.png")
     with Image.open(grid) as img:  # tiny.yaml: 2 validation prompts x 2 seeds, each beside its untrained image
         assert grid_cells(img.size, 4) == (4, 2)
@@ -248,10 +247,10 @@ def test_validate_and_test_write_grids(first_fit, tiny_pipeline, tmp_path, subco
     ],
     ids=["unknown_model", "mask_threshold", "placeholder_in_vocab", "no_data_root"],
 )
-def test_input_errors_exit_with_a_message_naming_the_key(override, expected, tiny_pipeline, tiny_data, tmp_path, capsys):
+def test_input_errors_exit_with_a_message_naming_the_key(override, expected, short_fit, tmp_path, capsys):
     root = tmp_path / "runs"
     with pytest.raises(SystemExit) as exc:
-        main(args=[*fit_args(tiny_pipeline, root, tiny_data), override.format(tmp=tmp_path)])
+        short_fit(root, *FIT_FLAGS, override.format(tmp=tmp_path), steps=FIT_STEPS)
     assert exc.value.code not in (0, None)
     err = capsys.readouterr().err
     assert expected in err, err[-2000:]
@@ -280,7 +279,7 @@ def test_mask_threshold_one_links_with_partners_off(tiny_pipeline, tiny_data, tm
         assert cli.model.masking_enabled is partners
 
 
-def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_path, capsys):
+def test_p_plus_fit_needs_only_the_target_action(short_fit, tiny_data, tmp_path, capsys):
     source = Path(tiny_data)
     only = tmp_path / "jumping_only"
     only.mkdir()
@@ -294,7 +293,7 @@ def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_p
 
     # With masking on, the same folder lacks action-different partners: a clear error, no identifier.
     with pytest.raises(SystemExit):
-        main(args=[*fit_args(tiny_pipeline, tmp_path / "runs_masked", str(only), steps=2), "--model.mask_threshold=0.5"])
+        short_fit(tmp_path / "runs_masked", *FIT_FLAGS, "--model.mask_threshold=0.5", steps=2, data=str(only))
     assert "other than 'jumping'" in capsys.readouterr().err
     assert not list((tmp_path / "runs_masked").rglob(IDENTIFIER))
 
@@ -302,7 +301,7 @@ def test_p_plus_fit_needs_only_the_target_action(tiny_pipeline, tiny_data, tmp_p
     for preset, rows in ((None, 16), ("pplus", 16), ("ti", 1)):
         root = tmp_path / f"runs_{preset}"
         extra = ["--model.mask_threshold=1.0"] if preset is None else ["--model", str(REPO / "configs" / "model" / f"{preset}.yaml")]
-        main(args=[*fit_args(tiny_pipeline, root, str(only), steps=2), *extra])
+        short_fit(root, *FIT_FLAGS, *extra, steps=2, data=str(only))
         run = only_new_run(root, [])
         table, meta = read_identifier(run / IDENTIFIER)
         assert meta["mask_threshold"] == "1.0" and meta["global_step"] == "2"

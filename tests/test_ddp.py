@@ -1,9 +1,6 @@
 """DDP on two CPU processes (gloo) matches one process with the same global batch (SD and SDXL)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +8,6 @@ import pytest
 import torch
 
 from adi_lightning.callbacks import RankConsistencyCallback
-from adi_lightning.cli import RUN_DIR_ENV
 from adi_lightning.identifier import read_identifier
 
 pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
@@ -34,27 +30,13 @@ CASES = [("sd", "absolute"), ("sd", "projection"), ("sdxl", "absolute")]
 MOVEMENT_FRACTION_BOUND = 0.02
 
 
-def _run_cli(args: list[str], devices: int) -> None:
-    """Run the CLI in a fresh process (DDP re-launches the command line), one thread per rank."""
-    if devices > 1:
-        args = [*args, "--trainer.strategy=ddp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop(RUN_DIR_ENV, None)
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _fit(root: Path, pipeline: str, data: str, devices: int, batch_size: int, statistic: str, *extra: str) -> torch.Tensor:
-    args = [
-        sys.executable, "-m", "adi_lightning", "fit", "--config", "experiments/tiny.yaml",
-        f"--model.pretrained_model_name_or_path={pipeline}", f"--data.root={data}",
-        f"--trainer.default_root_dir={root}", "--trainer.max_steps=4", "--trainer.val_check_interval=100",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.accelerator=cpu", f"--trainer.devices={devices}", f"--data.batch_size={batch_size}",
-        "--data.repeats=4", "--model.weight_decay=0.01", f"--model.mask_statistic={statistic}", *extra,
-    ]
-    _run_cli(args, devices)
-    (run,) = [p for p in root.iterdir() if p.is_dir()]  # one run folder, shared by both ranks
+def _fit(short_fit, root: Path, pipeline: str, devices: int, batch_size: int, statistic: str, *extra: str) -> torch.Tensor:
+    """A 4-step fit in a fresh process (DDP re-launches the command line), one thread per rank."""
+    strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
+    run = short_fit(root, "--trainer.val_check_interval=100", "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                    f"--data.batch_size={batch_size}", "--data.repeats=4", "--model.weight_decay=0.01",
+                    f"--model.mask_statistic={statistic}", *extra, *strategy, steps=4, in_process=False,
+                    pipeline=pipeline)  # one run folder, shared by both ranks
     return read_identifier(run / "identifier.safetensors")[0]
 
 
@@ -65,23 +47,24 @@ def _initial_rows(pipeline: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family,statistic", CASES)
-def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(family, statistic, tiny_data, tmp_path, request):
+def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(family, statistic, short_fit, tmp_path, request):
     pipeline = request.getfixturevalue(PIPELINES[family])
-    single = _fit(tmp_path / "one", pipeline, tiny_data, 1, 1, statistic, "--trainer.accumulate_grad_batches=2")
-    ddp = _fit(tmp_path / "two", pipeline, tiny_data, 2, 1, statistic)
+    single = _fit(short_fit, tmp_path / "one", pipeline, 1, 1, statistic, "--trainer.accumulate_grad_batches=2")
+    ddp = _fit(short_fit, tmp_path / "two", pipeline, 2, 1, statistic)
     assert not torch.equal(single[0], single[-1])  # rows started equal (initializer) and trained apart
     assert torch.equal(single, ddp), f"max difference {(single - ddp).abs().max().item():.3g}"
-    batched = _fit(tmp_path / "batched", pipeline, tiny_data, 1, 2, statistic)  # batch-2 kernels
+    batched = _fit(short_fit, tmp_path / "batched", pipeline, 1, 2, statistic)  # batch-2 kernels
     moved = (ddp - _initial_rows(pipeline)).abs().max().item()
     gap = (batched - ddp).abs().max().item()
     assert gap <= MOVEMENT_FRACTION_BOUND * moved, f"gap {gap:.3g}, movement {moved:.3g}"
 
 
-def test_multi_start_under_two_ranks_matches_one_rank(tiny_pipeline, tiny_data, tmp_path):
+def test_multi_start_under_two_ranks_matches_one_rank(short_fit, tiny_pipeline, tmp_path):
     """Every rank scores the starts on the same draws and continues the same one (rank 0's choice)."""
     starts = ("--model.starts=2", "--model.start_steps=1")
-    single = _fit(tmp_path / "one", tiny_pipeline, tiny_data, 1, 1, "absolute", *starts, "--trainer.accumulate_grad_batches=2")
-    ddp = _fit(tmp_path / "two", tiny_pipeline, tiny_data, 2, 1, "absolute", *starts)
+    single = _fit(short_fit, tmp_path / "one", tiny_pipeline, 1, 1, "absolute", *starts,
+                  "--trainer.accumulate_grad_batches=2")
+    ddp = _fit(short_fit, tmp_path / "two", tiny_pipeline, 2, 1, "absolute", *starts)
     assert torch.equal(single, ddp), f"max difference {(single - ddp).abs().max().item():.3g}"
     chosen = [json.loads(read_identifier(f)[1]["starts"]) for f in sorted(tmp_path.glob("*/*/identifier.safetensors"))]
     assert len(chosen) == 2 and chosen[0] == chosen[1] and chosen[0]["chosen"] in (1, 2)
@@ -101,7 +84,7 @@ def test_rank_divergence_is_detected(monkeypatch):
         RankConsistencyCallback().on_train_batch_end(trainer, module, None, None, 0)
 
 
-def test_predict_on_two_ranks_writes_the_whole_grid(tiny_pipeline, tmp_path):
+def test_predict_on_two_ranks_writes_the_whole_grid(short_fit, tiny_pipeline, tmp_path):
     from PIL import Image
 
     from adi_lightning.module import ADIModule
@@ -110,11 +93,10 @@ def test_predict_on_two_ranks_writes_the_whole_grid(tiny_pipeline, tmp_path):
     grids = []
     for devices in (1, 2):
         root = tmp_path / f"predict{devices}"
-        args = [sys.executable, "-m", "adi_lightning", "predict", "--config", "experiments/tiny.yaml",
-                f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--model.identifier_path={identifier}",
-                "--data.root=null", "--model.num_inference_steps=2", f"--trainer.default_root_dir={root}",
-                "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", f"--trainer.devices={devices}"]
-        _run_cli(args, devices)
+        strategy = ["--trainer.strategy=ddp"] if devices > 1 else []
+        short_fit(root, f"--model.identifier_path={identifier}", "--model.num_inference_steps=2",
+                  "--trainer.accelerator=cpu", f"--trainer.devices={devices}", *strategy, subcommand="predict",
+                  data="null", in_process=False)
         (grid,) = root.glob("*/images/predict_step*.png")
         assert len(list(root.glob("*/images/predict/*.png"))) == 6  # 2 prompts x 3 seeds
         grids.append(Image.open(grid).tobytes())

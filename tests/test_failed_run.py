@@ -11,21 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from adi_lightning.cli import main
 from adi_lightning.identifier import read_identifier
 
 pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
-REPO = Path(__file__).resolve().parents[1]
 LAST_GOOD_FILE = "identifier_last_good.safetensors"  # the name docs/outputs.md documents
 
 
-def fit(pipeline: str, data: str, root: Path, steps: int) -> None:
-    main(args=["fit", "--config", str(REPO / "experiments" / "tiny.yaml"),
-               f"--model.pretrained_model_name_or_path={pipeline}", f"--data.root={data}",
-               f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
-               "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1",
-               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+# Every fit here: no validation, the training loss logged at every step.
+FLAGS = ("--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1")
 
 
 def only_run(root: Path) -> Path:
@@ -40,12 +34,12 @@ def logged_steps(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def one_step_identifier(tiny_pipeline, tiny_data, tmp_path_factory):
+def one_step_identifier(short_fit, tmp_path_factory):
     """The identifier of a clean one-step fit: what the failed runs below must keep."""
     root = tmp_path_factory.mktemp("clean")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.argv", ["adi_lightning"])
-        fit(tiny_pipeline, tiny_data, root, steps=1)
+        short_fit(root, *FLAGS, steps=1)
     return read_identifier(only_run(root) / "identifier.safetensors")
 
 
@@ -54,7 +48,7 @@ ERRORS = {"nan_loss": None, "exception": RuntimeError("boom in step 2"), "ctrl_c
 
 @pytest.mark.parametrize("kind", list(ERRORS))
 def test_a_fit_failing_after_steps_keeps_its_folder_with_the_last_good_identifier(
-        kind, one_step_identifier, tiny_pipeline, tiny_data, tmp_path, capsys, fail_fit_at, monkeypatch):
+        kind, one_step_identifier, short_fit, tmp_path, capsys, fail_fit_at, monkeypatch):
     error = ERRORS[kind]
     fail_fit_at(2, error)
     # After a KeyboardInterrupt Lightning sets SIGINT to "ignore": keep that out of the test process.
@@ -62,7 +56,7 @@ def test_a_fit_failing_after_steps_keeps_its_folder_with_the_last_good_identifie
     root = tmp_path / "runs"
     expected_exit = RuntimeError if kind == "exception" else SystemExit  # a bug keeps its traceback
     with pytest.raises(expected_exit) as info:
-        fit(tiny_pipeline, tiny_data, root, steps=4)
+        short_fit(root, *FLAGS, steps=4)
     if expected_exit is SystemExit:
         assert info.value.code == 1
     run = only_run(root)
@@ -82,11 +76,11 @@ def test_a_fit_failing_after_steps_keeps_its_folder_with_the_last_good_identifie
     assert not list(run.rglob(".*.tmp"))
 
 
-def test_a_fit_failing_at_its_first_step_leaves_no_folder(tiny_pipeline, tiny_data, tmp_path, capsys, fail_fit_at):
+def test_a_fit_failing_at_its_first_step_leaves_no_folder(short_fit, tmp_path, capsys, fail_fit_at):
     fail_fit_at(0)
     root = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
-        fit(tiny_pipeline, tiny_data, root, steps=4)
+        short_fit(root, *FLAGS, steps=4)
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert "adi_lightning: error: non-finite training loss (nan) at global step 0" in err

@@ -18,28 +18,20 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from adi_lightning.cli import main
-from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.identifier import read_identifier
-from adi_lightning.module import ADIModule
 
 pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "experiments" / "tiny.yaml"
-QUIET = ["--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+NO_VAL = "--trainer.limit_val_batches=0"
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", "SLURM_STEP_ID",
              "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
              "SLURM_NODELIST", "SLURM_NTASKS_PER_NODE")
 
 
-def _fit_args(pipeline: str, data: str, root: Path, steps: int, *extra: str) -> list[str]:
-    return ["fit", "--config", str(TINY), f"--model.pretrained_model_name_or_path={pipeline}", f"--data.root={data}",
-            f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}", *QUIET, *extra]
-
-
-def test_sigterm_exits_143_naming_a_checkpoint_that_resumes(tiny_pipeline, tiny_data, tmp_path):
+def test_sigterm_exits_143_naming_a_checkpoint_that_resumes(short_fit, tmp_path):
     root = tmp_path / "runs"
-    args = _fit_args(tiny_pipeline, tiny_data, root, 10_000, "--trainer.callbacks.every_n_train_steps=2")
+    args = short_fit.args(root, NO_VAL, "--trainer.callbacks.every_n_train_steps=2", steps=10_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "adi_lightning", *args], cwd=REPO, env=env,  # this checkout
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -66,7 +58,7 @@ def test_sigterm_exits_143_naming_a_checkpoint_that_resumes(tiny_pipeline, tiny_
     assert command[:3] == ["python", "-m", "adi_lightning"]
     resumed_root, straight_root = tmp_path / "resumed", tmp_path / "straight"
     main(args=[*command[3:], f"--trainer.default_root_dir={resumed_root}", f"--trainer.max_steps={step + 2}"])
-    main(args=_fit_args(tiny_pipeline, tiny_data, straight_root, step + 2))
+    short_fit(straight_root, NO_VAL, steps=step + 2)
     [resumed] = list(resumed_root.glob("*/identifier.safetensors"))
     [straight] = list(straight_root.glob("*/identifier.safetensors"))
     assert read_identifier(resumed)[1]["global_step"] == str(step + 2)
@@ -84,31 +76,26 @@ class _SigtermAt(L.Callback):
             trainer._signal_connector.received_sigterm = True
 
 
-def _fit(pipeline, data, root, max_steps, ckpt_path=None, callbacks=()):
-    L.seed_everything(0)
-    module = ADIModule(pipeline, mask_threshold=0.5, weight_decay=0.01, learning_rate=0.05)
-    dm = ActionTripleDataModule(root=data, action="jumping", resolution=32, batch_size=1, repeats=2, seed=5)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
-                        accumulate_grad_batches=2, callbacks=[ModelCheckpoint(dirpath=root / "ckpt"), *callbacks])
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return module.identifier.embedding.detach().clone(), trainer
+def _accumulating(short_fit, root, max_steps, ckpt_path=None, callbacks=()):
+    """Batch 1, two batches per optimizer step (accumulate_grad_batches=2), a checkpoint per epoch."""
+    return short_fit.trainer(root, max_steps, callbacks=[ModelCheckpoint(dirpath=root / "ckpt"), *callbacks],
+                             ckpt_path=ckpt_path, batch_size=1, accumulate_grad_batches=2)
 
 
 def test_sigterm_mid_accumulation_checkpoints_at_the_next_step_and_resumes_bit_identically(
-        tiny_pipeline, tiny_data, tmp_path):
+        short_fit, tmp_path):
     # Batches 0-1 are step 1, batches 2-3 step 2: the signal after batch 2 is in the middle of step 2.
     with pytest.raises(SystemExit):
-        _fit(tiny_pipeline, tiny_data, tmp_path / "stopped", 4, callbacks=[_SigtermAt(2)])
+        _accumulating(short_fit, tmp_path / "stopped", 4, callbacks=[_SigtermAt(2)])
     [ckpt] = (tmp_path / "stopped").glob("stopped-step=*.ckpt")
     assert ckpt.name == "stopped-step=2.ckpt"
-    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path / "resumed", 4, ckpt_path=str(ckpt))
-    straight, _ = _fit(tiny_pipeline, tiny_data, tmp_path / "straight", 4)
+    resumed, trainer = _accumulating(short_fit, tmp_path / "resumed", 4, ckpt_path=str(ckpt))
+    straight, _ = _accumulating(short_fit, tmp_path / "straight", 4)
     assert trainer.global_step == 4
     assert torch.equal(resumed, straight)
 
 
-def test_a_requeued_single_task_slurm_job_resumes_in_its_run_folder(tiny_pipeline, tiny_data, tmp_path,
+def test_a_requeued_single_task_slurm_job_resumes_in_its_run_folder(short_fit, tmp_path,
                                                                      monkeypatch, capsys):
     for name in SLURM_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -117,7 +104,7 @@ def test_a_requeued_single_task_slurm_job_resumes_in_its_run_folder(tiny_pipelin
         monkeypatch.setenv(name, value)
     root = tmp_path / "runs"
     every_two = "--trainer.callbacks.every_n_train_steps=2"
-    main(args=_fit_args(tiny_pipeline, tiny_data, root, 2, every_two))
+    short_fit(root, NO_VAL, every_two, steps=2)
     run = root / "fit-slurm4242"
     assert [p.name for p in root.iterdir()] == [run.name]
     # Lightning's requeue handler saves hpc_ckpt_N.ckpt in the run folder (trainer.default_root_dir).
@@ -126,20 +113,19 @@ def test_a_requeued_single_task_slurm_job_resumes_in_its_run_folder(tiny_pipelin
     capsys.readouterr()
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
-    main(args=_fit_args(tiny_pipeline, tiny_data, root, 4, every_two))
+    short_fit(root, NO_VAL, every_two, steps=4)
     err = capsys.readouterr().err
     assert f"adi_lightning: SLURM restarted this job (1 time(s)): resuming from {run / 'hpc_ckpt_1.ckpt'}" in err
     assert [p.name for p in root.iterdir()] == [run.name]
     assert read_identifier(run / "identifier.safetensors")[1]["global_step"] == "4"
 
 
-def test_ctrl_c_exits_1_naming_the_newest_checkpoint(tiny_pipeline, tiny_data, tmp_path, capsys, fail_fit_at,
+def test_ctrl_c_exits_1_naming_the_newest_checkpoint(short_fit, tmp_path, capsys, fail_fit_at,
                                                      monkeypatch):
     fail_fit_at(2, KeyboardInterrupt())
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # Lightning ignores SIGINT after a Ctrl+C
-    args = _fit_args(tiny_pipeline, tiny_data, tmp_path / "runs", 4, "--trainer.callbacks.every_n_train_steps=1")
     with pytest.raises(SystemExit) as info:
-        main(args=args)
+        short_fit(tmp_path / "runs", NO_VAL, "--trainer.callbacks.every_n_train_steps=1", steps=4)
     assert info.value.code == 1
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("adi_lightning: stopped by")]
     assert line.startswith("adi_lightning: stopped by SIGINT at step 2; resume with: python -m adi_lightning fit "), line

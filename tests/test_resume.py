@@ -2,45 +2,37 @@
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from adi_lightning.data import ActionTripleDataModule, GlobalBatchSampler
-from adi_lightning.module import ADIModule
+from adi_lightning.data import GlobalBatchSampler
 
 pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
 
-def _fit(tiny_pipeline, tiny_data, root, max_steps, ckpt_path=None, num_workers=0, **model):
-    L.seed_everything(0)
-    module = ADIModule(tiny_pipeline, **{"mask_threshold": 0.5, "weight_decay": 0.01, "learning_rate": 0.05, **model})
-    # 4 anchors x 2 repeats = 8 items, batch 2: 4 batches per epoch, so 6 steps cross an epoch.
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=5,
-                                num_workers=num_workers)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, limit_val_batches=0,
-                        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)])
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return module.identifier.embedding.detach().clone(), trainer
+def _every_step(root):
+    """Keeps a checkpoint of every step in ``root / "ckpt"``: the interruption points."""
+    return ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_pipeline, tiny_data, tmp_path_factory):
-    """One uninterrupted 6-step run; its checkpoints serve as the interruption points."""
+def straight_run(short_fit, tmp_path_factory):
+    """One uninterrupted 6-step run; its checkpoints serve as the interruption points.
+    4 anchors x 2 repeats = 8 items, batch 2: 4 batches per epoch, so 6 steps cross an epoch."""
     root = tmp_path_factory.mktemp("straight")
-    table, _ = _fit(tiny_pipeline, tiny_data, root, 6)
+    table, _ = short_fit.trainer(root, 6, callbacks=[_every_step(root)])
     return table, root / "ckpt"
 
 
 # Mid-epoch 0, exactly at the epoch boundary, and mid-epoch 1 with loader workers (which draw
 # indices before Lightning sets the sampler's epoch).
 @pytest.mark.parametrize("stop_at,workers", [(3, 0), (4, 0), (5, 2)])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_data, tmp_path, stop_at, workers, straight_run):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(short_fit, tmp_path, stop_at, workers, straight_run):
     straight, checkpoints = straight_run
     ckpt = next(checkpoints.glob(f"*step={stop_at}.ckpt"))
-    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path, 6, ckpt_path=str(ckpt), num_workers=workers)
+    resumed, trainer = short_fit.trainer(tmp_path, 6, callbacks=[_every_step(tmp_path)], ckpt_path=str(ckpt),
+                                         num_workers=workers)
     assert trainer.global_step == 6
     assert torch.equal(resumed, straight)
 
@@ -48,24 +40,25 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_pipeline, tiny_dat
 # Multi-start (3 starts x 2 steps, then the best): inside a start, at a start boundary, and after the choice.
 # Start 1 scores best, so the run resumed at step 4 must take its rows from the checkpoint's callback state.
 @pytest.mark.parametrize("stop_at", [1, 4, 7])
-def test_resume_inside_multi_start_is_bit_identical(tiny_pipeline, tiny_data, tmp_path, stop_at, monkeypatch):
+def test_resume_inside_multi_start_is_bit_identical(short_fit, tmp_path, stop_at, monkeypatch):
     from adi_lightning.callbacks import multi_start
 
     monkeypatch.setattr(multi_start, "large_t_anchor_loss", lambda module, *a, **k: {2: 1.0, 4: 3.0, 6: 2.0}[module.global_step])
     starts = dict(starts=3, start_steps=2)
-    straight, _ = _fit(tiny_pipeline, tiny_data, tmp_path / "straight", 8, **starts)
+    straight, _ = short_fit.trainer(tmp_path / "straight", 8, callbacks=[_every_step(tmp_path / "straight")], **starts)
     ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
-    resumed, trainer = _fit(tiny_pipeline, tiny_data, tmp_path / "resumed", 8, ckpt_path=str(ckpt), **starts)
+    resumed, trainer = short_fit.trainer(tmp_path / "resumed", 8, callbacks=[_every_step(tmp_path / "resumed")],
+                                         ckpt_path=str(ckpt), **starts)
     assert trainer.global_step == 8
     assert torch.equal(resumed, straight)
     assert trainer.lightning_module.start_selection == {"chosen": 1, "large_t_losses": [1.0, 3.0, 2.0]}
 
 
-def test_resuming_a_one_start_checkpoint_with_starts_is_refused(tiny_pipeline, tiny_data, tmp_path, straight_run):
+def test_resuming_a_one_start_checkpoint_with_starts_is_refused(short_fit, tmp_path, straight_run):
     ckpt = next(straight_run[1].glob("*step=3.ckpt"))
     with pytest.raises(ValueError, match=r"model.starts=3 x model.start_steps=2, but the checkpoint \(step 3\) was trained "
                                          "without these starts"):
-        _fit(tiny_pipeline, tiny_data, tmp_path, 8, ckpt_path=str(ckpt), starts=3, start_steps=2)
+        short_fit.trainer(tmp_path, 8, callbacks=[_every_step(tmp_path)], ckpt_path=str(ckpt), starts=3, start_steps=2)
 
 
 def test_checkpoint_carries_optimizer_and_rng_state(straight_run):
@@ -104,32 +97,20 @@ def test_sampler_starts_at_the_consumed_batch_of_the_stream():
     assert len(sampler) == 8
     assert sampler.state_dict()["consumed_batches"] == 5 and sampler.state_dict()["epoch"] == 1
 
-def _fit_with(tiny_pipeline, tiny_data, root, max_steps, checkpoint, repeats, ckpt_path=None, num_workers=0):
-    """A run whose checkpoints are written by ``checkpoint`` (a ModelCheckpoint); 4 anchors x
-    ``repeats`` items in batches of 2, so an epoch is 2 x repeats batches."""
-    L.seed_everything(0)
-    module = ADIModule(tiny_pipeline, mask_threshold=0.5, weight_decay=0.01, learning_rate=0.05)
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=repeats, seed=5,
-                                num_workers=num_workers)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, limit_val_batches=0, callbacks=[checkpoint])
-    trainer.fit(module, dm, ckpt_path=ckpt_path)
-    return module.identifier.embedding.detach().clone(), trainer
-
-
 RESUMED_STEPS = 7
 
 
 @pytest.fixture(scope="module")
-def longer_runs(tiny_pipeline, tiny_data, tmp_path_factory):
-    """Uninterrupted RESUMED_STEPS-step runs, one per epoch length (2 and 4 batches)."""
+def longer_runs(short_fit, tmp_path_factory):
+    """Uninterrupted RESUMED_STEPS-step runs, one per epoch length (2 and 4 batches): 4 anchors x
+    ``repeats`` items in batches of 2, so an epoch is 2 x repeats batches."""
     runs = {}
 
     def get(repeats: int) -> torch.Tensor:
         if repeats not in runs:
             root = tmp_path_factory.mktemp(f"longer{repeats}")
-            runs[repeats] = _fit_with(tiny_pipeline, tiny_data, root, RESUMED_STEPS,
-                                      ModelCheckpoint(dirpath=root / "ckpt"), repeats)[0]
+            runs[repeats] = short_fit.trainer(root, RESUMED_STEPS, callbacks=[ModelCheckpoint(dirpath=root / "ckpt")],
+                                              repeats=repeats)[0]
         return runs[repeats]
 
     return get
@@ -150,12 +131,11 @@ EVERY_CHECKPOINT = [
 
 
 @pytest.mark.parametrize("first_steps,interval,repeats,workers", EVERY_CHECKPOINT)
-def test_every_checkpoint_resumes_bit_identically(tiny_pipeline, tiny_data, tmp_path, longer_runs,
+def test_every_checkpoint_resumes_bit_identically(short_fit, tmp_path, longer_runs,
                                                   first_steps, interval, repeats, workers):
     first = tmp_path / "first"
-    _fit_with(tiny_pipeline, tiny_data, first, first_steps,
-              ModelCheckpoint(dirpath=first / "ckpt", every_n_train_steps=interval, save_top_k=-1, save_last=True),
-              repeats)
+    short_fit.trainer(first, first_steps, repeats=repeats, callbacks=[
+        ModelCheckpoint(dirpath=first / "ckpt", every_n_train_steps=interval, save_top_k=-1, save_last=True)])
     checkpoints = sorted((first / "ckpt").glob("*.ckpt"))
     assert any(c.name == "last.ckpt" for c in checkpoints), checkpoints
     straight = longer_runs(repeats)
@@ -163,8 +143,7 @@ def test_every_checkpoint_resumes_bit_identically(tiny_pipeline, tiny_data, tmp_
         root = tmp_path / f"resumed-{ckpt.stem}"
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*dataloader is\\s+not resumable.*")
-            resumed, trainer = _fit_with(tiny_pipeline, tiny_data, root, RESUMED_STEPS,
-                                         ModelCheckpoint(dirpath=root / "ckpt"), repeats, ckpt_path=str(ckpt),
-                                         num_workers=workers)
+            resumed, trainer = short_fit.trainer(root, RESUMED_STEPS, callbacks=[ModelCheckpoint(dirpath=root / "ckpt")],
+                                                 repeats=repeats, ckpt_path=str(ckpt), num_workers=workers)
         assert trainer.global_step == RESUMED_STEPS, ckpt.name
         assert torch.equal(resumed, straight), f"resuming from {ckpt.name} diverged from the uninterrupted run"
