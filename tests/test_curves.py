@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from adi_lightning.cli import main
 from adi_lightning.console import run_summary
 from adi_lightning.identifier import read_identifier
 from adi_lightning.module import ADIModule
@@ -36,19 +35,13 @@ def test_summary_names_every_leak_with_its_untrained_rate(tmp_path):
     assert "leak_pool_appearance" not in text and "_excess" not in text  # unknown rates, derived figures
 
 
-def _fit(tiny_pipeline, tiny_data, root: Path, every: int) -> Path:
-    main(args=["fit", "--config", str(REPO / "experiments" / "tiny.yaml"),
-               f"--model.pretrained_model_name_or_path={tiny_pipeline}", f"--data.root={tiny_data}",
-               f"--trainer.default_root_dir={root}", "--model.num_inference_steps=2",
-               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-               "--model.starts=2", "--model.start_steps=2", "--trainer.max_steps=7",
-               f"--trainer.val_check_interval={every}", "--trainer.log_every_n_steps=1"])
-    (run,) = [p for p in root.iterdir() if p.is_dir()]
-    return run
+def _fit(short_fit, root: Path, every: int) -> Path:
+    return short_fit(root, "--model.num_inference_steps=2", "--model.starts=2", "--model.start_steps=2",
+                     f"--trainer.val_check_interval={every}", "--trainer.log_every_n_steps=1", steps=7)
 
 
 def test_periodic_validation_judges_after_the_starts_and_leaves_the_identifier_bit_identical(
-        tiny_pipeline, tiny_data, tmp_path, monkeypatch):
+        short_fit, tmp_path, monkeypatch):
     """Validation every 2 steps of a 7-step run with 2 starts of 2 steps: those at steps 2 and 4 (inside
     the starts) are skipped, step 6 is judged and so is the last step, 7, though 7 is not a multiple
     of 2. Generation here draws from torch's global RNG on purpose: validation must give the training
@@ -68,8 +61,8 @@ def test_periodic_validation_judges_after_the_starts_and_leaves_the_identifier_b
 
     monkeypatch.setattr(ADIModule, "generate", drawing_generate)
     monkeypatch.setattr(ADIModule, "training_step", recording_step)
-    validated = _fit(tiny_pipeline, tiny_data, tmp_path / "validated", every=2)
-    never = _fit(tiny_pipeline, tiny_data, tmp_path / "never", every=100)
+    validated = _fit(short_fit, tmp_path / "validated", every=2)
+    never = _fit(short_fit, tmp_path / "never", every=100)
 
     grids = sorted(p.name for p in (validated / "images").glob("validation_step*.png"))
     assert grids == ["validation_step000006.png", "validation_step000007.png"]
