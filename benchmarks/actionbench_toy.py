@@ -357,6 +357,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/actionbench_toy_v2)")
     p.add_argument("--data-dir", default=str(REPO / ".cache" / "actionbench_toy"), help="toy folders <folder>/<action>")
     p.add_argument("--quick", action="store_true", help="smoke size: 1 action, seed, folder; 20 steps; init/pplus/adi")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables and figures from the runs already finished in --out; run nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -384,7 +386,7 @@ def main() -> int:
     plan = make_plan(args, yaml.safe_load((PRESETS / "adi.yaml").read_text()).get("mask_threshold"))
     runs = unique_runs(plan)
     records = {k: r for k, s in runs.items() if (r := load_result(out / "runs" / f"{k}.json", s)) is not None}
-    todo = [s for k, s in runs.items() if k not in records]  # in plan order: pairs complete early
+    todo = [] if args.report_only else [s for k, s in runs.items() if k not in records]  # in plan order
     planned_s = sum(map(estimate_s, todo)) / max(1, min(args.jobs, len(todo)))
     print(f"ActionBench-toy v2 -> {out}: {len(runs)} runs ({len(plan['main'])} main, {len(plan['ablations'])} "
           f"ablation, {len(plan['curve'])} curve, shared ones once), {len(records)} already done, {len(todo)} to run "
