@@ -242,16 +242,21 @@ def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, t
     assert (tmp_path / "images").is_dir()
 
 
-@pytest.mark.e2e
-def test_a_fit_that_validates_twice_generates_the_untrained_images_once(make_module, tiny_data, tmp_path):
-    module = make_module(judge=FixedJudge())
-    untrained = count_untrained(module)
+def _fit_validating_twice(module, tiny_data, root) -> None:
+    """Two steps on the tiny folder, validating (cat, dog x seeds 0, 1) after each."""
     dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, eval_subjects=["cat", "dog"],
                                 validation_seeds=[0, 1], repeats=1)
     trainer = L.Trainer(max_steps=2, val_check_interval=1, num_sanity_val_steps=0, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
+                        default_root_dir=root)
     trainer.fit(module, dm)
+
+
+@pytest.mark.e2e
+def test_a_fit_that_validates_twice_generates_the_untrained_images_once(make_module, tiny_data, tmp_path):
+    module = make_module(judge=FixedJudge())
+    untrained = count_untrained(module)
+    _fit_validating_twice(module, tiny_data, tmp_path)
     reports = sorted(tmp_path.glob("metrics/validation_step*.json"))
     assert [r.stem for r in reports] == ["validation_step000001", "validation_step000002"]
     assert untrained[0] == 4  # 2 prompts x 2 seeds, judged once for both validations
@@ -290,12 +295,7 @@ def test_the_action_word_reference_uses_the_word_and_is_generated_once(make_modu
         return generate(prompts, seeds, table)
 
     module.generate = recording
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, eval_subjects=["cat", "dog"],
-                                validation_seeds=[0, 1], repeats=1)
-    trainer = L.Trainer(max_steps=2, val_check_interval=1, num_sanity_val_steps=0, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        default_root_dir=tmp_path)
-    trainer.fit(module, dm)
+    _fit_validating_twice(module, tiny_data, tmp_path)
     assert sorted(drawn) == [(f"a photo of a {s} jumping", i) for s in ("cat", "dog") for i in (0, 1)]
     assert untrained[0] == 4
     for report in sorted(tmp_path.glob("metrics/validation_step*.json")):
