@@ -307,7 +307,7 @@ def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] 
     if data["curve"]:
         text.append(format_table(f"curve (adi, {args.curve_action}, {args.curve_folder})", data["curve"], metrics, cell))
     if figures is not None:
-        text.append("figures: " + ", ".join(str(p) for p in write_figures(data, metrics, args, figures)))
+        text.append("figures: " + ", ".join(p.name for p in write_figures(data, metrics, args, figures)))
     return "\n\n".join(text), data
 
 
