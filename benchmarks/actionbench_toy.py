@@ -3,12 +3,12 @@
 Each run (method, action, seed, toy folder) fits through ``experiments/toy_<action>.yaml`` plus
 ``configs/model/<method>.yaml`` in its own subprocess, then tests; its numbers are the ones the test
 stage wrote (``metrics/test_step*.json``), kept atomically in ``<out>/runs/`` and reused on a rerun.
-Tables: per folder, every metric per method; paired differences; the ablations; ADI's threshold
-curve. Image-level metrics get 95% intervals that resample the judged images of each run
+Tables: per folder, every metric per method; paired differences; the ablations; the β curves
+of the shipped ADI and the channel-mask preset. Image-level metrics get 95% intervals that resample the judged images of each run
 (``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
 over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (500 steps, 8 starts), about 2.5 h
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (147 runs of 500 steps), many hours
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -39,10 +39,13 @@ PRESETS = REPO / "configs" / "model"
 # init: the untrained identifier (every row = the initializer word), tested without fit; the bar
 # a method must clear. It is built with the TI preset (no partners to load); nothing is trained.
 PRESET_OF = {"init": "ti"}
-MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi")
+MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi", "adi_channel")
 ABLATIONS = ("adi_no_layerwise", "adi_context_only", "adi_action_only")
 FOLDERS = TOY_DIFFICULTIES
-COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"))
+COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_channel", "pplus"))
+# β curves: the shipped default (β blends the raw gradient into the projection, 0 = full projection) and
+# the channel-mask preset (β is each test's per-row quantile, > 0); 1.0 is P+ for both.
+CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)}
 # Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
 # seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
 EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
@@ -61,20 +64,28 @@ def run_key(s: dict) -> str:
     return f"{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-{s['test_seeds']}ts{beta}"
 
 
-def make_plan(args, preset_beta: float | None) -> dict[str, list[dict]]:
-    """The runs of each part: main, ablations (with ADI beside them), curve ((beta, spec) pairs)."""
+def curve_betas(args, method: str) -> list[float]:
+    """The β values of ``method``'s curve: ``--curve-betas`` when given, else :data:`CURVE_BETAS`."""
+    return list(CURVE_BETAS[method]) if args.curve_betas is None else list(args.curve_betas)
+
+
+def make_plan(args, preset_betas: dict[str, float]) -> dict[str, list]:
+    """The runs of each part: main, ablations (with ADI beside them), curve ((method, action, beta, spec)
+    tuples; a β equal to the method's preset is the preset's own run)."""
     starts = getattr(args, "starts", 1)
     main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts)
             for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
     ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds, starts=starts)
                  for s in args.seeds for m in ("adi", *args.ablations)] if args.ablations else []
-    curve = [(b, spec("adi", args.curve_action, args.curve_folder, s, args.steps, args.test_seeds,
-                      None if b == preset_beta else b, starts)) for b in args.curve_betas for s in args.curve_seeds]
+    curve = [(m, a, b, spec(m, a, args.curve_folder, s, args.steps, args.test_seeds,
+                            None if b == preset_betas.get(m) else b, starts))
+             for m in args.curve_methods for a in args.curve_actions for b in curve_betas(args, m)
+             for s in args.curve_seeds]
     return {"main": main, "ablations": ablations, "curve": curve}
 
 
 def unique_runs(plan: dict) -> dict[str, dict]:
-    runs = [*plan["main"], *plan["ablations"], *(s for _, s in plan["curve"])]
+    runs = [*plan["main"], *plan["ablations"], *(c[-1] for c in plan["curve"])]
     return {run_key(s): s for s in runs}  # a run planned twice (e.g. ADI at the preset's beta) runs once
 
 
@@ -295,7 +306,9 @@ def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] 
             "paired": {f"{a}-{b}": paired_images(main, a, b, diff_metrics, args.folders, rows_of or {})
                        for a, b in COMPARISONS if a in args.methods and b in args.methods},
             "ablations": by_column([(s["method"], s) for s in plan["ablations"]], records, metrics, rows_of),
-            "curve": by_column([(f"beta={b:g}", s) for b, s in plan["curve"]], records, metrics, rows_of)}
+            "curve": {f"{m}, {a}": by_column([(f"beta={b:g}", s) for m2, a2, b, s in plan["curve"] if (m2, a2) == (m, a)],
+                                             records, metrics, rows_of)
+                      for m, a in dict.fromkeys((m, a) for m, a, _, _ in plan["curve"])}}
     n = len(args.actions) * len(args.seeds)
     text = [format_table(f"{f}: over {n} (action, seed); [95% CI over images]", cols, metrics, cell)
             for f, cols in data["main"].items()]
@@ -304,8 +317,8 @@ def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] 
     if data["ablations"]:
         text.append(format_table(f"ablations ({args.ablation_action}, {args.ablation_folder}): over seeds",
                                  data["ablations"], metrics, cell))
-    if data["curve"]:
-        text.append(format_table(f"curve (adi, {args.curve_action}, {args.curve_folder})", data["curve"], metrics, cell))
+    text += [format_table(f"curve ({name}, {args.curve_folder}): over seeds {args.curve_seeds}", cols, metrics, cell)
+             for name, cols in data["curve"].items()]
     if figures is not None:
         text.append("figures: " + ", ".join(p.name for p in write_figures(data, metrics, args, figures)))
     return "\n\n".join(text), data
@@ -328,11 +341,15 @@ def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Pa
         if len(with_interval(cols)) > 1:
             written.append(_images.bars_figure(with_interval(cols), shown, folder / f"bars_{f}.png",
                                                f"ActionBench-toy v2, {f}: {', '.join(args.actions)}, seeds {args.seeds}"))
-    if data["curve"]:
-        points = {float(c.split("=", 1)[1]): v for c, v in with_interval(data["curve"]).items()}
-        written.append(_images.curve_figure({f"adi, {args.curve_action}": points}, shown,
-                                            folder / f"curve_{args.curve_action}_{args.curve_folder}.png",
-                                            f"β curve: {args.curve_action}, {args.curve_folder}, seeds {args.curve_seeds}"))
+    for action in args.curve_actions:  # one figure per action, a line per method (β = 1.0 is P+ for both)
+        lines = {name.split(", ")[0]: {float(c.split("=", 1)[1]): v for c, v in with_interval(cols).items()}
+                 for name, cols in data["curve"].items() if name.endswith(f", {action}")}
+        if any(lines.values()):
+            written.append(_images.curve_figure(
+                {m: points for m, points in lines.items() if points}, shown,
+                folder / f"curve_{action}_{args.curve_folder}.png",
+                f"β curve: {action}, {args.curve_folder}, seeds {args.curve_seeds} "
+                "(adi: blend weight; adi_channel: per-row quantile)"))
     return written
 
 
@@ -349,10 +366,13 @@ def main() -> int:
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS, help="empty: skip")
     p.add_argument("--ablation-action", default="jumping", choices=ACTIONS)
     p.add_argument("--ablation-folder", default="shared", choices=FOLDERS)
-    p.add_argument("--curve-betas", nargs="*", type=float, default=[0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], help="empty: skip")
-    p.add_argument("--curve-action", default="jumping", choices=ACTIONS)
+    p.add_argument("--curve-methods", nargs="*", default=list(CURVE_BETAS), choices=list(CURVE_BETAS),
+                   help="methods whose β curve is measured (empty: skip)")
+    p.add_argument("--curve-betas", nargs="*", type=float, default=None,
+                   help="β values of every curve (default: each method's, CURVE_BETAS; empty: skip)")
+    p.add_argument("--curve-actions", nargs="+", default=["jumping"], choices=ACTIONS)
     p.add_argument("--curve-folder", default="shared", choices=FOLDERS)
-    p.add_argument("--curve-seeds", nargs="+", type=int, default=[3])
+    p.add_argument("--curve-seeds", nargs="+", type=int, default=[3, 4, 5])
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one subprocess each")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/actionbench_toy_v2)")
     p.add_argument("--data-dir", default=str(REPO / ".cache" / "actionbench_toy"), help="toy folders <folder>/<action>")
@@ -366,7 +386,7 @@ def main() -> int:
     if args.quick:
         args.actions, args.seeds, args.folders = args.actions[:1], args.seeds[:1], args.folders[:1]
         args.steps, args.starts, args.test_seeds, args.methods = 20, 1, 1, ["init", "pplus", "adi"]
-        args.ablations, args.curve_betas = [], []
+        args.ablations, args.curve_methods = [], []
     import yaml
 
     if args.steps is None:
@@ -383,7 +403,16 @@ def main() -> int:
     default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
     out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
 
-    plan = make_plan(args, yaml.safe_load((PRESETS / "adi.yaml").read_text()).get("mask_threshold"))
+    from adi_lightning.masking import check_threshold
+
+    presets = {m: yaml.safe_load((PRESETS / f"{m}.yaml").read_text()) for m in args.curve_methods}
+    for m, preset in presets.items():  # a β the preset's statistic refuses would fail every such run at setup
+        for b in curve_betas(args, m):
+            try:
+                check_threshold(b, preset.get("mask_statistic", "projection"), key=f"--curve-betas ({m})")
+            except ValueError as error:
+                p.error(str(error))
+    plan = make_plan(args, {m: preset.get("mask_threshold") for m, preset in presets.items()})
     runs = unique_runs(plan)
     records = {k: r for k, s in runs.items() if (r := load_result(out / "runs" / f"{k}.json", s)) is not None}
     todo = [] if args.report_only else [s for k, s in runs.items() if k not in records]  # in plan order

@@ -23,8 +23,9 @@ def record(method, action, seed, folder, beta=None, **metrics):
 def args(**over):
     base = dict(actions=["jumping", "kicking", "squatting"], seeds=[3, 4, 5], folders=["shared", "diverse"],
                 methods=list(bench.MAIN_METHODS), steps=300, test_seeds=4, ablations=list(bench.ABLATIONS),
-                ablation_action="jumping", ablation_folder="shared", curve_betas=[0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
-                curve_action="jumping", curve_folder="shared", curve_seeds=[3])
+                ablation_action="jumping", ablation_folder="shared", curve_betas=None,
+                curve_methods=["adi", "adi_channel"], curve_actions=["jumping"], curve_folder="shared",
+                curve_seeds=[3])
     return argparse.Namespace(**{**base, **over})
 
 
@@ -122,18 +123,38 @@ def test_json_safe_turns_nan_into_null():
 
 # ------------------------------------------------------------------ plan
 def test_default_plan_sizes_and_shared_runs():
-    plan = bench.make_plan(args(), preset_beta=0.5)
-    assert len(plan["main"]) == 5 * 3 * 3 * 2
-    assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6
+    plan = bench.make_plan(args(), preset_betas={"adi": 0.0, "adi_channel": 0.5})
+    assert len(plan["main"]) == 6 * 3 * 3 * 2
+    assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6 + 6
     runs = bench.unique_runs(plan)
-    # ADI on (jumping, shared) is in the main table; ADI at the preset's beta is that same run
-    assert len(runs) == 90 + 9 + 5
-    assert sum(bench.estimate_s(s) for s in runs.values()) / 2 < 3 * 3600
+    # ADI and the channel preset on (jumping, shared, seed 3) are in the main table; each curve's point at
+    # its preset's β is that same run
+    assert len(runs) == 108 + 9 + 5 + 5
+    curve_keys = {bench.run_key(c[-1]) for c in plan["curve"]}
+    assert bench.run_key(bench.spec("adi_channel", "jumping", "shared", 3, 300, 4)) in curve_keys
+    assert bench.run_key(bench.spec("adi", "jumping", "shared", 3, 300, 4)) in curve_keys
+
+
+def test_curve_betas_are_each_methods_unless_given():
+    assert bench.curve_betas(args(), "adi")[0] == 0.0 and bench.curve_betas(args(), "adi_channel")[0] == 0.1
+    assert bench.curve_betas(args(curve_betas=[0.5, 1.0]), "adi") == [0.5, 1.0]
+    plan = bench.make_plan(args(curve_betas=[], curve_methods=["adi"]), preset_betas={"adi": 0.0})
+    assert plan["curve"] == []
+
+
+def test_a_beta_the_channel_preset_refuses_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["actionbench_toy.py", "--curve-methods", "adi_channel", "--curve-betas", "0",
+                                      "1", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    err = capsys.readouterr().err
+    assert "--curve-betas (adi_channel)=0" in err and "keep no channel" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_quick_plan_is_three_runs():
     plan = bench.make_plan(args(actions=["jumping"], seeds=[3], folders=["shared"], methods=["init", "pplus", "adi"],
-                                steps=20, test_seeds=1, ablations=[], curve_betas=[]), preset_beta=0.5)
+                                steps=20, test_seeds=1, ablations=[], curve_methods=[]), preset_betas={})
     assert len(bench.unique_runs(plan)) == 3
 
 
@@ -211,7 +232,7 @@ def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, cap
     monkeypatch.setattr(bench, "launch", fake_launch)
     monkeypatch.setattr(export, "ensure_action_folder", lambda *a, **k: None)
     argv = ["actionbench_toy.py", "--methods", "init", "pplus", "adi", "--actions", "jumping", "--folders", "shared",
-            "--seeds", "3", "4", "--ablations", "--curve-betas", "--out", str(tmp_path / "out"),
+            "--seeds", "3", "4", "--ablations", "--curve-methods", "--out", str(tmp_path / "out"),
             "--data-dir", str(tmp_path / "data")]
     monkeypatch.setattr(sys, "argv", argv)
     assert bench.main() == 1  # one run failed
@@ -271,3 +292,37 @@ def test_figures_are_written(tmp_path):
     curve = _images.curve_figure({"adi": {0.0: point, 1.0: point}}, list(point), tmp_path / "c.png", "t")
     bars = _images.bars_figure({"adi": point, "pplus": point}, list(point), tmp_path / "b.png", "t")
     assert curve.read_bytes()[:4] == bars.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, monkeypatch):
+    import json
+
+    import adi_lightning.toy.export as export
+    from adi_lightning.io import atomic_write_json
+
+    launched = []
+
+    def fake_launch(s, out, data_dir):
+        launched.append(bench.run_key(s))
+        value = {"pplus": 0.1, "adi": 0.9, "adi_channel": 0.8}[s["method"]] - (s["beta"] or 0.0) / 2
+        atomic_write_json(out / "runs" / f"{bench.run_key(s)}.json",
+                          {"spec": s, "metrics": {"action_acc": value, "clean_both_correct": value}})
+        return 0, 0.1
+
+    monkeypatch.setattr(bench, "launch", fake_launch)
+    monkeypatch.setattr(export, "ensure_action_folder", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", [
+        "actionbench_toy.py", "--methods", "pplus", "adi", "adi_channel", "--actions", "jumping", "kicking",
+        "--folders", "shared", "--seeds", "3", "--ablations", "--curve-actions", "jumping", "kicking",
+        "--curve-seeds", "3", "--curve-betas", "0.5", "1", "--out", str(tmp_path / "out"),
+        "--data-dir", str(tmp_path / "data")])
+    assert bench.main() == 0
+    # main: 3 methods x 2 actions; curves: adi at 0.5 and 1.0, adi_channel at 1.0 (0.5 is its preset's run)
+    assert len(launched) == 6 + 2 * 2 + 2 and len(set(launched)) == len(launched)
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert list(table["curve"]) == ["adi, jumping", "adi, kicking", "adi_channel, jumping", "adi_channel, kicking"]
+    assert table["curve"]["adi_channel, kicking"]["beta=0.5"]["action_acc"]["mean"] == pytest.approx(0.8)
+    assert table["curve"]["adi, jumping"]["beta=1"]["action_acc"]["mean"] == pytest.approx(0.4)
+    assert "adi_channel-pplus" in table["paired"]
+    for action in ("jumping", "kicking"):
+        assert (tmp_path / "out" / f"curve_{action}_shared.png").stat().st_size > 0
