@@ -14,7 +14,9 @@ The flow time ``u`` in ``[0, 1)`` is drawn by ``kind`` (the ``model.timestep_sam
 :mod:`adi_lightning.diffusion` on ``u = t / T``, plus SD3's ``logit_normal``), then shifted:
 ``sigma = s u / (1 + (s - 1) u)`` with the scheduler's ``shift`` s (SD3: 3.0), which moves the draws
 towards noise as the scheduler's own sigma table does (diffusers' SD3 training scripts index that
-table, so their training sigmas are shifted too).
+table, so their training sigmas are shifted too). Those scripts index it from the noisy end
+(``u = 0`` gives ``sigma = 1``): their ``logit_mean`` m is this module's -m; at m = 0 (SD3's
+setting) the two agree, the logit-normal density being symmetric about 1/2.
 
 No model and no Lightning here: tensors and generators in, tensors out.
 """
@@ -61,8 +63,8 @@ def sample_flow_time(generator: torch.Generator, kind: FlowTimeSampling, large_t
     ``uniform``; ``importance``: density ``1 - 0.5 cos(pi u)`` (ReVersion's weight, Huang et al. 2023, as
     :func:`adi_lightning.diffusion.sample_timestep` on ``t / T``), favouring large u; ``cubic``:
     ``u = 1 - v^3`` for uniform v (diffusers' SDXL LoRA scripts); ``logit_normal``: ``sigmoid(z)``,
-    ``z ~ N(logit_mean, logit_std)`` (Esser et al. 2024, tailored SNR samplers: "lognorm(0.00, 1.00)" ranked best; diffusers'
-    ``compute_density_for_timestep_sampling("logit_normal")``, whose draw it repeats for one item).
+    ``z ~ N(logit_mean, logit_std)`` (Esser et al. 2024, tailored SNR samplers: "lognorm(0.00, 1.00)" ranked
+    best; diffusers' ``compute_density_for_timestep_sampling("logit_normal")``, whose draw it repeats for one item).
     ``large_t`` (a fraction f) overrides ``kind``: uniform in ``[f, 1)``, the large-t phase.
     Raises ValueError for another ``kind`` or a ``large_t`` outside ``[0, 1)``.
     """
