@@ -76,7 +76,9 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, pro
     return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()
 
 
-def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0.18215):
+def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0.18215, latent_channels: int = 4,
+         **config):
+    """A random ``AutoencoderKL``; ``config`` adds its other settings (SD3: ``shift_factor``, no quant convs)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -88,10 +90,11 @@ def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=min(block_out_channels),
         sample_size=32,
         scaling_factor=scaling_factor,
+        **config,
     ).eval()
 
 

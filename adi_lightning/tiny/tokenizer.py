@@ -1,4 +1,4 @@
-"""A tiny byte-level CLIP BPE tokenizer built offline.
+"""Tiny tokenizers built offline: a byte-level CLIP BPE one and a T5 Unigram one (SD3's third encoder).
 
 Why: tests and the CPU demo need a real ``CLIPTokenizer`` (same normaliser, pre-tokeniser, ``</w>``
 suffix, bos/eos handling as SD 1.x) without the 49k-token hub vocabulary. The vocabulary holds the
@@ -10,6 +10,9 @@ a low-ranked pair from another word may fire first and strand a word in pieces. 
 simulate with the real tokenizer and append merges for the stuck pieces until every word is one
 token. Appended merges rank last, so they only fire when nothing else applies: they never change a
 word that already encodes to one token, which makes the repair loop monotone.
+
+The T5 tokenizer (:func:`build_t5_tokenizer`) is a Unigram model as T5's SentencePiece one, built with
+the ``tokenizers``-backed ``T5Tokenizer`` of transformers 5 (which is also ``T5TokenizerFast``).
 """
 
 from __future__ import annotations
@@ -181,3 +184,43 @@ def _check(tok: CLIPTokenizer, words: list[str], vocab: dict[str, int], how: str
         ids = tok(word)["input_ids"]
         if ids != [vocab[BOS], vocab[word_token(word)], vocab[EOS]]:
             raise RuntimeError(f"{how}: {word!r} encodes to {ids}, expected one token")
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+T5_SPACE = "\u2581"  # SentencePiece's word-start mark
+T5_MODEL_MAX_LENGTH = 512
+
+
+def build_t5_tokenizer(words: Iterable[str], out_dir: str | os.PathLike):
+    """Write a tiny T5 Unigram tokenizer (``save_pretrained``) to ``out_dir`` and return it reloaded.
+
+    Pieces: ``<pad>``/``</s>``/``<unk>`` (ids 0/1/2, as T5), ``\u2581``, ``\u2581word`` for each word
+    (one id per word, scored above any split) and every printable ASCII character (so ASCII text never
+    falls to ``<unk>``, as T5's vocabulary covers it); no sentinel ``<extra_id_*>`` tokens. Encoding
+    appends ``</s>`` as T5 does; no normaliser (T5 is case-sensitive). ValueError for an empty word or
+    one with whitespace (T5 splits on it). Checked through ``T5Tokenizer.from_pretrained(out_dir)``.
+    """
+    from transformers import T5Tokenizer
+
+    out: list[str] = []
+    for word in words:
+        if not isinstance(word, str) or not word or any(c.isspace() for c in word):
+            raise ValueError(f"T5 tokenizer words must be non-empty strings without whitespace, got {word!r}")
+        if word not in out:
+            out.append(word)
+    vocab = [(s, 0.0) for s in T5_SPECIALS] + [(T5_SPACE, -2.0)]
+    vocab += [(T5_SPACE + w, -1.0) for w in out]
+    vocab += [(chr(c), -10.0) for c in range(33, 127)]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_MODEL_MAX_LENGTH)
+    path = Path(out_dir)
+    tokenizer.save_pretrained(path)
+    loaded = T5Tokenizer.from_pretrained(path)
+    ids = {piece: i for i, (piece, _) in enumerate(vocab)}
+    if (len(loaded), loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) != (len(vocab), 0, 1, 2):
+        raise RuntimeError(f"T5Tokenizer.from_pretrained: size {len(loaded)} pad/eos/unk {loaded.pad_token_id}/"
+                           f"{loaded.eos_token_id}/{loaded.unk_token_id}, expected {len(vocab)} and 0/1/2")
+    for word in out:
+        if loaded(word)["input_ids"] != [ids[T5_SPACE + word], 1]:
+            raise RuntimeError(f"T5Tokenizer.from_pretrained: {word!r} encodes to {loaded(word)['input_ids']}, "
+                               "expected one token and </s>")
+    return loaded
