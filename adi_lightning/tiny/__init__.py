@@ -1,14 +1,17 @@
-"""Tiny offline Stable Diffusion (1.x- and SDXL-shaped) pipelines and synthetic action data, for tests and the CPU demo."""
+"""Tiny offline Stable Diffusion (1.x-, SDXL- and SD3-shaped) pipelines and synthetic action data, for tests and the CPU demo."""
 
 from .dataset import build_tiny_action_folder
 from .pipeline import DEFAULT_WORDS, build_tiny_pipeline
+from .sd3 import build_tiny_sd3_pipeline
 from .sdxl import build_tiny_sdxl_pipeline
-from .tokenizer import build_clip_tokenizer
+from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 __all__ = [
     "DEFAULT_WORDS",
     "build_clip_tokenizer",
+    "build_t5_tokenizer",
     "build_tiny_action_folder",
     "build_tiny_pipeline",
+    "build_tiny_sd3_pipeline",
     "build_tiny_sdxl_pipeline",
 ]

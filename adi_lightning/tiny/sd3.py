@@ -1,0 +1,147 @@
+"""A tiny, randomly initialised Stable Diffusion 3 pipeline folder (``StableDiffusion3Pipeline``), built offline.
+
+SD3's shape with tiny widths (Esser et al. 2024): an MMDiT (``SD3Transformer2DModel``: joint blocks in
+which the text and image tokens attend together, the last block updating only the image stream), two
+CLIP text encoders with projection (``CLIPTextModelWithProjection``: CLIP ViT-L and OpenCLIP bigG) of
+DIFFERENT widths and projection widths, an optional T5 encoder of yet another width (the transformer's
+``joint_attention_dim``), a 16-channel VAE with SD3's ``scaling_factor`` and ``shift_factor``, and a
+``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3.0.
+
+``StableDiffusion3Pipeline.encode_prompt`` builds the context as: CLIP-L and CLIP-G penultimate hidden
+states concatenated on channels, zero-padded to the T5 width, then concatenated with T5's last hidden
+state along tokens (zeros when there is no T5); the pooled embedding is both CLIP projections
+concatenated. So ``joint_attention_dim`` = T5 width >= sum of the CLIP widths, and
+``pooled_projection_dim`` = sum of the projection widths. Without T5 the folder has no
+``text_encoder_3``/``tokenizer_3`` (``model_index.json`` lists them as null), as users drop T5; stock
+diffusers then loads it only with ``from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``
+(they are not among ``StableDiffusion3Pipeline._optional_components``).
+
+``dual_attention_layers`` mimics SD3.5 (Medium: the first 13 of 24 blocks): those blocks get an
+``attn2``, a second attention over the image tokens only (no text), so ``attn2`` does NOT mean
+cross-attention in an MMDiT.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .pipeline import DEFAULT_WORDS, _text_encoder, _vae
+from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
+SD3_VAE_SCALING = 1.5305
+SD3_VAE_SHIFT = 0.0609
+SD3_LATENT_CHANNELS = 16
+SD3_SHIFT = 3.0
+
+
+def _t5_encoder(tokenizer, width: int, layers: int, heads: int, seed: int):
+    """A random ``T5EncoderModel`` shaped as T5 v1.1 (gated-GELU MLP, untied embeddings), SD3's T5-XXL."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=width,
+        d_kv=width // heads,
+        d_ff=width * 2,
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def build_tiny_sd3_pipeline(
+    out_dir: str | os.PathLike,
+    words: Iterable[str] = DEFAULT_WORDS,
+    seed: int = 0,
+    with_t5: bool = True,
+    text_widths: tuple[int, int] = (32, 48),
+    projection_dims: tuple[int, int] = (24, 40),
+    t5_width: int = 96,
+    sample_size: int = 32,
+    num_layers: int = 3,
+    attention_heads: int = 2,
+    attention_head_dim: int = 10,
+    dual_attention_layers: Sequence[int] = (),
+    qk_norm: str | None = None,
+    vae_channels: Sequence[int] = (16, 32),
+    text_layers: int = 2,
+    text_heads: int = 4,
+    t5_layers: int = 2,
+    t5_heads: int = 4,
+    shift: float = SD3_SHIFT,
+) -> Path:
+    """Build and ``save_pretrained`` a tiny SD3-shaped pipeline folder (safetensors); return its path.
+
+    ``sample_size`` is in pixels; the latent (``sample_size / 2`` with the default 2x VAE) must be
+    divisible by the patch size 2. ``t5_width`` is the transformer's ``joint_attention_dim`` with or
+    without T5 (the pipeline feeds zeros of that width when T5 is dropped), so both variants of one
+    ``seed`` have the same transformer and CLIP encoders. Defaults: CLIP widths 32 and 48 (context
+    channels 80, zero-padded to 96), pooled 24 + 40 = 64, MMDiT width 2 x 10 = 20, all distinct so a
+    mix-up fails on a shape (real SD3: projection width = CLIP width). SD3.5-Medium-like blocks:
+    ``dual_attention_layers=(0, 1), qk_norm="rms_norm"``. ValueError for widths that do not fit.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    patch = 2
+    latent = sample_size // 2 ** (len(vae_channels) - 1)
+    if latent % patch:
+        raise ValueError(f"sample_size {sample_size} px gives latent {latent}, not divisible by the patch size {patch}")
+    if t5_width < sum(text_widths):
+        raise ValueError(f"t5_width {t5_width} (joint_attention_dim) must be >= the CLIP widths' sum "
+                         f"{sum(text_widths)}")
+    if any(d not in range(num_layers) for d in dual_attention_layers):
+        raise ValueError(f"dual_attention_layers {tuple(dual_attention_layers)} must be block indices < {num_layers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_clip_tokenizer(words, out / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
+    tokenizer_2.pad_token = "!"  # OpenCLIP bigG pads with "!" (SDXL's and SD3's tokenizer_2)
+    tokenizer_3 = build_t5_tokenizer(words, out / "tokenizer_3") if with_t5 else None
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        text_encoder = _text_encoder(tokenizer, text_widths[0], text_layers, text_heads, seed, projection_dims[0])
+        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], text_layers, text_heads, seed + 1,
+                                       projection_dims[1], hidden_act="gelu")
+        vae = _vae(vae_channels, seed + 2, scaling_factor=SD3_VAE_SCALING, latent_channels=SD3_LATENT_CHANNELS,
+                   shift_factor=SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+        torch.manual_seed(seed + 3)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent,
+            patch_size=patch,
+            in_channels=SD3_LATENT_CHANNELS,
+            out_channels=SD3_LATENT_CHANNELS,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=attention_heads,
+            joint_attention_dim=t5_width,
+            caption_projection_dim=attention_heads * attention_head_dim,  # the text stream's width = the image's
+            pooled_projection_dim=sum(projection_dims),
+            pos_embed_max_size=2 * latent // patch,  # images up to twice sample_size
+            dual_attention_layers=tuple(dual_attention_layers),
+            qk_norm=qk_norm,
+        ).eval()
+        text_encoder_3 = _t5_encoder(tokenizer_3, t5_width, t5_layers, t5_heads, seed + 4) if with_t5 else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
