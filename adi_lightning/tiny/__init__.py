@@ -1,7 +1,8 @@
-"""Tiny offline Stable Diffusion (1.x- and SDXL-shaped) pipelines and synthetic action data, for tests and the CPU demo."""
+"""Tiny offline Stable Diffusion (1.x- and SDXL-shaped) pipelines, a tiny SD3 MMDiT and synthetic action data, for tests and the CPU demo."""
 
 from .dataset import build_tiny_action_folder
 from .pipeline import DEFAULT_WORDS, build_tiny_pipeline
+from .sd3 import build_tiny_sd3_transformer
 from .sdxl import build_tiny_sdxl_pipeline
 from .tokenizer import build_clip_tokenizer
 
@@ -10,5 +11,6 @@ __all__ = [
     "build_clip_tokenizer",
     "build_tiny_action_folder",
     "build_tiny_pipeline",
+    "build_tiny_sd3_transformer",
     "build_tiny_sdxl_pipeline",
 ]
