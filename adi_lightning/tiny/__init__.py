@@ -2,7 +2,7 @@
 
 from .dataset import build_tiny_action_folder
 from .pipeline import DEFAULT_WORDS, build_tiny_pipeline
-from .sd3 import build_tiny_sd3_pipeline
+from .sd3 import build_tiny_sd3_pipeline, build_tiny_sd3_transformer
 from .sdxl import build_tiny_sdxl_pipeline
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
@@ -13,5 +13,6 @@ __all__ = [
     "build_tiny_action_folder",
     "build_tiny_pipeline",
     "build_tiny_sd3_pipeline",
+    "build_tiny_sd3_transformer",
     "build_tiny_sdxl_pipeline",
 ]
