@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -310,18 +311,54 @@ def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] 
                                              records, metrics, rows_of)
                       for m, a in dict.fromkeys((m, a) for m, a, _, _ in plan["curve"])}}
     n = len(args.actions) * len(args.seeds)
-    text = [format_table(f"{f}: over {n} (action, seed); [95% CI over images]", cols, metrics, cell)
-            for f, cols in data["main"].items()]
-    text += [format_table(f"{name}: mean [95% CI over matched images], paired by (action, seed, folder)", cols,
-                          diff_metrics, diff_ci) for name, cols in data["paired"].items()]
+    tables = [(f"{f}: over {n} (action, seed); [95% CI over images]", cols, metrics, cell)
+              for f, cols in data["main"].items()]
+    tables += [(f"{name}: mean [95% CI over matched images], paired by (action, seed, folder)", cols, diff_metrics,
+                diff_ci) for name, cols in data["paired"].items()]
     if data["ablations"]:
-        text.append(format_table(f"ablations ({args.ablation_action}, {args.ablation_folder}): over seeds",
-                                 data["ablations"], metrics, cell))
-    text += [format_table(f"curve ({name}, {args.curve_folder}): over seeds {args.curve_seeds}", cols, metrics, cell)
-             for name, cols in data["curve"].items()]
+        tables.append((f"ablations ({args.ablation_action}, {args.ablation_folder}): over seeds", data["ablations"],
+                       metrics, cell))
+    tables += [(f"curve ({name}, {args.curve_folder}): over seeds {args.curve_seeds}", cols, metrics, cell)
+               for name, cols in data["curve"].items()]
+    text = [format_table(*t) for t in tables]
     if figures is not None:
         text.append("figures: " + ", ".join(p.name for p in write_figures(data, metrics, args, figures)))
-    return "\n\n".join(text), data
+    markdown = [markdown_table(title, cols, [m for m in ms if m in REPORT_METRICS], fn) for title, cols, ms, fn in tables]
+    markdown.append(per_run_table([records[k] for k in unique_runs(plan) if k in records]))
+    return "\n\n".join(text), data, "\n\n".join(markdown)
+
+
+#: The rows of the Markdown tables (``table.md``): what the report shows; ``table.txt`` has every metric.
+REPORT_METRICS = ("action_acc", "subject_acc", "clean_both_correct", "clean_both_correct_word",
+                  "leak_colour_word_excess", "leak_pattern_word_excess", "leak_background_word_excess",
+                  "leak_colour_excess", "leak_pattern_excess", "leak_background_excess",
+                  "leak_colour", "leak_pattern", "leak_background")
+#: Per-run columns of ``table.md``'s last table.
+PER_RUN_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_colour_word_excess",
+                   "leak_pattern_word_excess", "leak_background_word_excess")
+
+
+def markdown_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[str], cell) -> str:
+    """``format_table``'s table as Markdown: a bold title line, one column per method (or β), a row per metric."""
+    lines = [f"**{title}**", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + " | ".join([m, *(cell(col[m]) if m in col and not math.isnan(col[m]["mean"]) else "-"
+                                      for col in columns.values())]) + " |" for m in metrics]
+    return "\n".join(lines)
+
+
+def per_run_table(records: list[dict]) -> str:
+    """One Markdown row per finished run: its spec, :data:`PER_RUN_METRICS` and the commit that ran it."""
+    lines = ["**every run**", "", "| method | action | folder | seed | β | " + " | ".join(PER_RUN_METRICS) + " | commit |",
+             "|---" * (len(PER_RUN_METRICS) + 6) + "|"]
+    order = sorted(records, key=lambda r: (r["spec"]["folder"], r["spec"]["action"], r["spec"]["method"],
+                                           r["spec"]["beta"] if r["spec"]["beta"] is not None else -1, r["spec"]["seed"]))
+    for r in order:
+        s, m = r["spec"], r["metrics"]
+        values = ["-" if math.isnan(m.get(k, math.nan)) else f"{m[k]:.2f}" for k in PER_RUN_METRICS]
+        beta = "preset" if s["beta"] is None else f"{s['beta']:g}"
+        lines.append("| " + " | ".join([s["method"], s["action"], s["folder"], str(s["seed"]), beta, *values,
+                                         str(r.get("git", "?"))[:7]]) + " |")
+    return "\n".join(lines)
 
 
 FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_colour_word_excess",
@@ -444,13 +481,18 @@ def main() -> int:
     finally:  # on Ctrl-C (the running runs get it too) start no further run
         pool.shutdown(wait=True, cancel_futures=True)
     rows_of = {k: _images.read_rows(out / "runs" / f"{k}.csv") for k in records if (out / "runs" / f"{k}.csv").is_file()}
-    text, data = report(plan, records, args, rows_of, figures=out)
+    text, data, markdown = report(plan, records, args, rows_of, figures=out)
     header = (f"ActionBench-toy v2: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
               f"steps, {args.test_seeds} test seeds per unseen subject; {len(records)}/{len(runs)} runs; "
               f"this invocation {(time.time() - started) / 60:.1f} min with {args.jobs} jobs")
-    from adi_lightning.io import atomic_write_json, atomic_write_text
+    from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
 
     atomic_write_text(out / "table.txt", header + "\n\n" + text + "\n")
+    commits = sorted({str(r.get("git", "?"))[:7] for r in records.values()})
+    command = "OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py " + " ".join(map(shlex.quote, sys.argv[1:]))
+    atomic_write_text(out / "table.md", f"{header}\n\n- **Runs made at commits**: {', '.join(commits)}\n"
+                                        f"- **Tables written by**: `{command}` (at {git_revision(REPO)[:7]})\n\n"
+                                        + markdown + "\n")
     atomic_write_json(out / "table.json", json_safe({**data, "settings": {k: v for k, v in vars(args).items()
                                                                           if k != "worker"}, "runs": sorted(records)}))
     print("\n" + header + "\n\n" + text + f"\n\ntables: {out / 'table.txt'}, {out / 'table.json'}")

@@ -326,3 +326,10 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
     assert "adi_channel-pplus" in table["paired"]
     for action in ("jumping", "kicking"):
         assert (tmp_path / "out" / f"curve_{action}_shared.png").stat().st_size > 0
+    markdown = (tmp_path / "out" / "table.md").read_text()
+    assert "- **Tables written by**: `OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --methods pplus" in markdown
+    assert "**curve (adi_channel, kicking, shared): over seeds [3]**" in markdown
+    assert "| action_acc | 0.800±0.000 | 0.300±0.000 |" in markdown  # adi_channel at β 0.5 and 1.0
+    runs = [line for line in markdown.splitlines() if line.startswith("| adi_channel | kicking |")]
+    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |",
+                    "| adi_channel | kicking | shared | 3 | 1 | 0.30 | - | - | - | - | - | ? |"]
