@@ -53,7 +53,8 @@ class ADIModule(L.LightningModule):
     Args:
         pretrained_model_name_or_path: A local diffusers pipeline folder or a hub id (hub ids need
             the weights in the local cache when offline); its ``model_index.json`` picks the backbone
-            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline``).
         placeholder_token: The identifier string used in prompts; not in the vocabulary nor a template word.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
             word ("standing"), never a subject noun ("person" makes ``"a cat <A>"`` start as "a cat

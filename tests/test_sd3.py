@@ -339,3 +339,27 @@ def test_equal_rows_generate_what_one_shared_row_generates(sd3_folders, sd3_modu
                  **kwargs).images
     assert np.array_equal(images[1], stock)  # the one-row file: the TI forward exactly
     assert np.abs(images[0] - images[1]).max() <= 1e-5
+
+
+@pytest.mark.e2e
+def test_the_cli_fits_sd3_with_logit_normal_and_refuses_it_for_sd(sd3_folders, tiny_pipeline, tiny_data, tmp_path,
+                                                                    capsys):
+    from adi_lightning.cli import main
+    from adi_lightning.identifier import read_identifier
+
+    common = ["--config", str(Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml"),
+              "--model.num_inference_steps=2", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--model.timestep_sampling=logit_normal",
+              f"--data.root={tiny_data}", "--trainer.max_steps=2"]
+    main(args=["fit", *common, f"--model.pretrained_model_name_or_path={sd3_folders['no_t5']}",
+               f"--trainer.default_root_dir={tmp_path / 'sd3'}"])
+    (run,) = (tmp_path / "sd3").iterdir()
+    table, meta = read_identifier(run / "identifier.safetensors")
+    assert table.shape == (BLOCKS, D1 + D2) and json.loads(meta["text_dims"]) == [D1, D2]
+    assert json.loads((run / "run_info.json").read_text())["backbone"]["family"] == "sd3"
+    with pytest.raises(SystemExit) as err:
+        main(args=["fit", *common, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
+                   f"--trainer.default_root_dir={tmp_path / 'sd'}"])
+    assert err.value.code == 1
+    assert ("adi_lightning: error: model.timestep_sampling=logit_normal is not available for this backbone (sd, "
+            "trained as DDPM)") in capsys.readouterr().err
