@@ -19,8 +19,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Every family has these; its text encoders and tokenizers are its own (BackboneFamily.text_parts).
-PIPELINE_PARTS = ("unet", "vae", "scheduler")
+# Every family has these; its text encoders and tokenizers are its own (BackboneFamily.text_parts), and so
+# is its denoiser (BackboneFamily.denoiser_part: unet, transformer).
+PIPELINE_PARTS = ("vae", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -42,10 +43,13 @@ class BackboneInfo:
     prediction_type: str
     latent_channels: int
     vae_scale_factor: int
+    #: What the identifier's layers are (``num_cross_attention_layers`` counts them): ``attn2`` layers of a
+    #: UNet, or an MMDiT's joint blocks.
+    layer_kind: str = "cross-attention layers"
 
     def describe(self) -> str:
         return (
-            f"backbone {self.source} ({self.family}): {self.num_cross_attention_layers} cross-attention layers, "
+            f"backbone {self.source} ({self.family}): {self.num_cross_attention_layers} {self.layer_kind}, "
             f"text width D={self.text_dim}, prediction={self.prediction_type}, "
             f"latent channels={self.latent_channels}, VAE factor={self.vae_scale_factor}"
         )
@@ -82,14 +86,19 @@ def check_pipeline_source(name_or_path: str) -> None:
         raise BackboneError(f"{key}={name_or_path!r}: no such folder (and not a hub id like 'org/name')")
 
 
-def pipeline_class_name(name_or_path: str, local_files_only: bool, revision: str | None = None) -> str:
-    """``_class_name`` of the pipeline's ``model_index.json`` (a local folder, or a hub id's cached config)."""
+def pipeline_index(name_or_path: str, local_files_only: bool, revision: str | None = None) -> dict:
+    """The pipeline's ``model_index.json`` (a local folder, or a hub id's cached config)."""
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir():
-        return json.loads((local / "model_index.json").read_text()).get("_class_name", "")
+        return json.loads((local / "model_index.json").read_text())
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(name_or_path, local_files_only=local_files_only, revision=revision)["_class_name"]
+    return dict(DiffusionPipeline.load_config(name_or_path, local_files_only=local_files_only, revision=revision))
+
+
+def pipeline_class_name(name_or_path: str, local_files_only: bool, revision: str | None = None) -> str:
+    """``_class_name`` of the pipeline's ``model_index.json`` (a local folder, or a hub id's cached config)."""
+    return pipeline_index(name_or_path, local_files_only, revision).get("_class_name", "")
 
 
 def family_class(class_name: str, source: str = "the pipeline") -> type:
@@ -147,13 +156,16 @@ def load_backbone(
         kwargs["revision"] = revision
     local = Path(os.path.expanduser(name_or_path))
     try:
-        class_name = pipeline_class_name(name_or_path, local_files_only, revision)
+        index = pipeline_index(name_or_path, local_files_only, revision)
+        class_name = index.get("_class_name", "")
         family = family_class(class_name, f"model.pretrained_model_name_or_path={name_or_path!r}")
-        missing = [p for p in (*family.text_parts, *family.tokenizer_parts) if local.is_dir() and not (local / p).is_dir()]
+        parts = (family.denoiser_part, *family.text_parts, *family.tokenizer_parts)
+        missing = [p for p in parts if local.is_dir() and not (local / p).is_dir()]
         if missing:
             raise BackboneError(f"model.pretrained_model_name_or_path={name_or_path!r} is a {class_name} folder "
                                 f"missing {missing}")
-        pipe = family.pipeline_class().from_pretrained(os.path.expanduser(name_or_path), **kwargs, **family.load_kwargs)
+        pipe = family.pipeline_class().from_pretrained(os.path.expanduser(name_or_path), **kwargs, **family.load_kwargs,
+                                                       **family.folder_load_kwargs(index))
     except BackboneError:
         raise
     except Exception as err:
@@ -221,15 +233,14 @@ def load_pipeline(name_or_path: str, weight_dtype: str = "float32", **kwargs):
 
 def describe_pipeline(pipe, source: str) -> BackboneInfo:
     """What :class:`BackboneInfo` reports about a loaded pipeline of a supported family."""
-    from adi_lightning.conditioning import cross_attention_layers
-
     family = family_of(pipe)
     return BackboneInfo(
         source=source,
         family=family.name,
-        num_cross_attention_layers=len(cross_attention_layers(pipe.unet)),
+        num_cross_attention_layers=len(family.identifier_layers()),
         text_dim=family.identifier_dim,
-        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
-        latent_channels=pipe.unet.config.in_channels,
+        prediction_type=family.training_objective().prediction_type,
+        latent_channels=family.denoiser.config.in_channels,
         vae_scale_factor=2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        layer_kind=family.layer_kind,
     )

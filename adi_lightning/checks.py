@@ -5,7 +5,7 @@ Each message names the key (``model.*`` / ``data.*``), the value given and what 
 
 from __future__ import annotations
 
-from adi_lightning.diffusion import TIMESTEP_SAMPLINGS
+from adi_lightning.flow_matching import FLOW_TIME_SAMPLINGS
 from adi_lightning.identifier import UNTRAINED
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, check_threshold
 
@@ -22,8 +22,9 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
     check_threshold(mask_threshold, mask_statistic)
     if update_from not in UPDATE_FROMS:
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
-    if timestep_sampling not in TIMESTEP_SAMPLINGS:
-        raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic, got {timestep_sampling!r}")
+    if timestep_sampling not in FLOW_TIME_SAMPLINGS:
+        raise ValueError(f"model.timestep_sampling must be uniform, importance or cubic (or logit_normal for a "
+                         f"flow-matching backbone, SD3), got {timestep_sampling!r}")
     if isinstance(large_t_steps, bool) or not isinstance(large_t_steps, int) or large_t_steps < 0:
         raise ValueError(f"model.large_t_steps must be an integer >= 0 (optimizer steps), got {large_t_steps!r}")
     if not 0.0 <= large_t_min < 1.0:
@@ -37,6 +38,16 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
         raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
     if num_inference_steps < 1:
         raise ValueError("model.num_inference_steps must be >= 1")
+
+
+def check_timestep_sampling(timestep_sampling: str, supported: tuple[str, ...], family: str) -> None:
+    """ValueError when the backbone's training objective cannot draw ``model.timestep_sampling``
+    (``supported``: the objective's ``timestep_samplings``; ``family``: the backbone family's name), e.g.
+    ``logit_normal``, a flow-time density (SD3), on a DDPM family (SD 1.x/2.x, SDXL)."""
+    if timestep_sampling not in supported:
+        raise ValueError(f"model.timestep_sampling={timestep_sampling} is not available for this backbone "
+                         f"({family}, trained as {'flow matching' if 'logit_normal' in supported else 'DDPM'}): "
+                         f"use one of {', '.join(supported)}")
 
 
 def check_starts_leave_steps(starts: int, start_steps: int, total_steps: int) -> None:

@@ -5,11 +5,13 @@
     image = pipe("a photo of a corgi <A>").images[0]
     adi_lightning.remove_identifier(pipe)
 
-``install_identifier`` puts a :class:`LayerwiseCrossAttnProcessor` on every ``attn2`` and hands the
-text side to the pipeline's backbone family (:meth:`~adi_lightning.families.BackboneFamily.install_text`):
-the placeholder in a copy of each tokenizer, the identifier overlay in each text encoder, and a
-stand-in text encoder through which every prompt (negative prompts too, hence classifier-free
-guidance) comes out as the L per-layer encodings concatenated along the token axis.
+``install_identifier`` hands both sides to the pipeline's backbone family: the denoiser's routing
+(:meth:`~adi_lightning.families.BackboneFamily.install_routing`: a :class:`LayerwiseCrossAttnProcessor`
+on every ``attn2`` of a UNet, block-wise hooks on an MMDiT) and the text side
+(:meth:`~adi_lightning.families.BackboneFamily.install_text`): the placeholder in a copy of each
+tokenizer, the identifier overlay in each text encoder, and what makes every prompt (negative
+prompts too, hence classifier-free guidance) come out as the L per-layer encodings concatenated
+along the token axis (UNet families: stand-in text encoders).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from adi_lightning.conditioning import cross_attention_layers, install_layerwise_processors, remove_layerwise_processors
 from adi_lightning.identifier import read_identifier, rows_for_layers
 
 
@@ -41,18 +42,19 @@ def run_seeded(pipe, inputs: dict[str, torch.Tensor], seeds: list[int], image=No
 class _Installed:
     family: object
     text: dict
-    processors: dict
+    routing: object
 
 
 def install_identifier(pipe, identifier_path: str | Path, token: str | None = None):
     """Make ``pipe`` accept prompts with the identifier's placeholder (e.g. ``<A>``).
 
     Args:
-        pipe: A stock diffusers pipeline of a supported family (``StableDiffusionPipeline``).
+        pipe: A stock diffusers pipeline of a supported family (``StableDiffusionPipeline``, ...).
         identifier_path: An ``identifier.safetensors`` written by adi-lightning.
         token: The placeholder to use in prompts; defaults to the one saved in the file.
 
-    Raises a clear error if the pipeline's ``attn2`` layers or text width differ from the file's.
+    Raises a clear error if the pipeline's identifier layers (``attn2`` paths, joint blocks) or text
+    width differ from the file's.
     Returns the pipeline (changed in place).
     """
     from adi_lightning.backbone import family_of
@@ -61,11 +63,11 @@ def install_identifier(pipe, identifier_path: str | Path, token: str | None = No
         remove_identifier(pipe)
     family = family_of(pipe)
     table, meta = read_identifier(identifier_path)
-    layer_paths = list(cross_attention_layers(pipe.unet))
+    layer_paths = family.identifier_layers()
     rows, layer_to_row = rows_for_layers(identifier_path, table, meta, layer_paths, family.identifier_dim)
     token = token or meta.get("placeholder_token") or "<A>"
     text = family.install_text(rows, token, layer_to_row)
-    pipe._adi_installed = _Installed(family, text, install_layerwise_processors(pipe.unet))
+    pipe._adi_installed = _Installed(family, text, family.install_routing())
     return pipe
 
 
@@ -74,7 +76,7 @@ def remove_identifier(pipe):
     saved = getattr(pipe, "_adi_installed", None)
     if saved is None:
         return pipe
-    remove_layerwise_processors(pipe.unet, saved.processors)
+    saved.family.remove_routing(saved.routing)
     saved.family.remove_text(saved.text)
     pipe._adi_installed = None
     return pipe

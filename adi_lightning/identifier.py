@@ -30,7 +30,8 @@ UNTRAINED = "untrained"
 
 
 class IdentifierTokenEmbedding(nn.Module):
-    """Drop-in for CLIP's ``token_embedding``: frozen rows, plus identifier rows for the placeholder."""
+    """Drop-in for CLIP's ``token_embedding`` (or T5's ``embed_tokens``): frozen rows, plus identifier
+    rows for the placeholder."""
 
     def __init__(self, base: nn.Embedding, placeholder_id: int):
         super().__init__()
@@ -81,22 +82,42 @@ def token_embedding_owner(text_encoder: nn.Module) -> nn.Module:
     )
 
 
+def token_embedding_slot(text_encoder: nn.Module) -> tuple[nn.Module, str]:
+    """``(owner, attribute)`` of the token-embedding table the encoder's forward reads: CLIP's
+    ``embeddings.token_embedding`` (:func:`token_embedding_owner`), or T5's ``encoder.embed_tokens``
+    (``T5EncoderModel``: the table ``shared`` is tied to it; the forward reads ``encoder.embed_tokens``,
+    so the overlay goes there and ``shared`` is never touched). RuntimeError for any other layout."""
+    stack = getattr(text_encoder, "encoder", None)
+    if isinstance(getattr(stack, "embed_tokens", None), (nn.Embedding, IdentifierTokenEmbedding)):
+        return stack, "embed_tokens"
+    return token_embedding_owner(text_encoder), "token_embedding"
+
+
+def get_token_embedding(text_encoder: nn.Module) -> nn.Module:
+    """The token embedding the encoder's forward reads (CLIP or T5, :func:`token_embedding_slot`),
+    the overlay when one is installed."""
+    owner, name = token_embedding_slot(text_encoder)
+    return getattr(owner, name)
+
+
 def install_overlay(text_encoder: nn.Module, placeholder_id: int) -> IdentifierTokenEmbedding:
-    """Replace the text encoder's token embedding by the overlay (idempotent)."""
-    owner = token_embedding_owner(text_encoder)
-    current = owner.token_embedding
+    """Replace the text encoder's token embedding (CLIP or T5, :func:`token_embedding_slot`) by the
+    overlay (idempotent)."""
+    owner, name = token_embedding_slot(text_encoder)
+    current = getattr(owner, name)
     if isinstance(current, IdentifierTokenEmbedding):
         current.placeholder_id = placeholder_id
         return current
     overlay = IdentifierTokenEmbedding(current, placeholder_id)
-    owner.token_embedding = overlay
+    setattr(owner, name, overlay)
     return overlay
 
 
 def remove_overlay(text_encoder: nn.Module) -> None:
-    owner = token_embedding_owner(text_encoder)
-    if isinstance(owner.token_embedding, IdentifierTokenEmbedding):
-        owner.token_embedding = owner.token_embedding.base
+    owner, name = token_embedding_slot(text_encoder)
+    current = getattr(owner, name)
+    if isinstance(current, IdentifierTokenEmbedding):
+        setattr(owner, name, current.base)
 
 
 

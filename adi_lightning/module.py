@@ -2,8 +2,10 @@
 
 The module owns the loss; :class:`~adi_lightning.callbacks.GradientMaskCallback` owns the
 masking and :class:`~adi_lightning.callbacks.ImageGridCallback` the image grids. What differs
-between backbone families (text encoders, conditioning, stock pipeline) is behind
-``self.family`` (:class:`~adi_lightning.families.BackboneFamily`); the module never asks which.
+between backbone families (text encoders, conditioning, stock pipeline, the denoiser: a UNet or an
+MMDiT, the layers that get identifier rows and how rows reach them, and the training objective: DDPM
+or flow matching) is behind ``self.family`` (:class:`~adi_lightning.families.BackboneFamily`); the
+module never asks which.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import torch.nn.functional as F
 
 from adi_lightning import backbone as bb
 from adi_lightning import generation
-from adi_lightning.conditioning import (RowGroups, cross_attention_layers, group_layers, install_layerwise_processors,
-                                        resolve_row_groups)
+from adi_lightning.conditioning import RowGroups, resolve_row_groups
 from adi_lightning.checks import (check_data_fits_model, check_identifier_chosen, check_identifier_grouping,
-                                  check_model_settings, inert_settings)
-from adi_lightning.diffusion import TimestepSampling, keyed_noise_and_timesteps, training_target
+                                  check_model_settings, check_timestep_sampling, inert_settings)
+from adi_lightning.flow_matching import FlowTimeSampling
 from adi_lightning.identifier import UNTRAINED, LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
 from adi_lightning.io import atomic_write_json, git_revision, package_versions
@@ -52,16 +53,18 @@ class ADIModule(L.LightningModule):
     Args:
         pretrained_model_name_or_path: A local diffusers pipeline folder or a hub id (hub ids need
             the weights in the local cache when offline); its ``model_index.json`` picks the backbone
-            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+            family (:mod:`adi_lightning.families`: ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline``).
         placeholder_token: The identifier string used in prompts; not in the vocabulary nor a template word.
         initializer_token: A single-token word every identifier row starts from: an action-neutral
             word ("standing"), never a subject noun ("person" makes ``"a cat <A>"`` start as "a cat
             person", a human; a warning names such words at setup).
         layerwise: One row per cross-attention layer (P+ / ADI). False: an alias of ``row_groups: shared``
             (Textual Inversion), refused with any other ``row_groups``.
-        row_groups: How ``attn2`` layers share identifier rows (one text encoding per row, :func:`~adi_lightning.
-            conditioning.group_layers`): ``layer``, ``attention`` (per attention module), ``resolution`` (per UNet
-            level) or ``shared`` (TI). None (default): ``layer``, or ``shared`` with ``layerwise: false``.
+        row_groups: How the identifier's layers (UNet: ``attn2`` layers; MMDiT: joint blocks) share rows (one text
+            encoding per row, :meth:`~adi_lightning.families.BackboneFamily.group_identifier_layers`): ``layer``,
+            ``attention`` (per attention module), ``resolution`` (per UNet level) or ``shared`` (TI). None
+            (default): ``layer``, or ``shared`` with ``layerwise: false``.
         mask_threshold: β in [0, 1], the strength of the disentangling, from the full update at 0 (or a small
             quantile) to P+ at 1.0, which turns masking off (then no triples are drawn and only the target action's
             images are needed; below 1.0 every step draws triples with action-different partners). Under
@@ -80,6 +83,8 @@ class ADIModule(L.LightningModule):
         timestep_sampling: ``importance`` (default: ReVersion's weight 1 - 0.5 cos(pi t / T), Huang et al.
             2023, favours large t, where layout and pose form), ``uniform``, or ``cubic`` (t = (1 - u^3) T,
             diffusers' SDXL LoRA scripts). :func:`adi_lightning.diffusion.sample_timestep`; docs/method.md "Timesteps".
+            Flow-matching families (SD3) draw the same densities on flow time and also ``logit_normal``
+            (:func:`adi_lightning.flow_matching.sample_flow_time`); a DDPM family refuses ``logit_normal``.
         large_t_steps: The first ``large_t_steps`` optimizer steps draw t uniformly from ``[large_t_min T, T)`` (the
             pose first), then ``timestep_sampling``. 0 (default) is off: on the toy jump it moved which seeds fail.
         large_t_min: The large-t band's lower edge, a fraction of T: of the large-t phase and of multi-start's score.
@@ -99,7 +104,7 @@ class ADIModule(L.LightningModule):
             word is never read as a file (write ``./untrained`` for a file of that name).
         guidance_scale: Classifier-free guidance for generated images.
         num_inference_steps: Denoising steps for generated images.
-        image_size: Side of generated images in pixels; None = the UNet's native size.
+        image_size: Side of generated images in pixels; None = the denoiser's native size.
         judge: Names the action, subject and every appearance factor it sees in validation / test images (e.g.
             ``adi_lightning.evaluation.ToyJudge``, or ``CLIPJudge`` for real data); with ``data.eval_subjects``
             this gives action / subject accuracy and leak rates.
@@ -110,9 +115,11 @@ class ADIModule(L.LightningModule):
         share_text_encoding: Encode each triple's prompt once instead of once per member (the three share
             prompt and identifier), with one backward VJP per member, so the per-sample identifier gradients
             stay exact. Saves 2/3 of ADI's text-encoder forwards; no effect on TI / P+ (one image per item).
-        channels_last: The UNet and its inputs in channels-last memory format (faster on tensor-core GPUs).
-        compile_unet: ``torch.compile`` the UNet for training forwards (GPU); routing is by module, so it keeps rows.
-        gradient_checkpointing: Activation checkpointing in the UNet and the text encoder (the libraries'
+        channels_last: The denoiser (the UNet, or an MMDiT) and its inputs in channels-last memory format (faster
+            on tensor-core GPUs).
+        compile_unet: ``torch.compile`` the denoiser (the UNet, or an MMDiT; the key keeps its name) for training
+            forwards (GPU); routing is by module, so it keeps rows.
+        gradient_checkpointing: Activation checkpointing in the denoiser and the text encoders (the libraries'
             own, non-reentrant): less memory, about one more forward per step; the same identifier gradient.
     """
 
@@ -125,7 +132,7 @@ class ADIModule(L.LightningModule):
         mask_statistic: MaskStatistic = "projection",
         update_from: UpdateFrom = "anchor",
         learning_rate: float = 5e-3, weight_decay: float = 0.0,
-        timestep_sampling: TimestepSampling = "importance",
+        timestep_sampling: FlowTimeSampling = "importance",
         large_t_steps: int = 0, large_t_min: float = 0.8,
         starts: int = 1, start_steps: int = 100,
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
@@ -144,22 +151,23 @@ class ADIModule(L.LightningModule):
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
 
-        from diffusers import DDPMScheduler
-
         self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
         self.info = bb.describe_pipeline(self.family.pipe, pretrained_model_name_or_path)
         log.info(self.info.describe())
-        for name, part in self.family.modules().items():  # unet, vae, text_encoder(s): diffusers' names
+        for name, part in self.family.modules().items():  # unet / transformer, vae, text_encoder(s): diffusers' names
             self.add_module(name, part)
         self.inference_scheduler = self.family.pipe.scheduler
-        self.noise_scheduler = DDPMScheduler.from_config(self.inference_scheduler.config)
+        self.objective = self.family.training_objective()  # DDPM or flow matching
+        check_timestep_sampling(timestep_sampling, self.objective.timestep_samplings, self.info.family)
+        self.noise_scheduler = self.objective.scheduler
 
         self.placeholder_id = self.family.add_placeholder(placeholder_token)
-        install_layerwise_processors(self.unet)
-        layer_paths, self.row_groups = list(cross_attention_layers(self.unet)), resolve_row_groups(
+        self.family.install_routing()
+        layer_paths, self.row_groups = self.family.identifier_layers(), resolve_row_groups(
             layerwise, row_groups)  # the configured grouping; a loaded file's may differ (checked at fit)
-        self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths, group_layers(
-            layer_paths, self.row_groups, len(self.unet.config.block_out_channels)), self.row_groups)
+        self.identifier = LayerwiseIdentifier(self.family.initializer_row(initializer_token), layer_paths,
+                                              self.family.group_identifier_layers(layer_paths, self.row_groups),
+                                              self.row_groups)
         if identifier_path and identifier_path != UNTRAINED:
             self.load_identifier(identifier_path)
         self._role_grads: list[torch.Tensor] = []
@@ -169,13 +177,18 @@ class ADIModule(L.LightningModule):
 
         self.latent_cache = speed.LatentCache()
         if channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.to(memory_format=torch.channels_last)
         if gradient_checkpointing:
-            speed.enable_gradient_checkpointing(self.unet, *self.family.text_encoders)
-        # Not a registered submodule (it wraps self.unet): the state dict and summary stay as they are.
-        self.__dict__["_train_unet"] = speed.compile_unet(self.unet) if compile_unet else self.unet
+            speed.enable_gradient_checkpointing(self.denoiser, *self.family.text_encoders)
+        # Not a registered submodule (it wraps the denoiser): the state dict and summary stay as they are.
+        self.__dict__["_train_unet"] = speed.compile_unet(self.denoiser) if compile_unet else self.denoiser
 
     # ----------------------------------------------------------------- setup
+    @property
+    def denoiser(self):
+        """The family's denoiser (the UNet, or an MMDiT), registered under its diffusers name."""
+        return self.family.denoiser
+
     @property
     def tokenizer(self):
         """The backbone's (first) tokenizer, with the placeholder added."""
@@ -341,10 +354,9 @@ class ADIModule(L.LightningModule):
         latents = self._latents(batch, pixels)
         h = self.hparams
         step = self.global_step if draw_step is None else draw_step
-        noise, timesteps = keyed_noise_and_timesteps(batch["key"].tolist(), step, roles, latents,
-                                                     self.noise_scheduler.config.num_train_timesteps, h.timestep_sampling,
-                                                     step + 1 if large_t_only else h.large_t_steps, h.large_t_min)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noise, timesteps = self.objective.draw(batch["key"].tolist(), step, roles, latents, h.timestep_sampling,
+                                               step + 1 if large_t_only else h.large_t_steps, h.large_t_min)
+        noisy = self.objective.noisy(latents, noise, timesteps)
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
 
@@ -356,11 +368,12 @@ class ADIModule(L.LightningModule):
         shared = roles if self.hparams.share_text_encoding else 1
         features = self.family.encode(self.family.tokenize(prompts, latents.device), per_sample,
                                       self.identifier.layer_to_row(), shared)
-        # Not self.unet.dtype: diffusers' dtype property walks every submodule on every call.
-        unet_dtype = next(self.unet.parameters()).dtype
-        conditioning = self.family.unet_inputs(features, unet_dtype, tuple(pixels.shape[-2:]))
-        pred = self._train_unet(noisy.to(unet_dtype), timesteps, **conditioning).sample
-        target = training_target(self.noise_scheduler, latents, noise, timesteps)
+        # Not self.denoiser.dtype: diffusers' dtype property walks every submodule on every call.
+        dtype = next(self.denoiser.parameters()).dtype
+        conditioning = self.family.denoiser_inputs(features, dtype, tuple(pixels.shape[-2:]))
+        pred = self._train_unet(noisy.to(dtype), timestep=self.objective.model_timesteps(timesteps),
+                                **conditioning).sample
+        target = self.objective.target(latents, noise, timesteps)
         per_sample_loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample_loss.mean(), per_sample_loss
 
@@ -399,7 +412,7 @@ class ADIModule(L.LightningModule):
     def generation_size(self) -> int:
         if self.hparams.image_size:
             return self.hparams.image_size
-        return self.unet.config.sample_size * self.info.vae_scale_factor
+        return self.denoiser.config.sample_size * self.info.vae_scale_factor
 
     @torch.no_grad()
     def prompt_embeddings(self, prompts: list[str], table: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -408,7 +421,7 @@ class ADIModule(L.LightningModule):
         replaces the learned identifier (e.g. ``identifier.initial``, the untrained one)."""
         table = self.identifier.embedding if table is None else table
         return self.family.prompt_inputs(prompts, table.unsqueeze(0).expand(len(prompts), *table.shape),
-                                         self.identifier.layer_to_row(), self.unet.dtype)
+                                         self.identifier.layer_to_row(), self.denoiser.dtype)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], table: torch.Tensor | None = None):
@@ -426,7 +439,7 @@ class ADIModule(L.LightningModule):
         make action-different partners that keep the anchor's context."""
         if self._trainer is not None:
             self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
-        inputs = self.family.prompt_inputs(prompts, None, self.identifier.num_layers, self.unet.dtype)
+        inputs = self.family.prompt_inputs(prompts, None, self.identifier.num_layers, self.denoiser.dtype)
         return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
                                      strength=strength, num_inference_steps=steps, guidance_scale=guidance)
 

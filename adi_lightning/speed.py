@@ -130,9 +130,13 @@ def enable_gradient_checkpointing(unet: nn.Module, *text_encoders: nn.Module) ->
     diffusers checkpoints whenever gradients are on; transformers only in ``training`` mode, so
     the caller puts the checkpointed text-encoder layers in training mode (see
     :func:`checkpointed_text_layers`); that requires attention dropout 0 (CLIP's default), so the
-    frozen encoder computes exactly what it computes in eval mode.
+    frozen encoder computes exactly what it computes in eval mode. A T5 encoder (SD3's ``text_encoder_3``)
+    has dropout in every layer (``dropout_rate``) and is not checkpointed (it stays in eval mode).
+    ``unet``: the denoiser (a UNet or an MMDiT: diffusers' switch is the same).
     """
     unet.enable_gradient_checkpointing()
+    text_encoders = tuple(e for e in text_encoders
+                          if not float(getattr(getattr(e, "config", None), "dropout_rate", 0.0) or 0.0))
     for text_encoder in text_encoders:
         dropout = float(getattr(getattr(text_encoder, "config", None), "attention_dropout", 0.0) or 0.0)
         if dropout:

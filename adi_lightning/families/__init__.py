@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from adi_lightning.families.base import BackboneFamily, Features
 from adi_lightning.families.sd import StableDiffusionFamily
+from adi_lightning.families.sd3 import StableDiffusion3Family
 from adi_lightning.families.sdxl import StableDiffusionXLFamily
 
 #: Supported pipeline classes (``model_index.json`` ``_class_name``) and their family.
 FAMILIES: dict[str, type[BackboneFamily]] = {
     StableDiffusionFamily.pipeline_class_name: StableDiffusionFamily,
     StableDiffusionXLFamily.pipeline_class_name: StableDiffusionXLFamily,
+    StableDiffusion3Family.pipeline_class_name: StableDiffusion3Family,
 }
 #: Known pipeline classes without a family yet, with what they are.
-NOT_YET: dict[str, str] = {"StableDiffusion3Pipeline": "SD3, an MMDiT", "FluxPipeline": "FLUX, an MMDiT"}
+NOT_YET: dict[str, str] = {"FluxPipeline": "FLUX, an MMDiT"}
 
 
-__all__ = ["BackboneFamily", "Features", "FAMILIES", "NOT_YET", "StableDiffusionFamily", "StableDiffusionXLFamily"]
+__all__ = ["BackboneFamily", "Features", "FAMILIES", "NOT_YET", "StableDiffusion3Family", "StableDiffusionFamily",
+           "StableDiffusionXLFamily"]

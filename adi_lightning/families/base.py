@@ -1,9 +1,11 @@
 """The seam between the method and a backbone family (docs/architecture.md, "The family seam").
 
-What differs between Stable Diffusion 1.x/2.x and SDXL is small and local: the tokenizers and text
-encoders, how a prompt and the identifier become UNet conditioning, the added conditions, the
-stock pipeline class and where the token-embedding overlay goes. :class:`BackboneFamily` holds
-exactly that, over one loaded diffusers pipeline; :mod:`adi_lightning.families` picks the
+What differs between backbone families is small and local: the tokenizers and text encoders, how
+a prompt and the identifier become denoiser conditioning, the added conditions, the stock pipeline
+class, where the token-embedding overlay goes, and, on the denoiser's side, which layers get
+identifier rows and how the rows reach them (UNet: a processor on each ``attn2``; MMDiT: block-wise
+hooks) and the training objective (DDPM or flow matching, :mod:`adi_lightning.objective`).
+:class:`BackboneFamily` holds exactly that, over one loaded diffusers pipeline; :mod:`adi_lightning.families` picks the
 implementation from the pipeline folder's ``model_index.json`` (``_class_name``).
 :class:`~adi_lightning.module.ADIModule`, the callbacks, the data and the masking math never ask
 which family they hold.
@@ -23,12 +25,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from adi_lightning.conditioning import (cross_attention_layers, group_layers, install_layerwise_processors,
+                                        remove_layerwise_processors)
 from adi_lightning.identifier import (
+    get_token_embedding,
     initializer_embedding,
     install_overlay,
     remove_overlay,
     token_embedding_owner,
 )
+from adi_lightning.objective import DDPMObjective
 from adi_lightning.prompts import add_placeholder_token, check_identifier_prompts
 
 Features = tuple[torch.Tensor, ...]
@@ -68,8 +74,10 @@ class BackboneFamily:
     """One backbone family's text side, added conditions and stock pipeline, over ``pipe``.
 
     Subclasses set the class attributes and implement :meth:`tokenize`, :meth:`encode_text`,
-    :meth:`unet_inputs`, :meth:`pipeline_inputs` and :meth:`layerwise_text_encoder`.
-    Constructing one changes nothing in ``pipe``.
+    :meth:`denoiser_inputs`, :meth:`pipeline_inputs` and :meth:`layerwise_text_encoder`. The
+    denoiser-side methods (:meth:`identifier_layers`, :meth:`group_identifier_layers`,
+    :meth:`install_routing`, :meth:`remove_routing`, :meth:`training_objective`) default to a
+    UNet with ``attn2`` layers trained as DDPM. Constructing one changes nothing in ``pipe``.
     """
 
     #: ``_class_name`` of the pipeline in ``model_index.json`` (a diffusers class name).
@@ -83,9 +91,19 @@ class BackboneFamily:
     tokenizer_parts: ClassVar[tuple[str, ...]]
     #: Extra keyword arguments of ``from_pretrained`` and of the constructor (e.g. no safety checker).
     load_kwargs: ClassVar[dict] = {}
+    #: Component name of the denoiser (``unet``; ``transformer`` for an MMDiT).
+    denoiser_part: ClassVar[str] = "unet"
+    #: What the identifier's layers are, for messages and ``run_info.json``.
+    layer_kind: ClassVar[str] = "cross-attention layers"
 
     def __init__(self, pipe):
         self.pipe = pipe
+
+    @classmethod
+    def folder_load_kwargs(cls, index: dict) -> dict:
+        """Keyword arguments of ``from_pretrained`` that a folder's ``model_index.json`` (``index``) calls
+        for, beyond :attr:`load_kwargs` (e.g. an optional text encoder saved as null)."""
+        return {}
 
     @classmethod
     def pipeline_class(cls, img2img: bool = False):
@@ -95,7 +113,13 @@ class BackboneFamily:
 
     # ------------------------------------------------------------------ parts
     @property
+    def denoiser(self) -> nn.Module:
+        """The network that predicts the noise / velocity: the UNet or the MMDiT (``denoiser_part``)."""
+        return getattr(self.pipe, self.denoiser_part)
+
+    @property
     def unet(self) -> nn.Module:
+        """The UNet of a UNet family (the scripts and tools that are UNet-only use it)."""
         return self.pipe.unet
 
     @property
@@ -134,7 +158,32 @@ class BackboneFamily:
     def modules(self) -> dict[str, nn.Module]:
         """The frozen ``nn.Module`` parts by diffusers component name (the LightningModule
         registers them under these names, so state-dict prefixes are diffusers')."""
-        return {**dict(zip(self.text_parts, self.text_encoders)), "vae": self.vae, "unet": self.unet}
+        return {**dict(zip(self.text_parts, self.text_encoders)), "vae": self.vae, self.denoiser_part: self.denoiser}
+
+    # ---------------------------------------------------------------- denoiser
+    def identifier_layers(self) -> list[str]:
+        """The module paths of the layers that get identifier rows, in data-flow order (UNet: every
+        ``attn2``, :func:`~adi_lightning.conditioning.cross_attention_layers`)."""
+        return list(cross_attention_layers(self.denoiser))
+
+    def group_identifier_layers(self, layer_paths: list[str], row_groups: str) -> torch.Tensor:
+        """``layer_to_row`` ``[L]`` for ``model.row_groups`` (:func:`~adi_lightning.conditioning.group_layers`)."""
+        return group_layers(layer_paths, row_groups, len(self.denoiser.config.block_out_channels))
+
+    def install_routing(self):
+        """Make the denoiser read the L layer-wise encodings along the token axis (UNet: a
+        :class:`~adi_lightning.conditioning.LayerwiseCrossAttnProcessor` on each ``attn2``); returns
+        what :meth:`remove_routing` needs."""
+        return install_layerwise_processors(self.denoiser)
+
+    def remove_routing(self, handle) -> None:
+        """Undo :meth:`install_routing`."""
+        remove_layerwise_processors(self.denoiser, handle)
+
+    def training_objective(self):
+        """The objective the denoiser was trained with (:class:`~adi_lightning.objective.DDPMObjective`
+        from the pipeline scheduler's config)."""
+        return DDPMObjective(self.pipe.scheduler.config)
 
     # ------------------------------------------------------------- identifier
     def add_placeholder(self, token: str, templates: list[str] = ()) -> int:
@@ -147,7 +196,7 @@ class BackboneFamily:
 
     def initializer_row(self, word: str) -> torch.Tensor:
         """``[D]`` fp32: each text encoder's frozen embedding of the single-token ``word``, concatenated."""
-        return torch.cat([initializer_embedding(tokenizer, token_embedding_owner(encoder).token_embedding, word)
+        return torch.cat([initializer_embedding(tokenizer, get_token_embedding(encoder), word)
                           for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)])
 
     def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -176,9 +225,14 @@ class BackboneFamily:
         """Features of the unconditional (empty) prompt, as the stock pipeline makes them."""
         return self.encode_text(self.tokenize([""] * count, device), None, layers)
 
-    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
-        """Keyword arguments of ``UNet2DConditionModel.forward`` for training images of ``size`` px."""
+    def denoiser_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+        """Keyword arguments of the denoiser's ``forward`` besides the latents and ``timestep``
+        (``UNet2DConditionModel``: ``encoder_hidden_states``, ...) for training images of ``size`` px."""
         raise NotImplementedError
+
+    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+        """:meth:`denoiser_inputs` (the name before MMDiT families)."""
+        return self.denoiser_inputs(features, dtype, size)
 
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         """``prompt_embeds``-style keyword arguments of the stock pipeline's ``__call__``."""

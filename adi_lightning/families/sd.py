@@ -60,7 +60,7 @@ class StableDiffusionFamily(BackboneFamily):
             return (encode_plain(encoder, ids, layers),)
         return (encode_layerwise(encoder, self.overlay, ids, rows, layers),)
 
-    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+    def denoiser_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
         return {"encoder_hidden_states": features[0].to(dtype)}
 
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:

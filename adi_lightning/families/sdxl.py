@@ -123,7 +123,7 @@ class StableDiffusionXLFamily(BackboneFamily):
         return (torch.zeros(count, tokens, self.identifier_dim, dtype=encoder.dtype, device=device),
                 torch.zeros(count, encoder.config.projection_dim, dtype=encoder.dtype, device=device))
 
-    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+    def denoiser_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
         """Context, pooled ``text_embeds`` and ``time_ids`` ``(H, W, 0, 0, H, W)`` for ``size = (H, W)``."""
         context, pooled = features
         time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=context.device).repeat(context.shape[0], 1)

@@ -1,0 +1,252 @@
+"""Stable Diffusion 3 (diffusers ``StableDiffusion3Pipeline``): an MMDiT with CLIP-L, CLIP-G and optional T5.
+
+As ``StableDiffusion3Pipeline.encode_prompt``: CLIP-L (``text_encoder``) and CLIP-G (``text_encoder_2``)
+each give their penultimate hidden state (``hidden_states[-2]``, ``[N, 77, D_i]``); both concatenated on
+channels and zero-padded to the transformer's ``joint_attention_dim`` J are followed along the token
+axis by T5's last hidden state (``text_encoder_3``, ``[N, S, J]``, S = ``max_sequence_length``, 256 as the
+pipeline's default), or by zeros of that shape when T5 is not loaded: one encoding ``[N, T, J]``,
+T = 77 + S. The pooled embedding is both CLIPs' projected ``text_embeds`` concatenated, ``[N, P1 + P2]``.
+The unconditional embedding is the encoding of ``""`` (SD3 does not force zeros). Latents are
+``(mode - shift_factor) * scaling_factor`` of the 16-channel VAE. Training is flow matching
+(:class:`~adi_lightning.objective.FlowMatchingObjective`).
+
+Block-wise (ADI / P+, :mod:`adi_lightning.blockwise`): an identifier row is one vector per loaded text
+encoder, ``[D1 + D2]`` or ``[D1 + D2 + D3]`` with T5 (each encoder's placeholder embedding); the
+identifier's layers are the joint blocks (``transformer_blocks.<b>``). Each row's FULL encoding (its
+CLIP tokens, then its T5 tokens) is one ``[T, J]`` chunk; block ``b``'s chunk is its row's, and the
+B chunks travel along the token axis, ``[N, B*T, J]`` (blocks that share a row carry equal chunks, so
+the telescoping term between them is exactly zero). The block-wise hooks are installed with one
+chunk per block (``block_to_row`` = identity), whatever ``model.row_groups`` is, so a file of another
+grouping needs no reinstall. The pooled embedding is one vector: it is encoded with the row of the
+middle joint block, ``B // 2`` (:func:`~adi_lightning.families.sdxl.pooled_layer_index`, as SDXL uses
+its mid-block layer's row); that row trains through its blocks' chunks and the pooled embedding.
+
+``install_identifier`` on a stock ``StableDiffusion3Pipeline``: the stock ``encode_prompt`` puts all CLIP
+tokens before all T5 tokens, so text-encoder stand-ins returning B encodings each would interleave
+wrongly. Instead :meth:`StableDiffusion3Family.install_text` shadows the pipeline's ``encode_prompt``
+with an instance attribute that encodes the prompt block-wise (as :meth:`prompt_inputs`) and lets the
+stock method encode the negative prompt, repeated over the blocks; removing the attribute restores the
+stock method.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from adi_lightning.blockwise import install_blockwise_routing, joint_blocks, remove_blockwise_routing
+from adi_lightning.conditioning import call_with_rows, count_layers, layer_rows, spread_over_layers
+from adi_lightning.families.base import BackboneFamily, Features
+from adi_lightning.families.sdxl import pooled_layer_index
+from adi_lightning.identifier import get_token_embedding, install_overlay
+from adi_lightning.objective import FlowMatchingObjective
+from adi_lightning.prompts import add_placeholder_token, check_identifier_prompts, tokenize
+
+#: T5 tokens of one encoding: ``StableDiffusion3Pipeline``'s default ``max_sequence_length``.
+MAX_SEQUENCE_LENGTH = 256
+
+
+class StableDiffusion3Family(BackboneFamily):
+    """SD3: features are ``(context [N, B*T, J], pooled [N, P1 + P2])``; the MMDiT gets
+    ``encoder_hidden_states`` and ``pooled_projections``. ``text_parts`` are CLIP-L and CLIP-G, plus
+    T5 (``text_encoder_3``) when the pipeline has it."""
+
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    img2img_class_name = "StableDiffusion3Img2ImgPipeline"
+    name = "sd3"
+    #: The parts every SD3 folder has; T5 joins them per pipeline (see ``__init__``).
+    text_parts = ("text_encoder", "text_encoder_2")
+    tokenizer_parts = ("tokenizer", "tokenizer_2")
+    denoiser_part = "transformer"
+    layer_kind = "joint blocks"
+    max_sequence_length = MAX_SEQUENCE_LENGTH
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        if getattr(pipe, "text_encoder_3", None) is not None:
+            self.text_parts = (*type(self).text_parts, "text_encoder_3")
+            self.tokenizer_parts = (*type(self).tokenizer_parts, "tokenizer_3")
+
+    @classmethod
+    def folder_load_kwargs(cls, index: dict) -> dict:
+        """``text_encoder_3=None, tokenizer_3=None`` for a folder saved without T5 (``model_index.json``
+        lists them as null): stock diffusers loads such a folder only when told."""
+        absent = [part for part in ("text_encoder_3", "tokenizer_3") if index.get(part, [None])[0] is None]
+        return {part: None for part in absent}
+
+    @property
+    def has_t5(self) -> bool:
+        return len(self.text_parts) == 3
+
+    @property
+    def tokens_per_prompt(self) -> int:
+        """T: the tokens of one encoding (77 CLIP + :attr:`max_sequence_length` T5, zeros without T5)."""
+        return self.tokenizer.model_max_length + self.max_sequence_length
+
+    # ---------------------------------------------------------------- denoiser
+    def identifier_layers(self) -> list[str]:
+        """The joint blocks, ``transformer_blocks.<b>`` (:func:`~adi_lightning.blockwise.joint_blocks`)."""
+        return joint_blocks(self.denoiser)
+
+    def group_identifier_layers(self, layer_paths: list[str], row_groups: str) -> torch.Tensor:
+        """``layer``: one row per joint block; ``attention``: the same (a joint block is one attention
+        module); ``shared``: one row (Textual Inversion); ``resolution`` is refused (ValueError): an
+        MMDiT runs every block at one resolution."""
+        blocks = len(layer_paths)
+        if row_groups in ("layer", "attention"):
+            return torch.arange(blocks)
+        if row_groups == "shared":
+            return torch.zeros(blocks, dtype=torch.int64)
+        raise ValueError(f"model.row_groups={row_groups} has no meaning for an MMDiT (SD3): its {blocks} joint blocks "
+                         "run at one resolution; use layer (one row per joint block), attention (the same) or shared")
+
+    def install_routing(self):
+        """Block-wise hooks on the MMDiT (:func:`~adi_lightning.blockwise.install_blockwise_routing`), one
+        ``[T, J]`` chunk per joint block."""
+        return install_blockwise_routing(self.denoiser, self.tokens_per_prompt)
+
+    def remove_routing(self, handle) -> None:
+        remove_blockwise_routing(self.denoiser)
+
+    def training_objective(self):
+        return FlowMatchingObjective(self.pipe.scheduler.config)
+
+    @property
+    def pooled_layer(self) -> int:
+        """The joint block whose row the pooled embedding sees: the middle one, ``B // 2``."""
+        return pooled_layer_index(self.identifier_layers())
+
+    # --------------------------------------------------------------- encoding
+    def tokenize(self, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """``[N, 77 + 77 (+ S)]``: CLIP-L, CLIP-G (and T5, padded to :attr:`max_sequence_length`) ids,
+        concatenated along the last axis (T5's ids include its end token ``</s>``, as the pipeline's)."""
+        ids = [tokenize(tokenizer, prompts, device) for tokenizer in self.tokenizers[:2]]
+        if self.has_t5:
+            t5 = self.tokenizers[2](list(prompts), padding="max_length", max_length=self.max_sequence_length,
+                                    truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+            ids.append(t5 if device is None else t5.to(device))
+        return torch.cat(ids, dim=1)
+
+    def _split_ids(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        clip = self.tokenizer.model_max_length
+        sizes = [clip, clip] + ([ids.shape[1] - 2 * clip] if self.has_t5 else [])
+        return list(ids.split(sizes, dim=1))
+
+    def encode_text(self, ids: torch.Tensor, rows: torch.Tensor | None, layers: int | torch.Tensor) -> Features:
+        """``(context [N, B*T, J], pooled [N, P1 + P2])`` (see the module docstring): each row's
+        encoding made as ``StableDiffusion3Pipeline.encode_prompt`` makes one, spread over the blocks."""
+        parts = self.split_rows(rows) if rows is not None else (None,) * len(self.text_parts)
+        part_ids = self._split_ids(ids)
+        n, r = ids.shape[0], 1 if rows is None else rows.shape[1]
+        if rows is not None:
+            layer_rows(layers, r)  # the rows fit the blocks
+        hidden, pooled = [], []
+        for encoder, encoder_ids, part_rows in zip(self.text_encoders[:2], part_ids, parts):
+            if part_rows is None:
+                output = encoder(encoder_ids, output_hidden_states=True)
+            else:
+                output, _ = call_with_rows(encoder, get_token_embedding(encoder), encoder_ids, part_rows, layers,
+                                           output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled.append(output.text_embeds)
+        dtype = self.text_encoders[0].dtype
+        joint = self.denoiser.config.joint_attention_dim
+        clip = torch.cat(hidden, dim=-1).to(dtype)
+        clip = F.pad(clip, (0, joint - clip.shape[-1]))
+        if self.has_t5:
+            encoder = self.text_encoders[2]
+            if parts[2] is None:
+                t5 = encoder(part_ids[2])[0]
+            else:
+                t5 = call_with_rows(encoder, get_token_embedding(encoder), part_ids[2], parts[2], layers)[0][0]
+            t5 = t5.to(encoder.dtype)
+        else:
+            t5 = torch.zeros(clip.shape[0], self.max_sequence_length, joint, dtype=dtype, device=clip.device)
+        encoding = torch.cat([clip, t5], dim=1)  # [N*R, T, J]: each row's full encoding
+        context = spread_over_layers(encoding, r, layers if rows is not None else count_layers(layers))
+        pooled = torch.cat(pooled, dim=-1).reshape(n, r, -1)
+        row = int(layer_rows(layers, r)[self.pooled_layer]) if rows is not None else 0
+        return context, pooled[:, row]
+
+    def denoiser_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
+        """``encoder_hidden_states`` (block-wise context) and ``pooled_projections``."""
+        context, pooled = features
+        return {"encoder_hidden_states": context.to(dtype), "pooled_projections": pooled.to(dtype)}
+
+    def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
+        return {"prompt_embeds": features[0].to(dtype), "negative_prompt_embeds": negative[0].to(dtype),
+                "pooled_prompt_embeds": features[1].to(dtype), "negative_pooled_prompt_embeds": negative[1].to(dtype)}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(mode - shift_factor) * scaling_factor`` fp32 (the inverse of the SD3 pipeline's decoding)."""
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float()
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    # -------------------------------------------------------------- pipelines
+    def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
+        """A copy of each tokenizer with ``token``, the overlay in each text encoder, and the pipeline's
+        ``encode_prompt`` shadowed by a block-wise one (see the module docstring). ``prompt_2`` /
+        ``prompt_3`` other than ``prompt`` and ``clip_skip`` are refused (ValueError) for prompts the
+        block-wise encoder makes."""
+        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
+        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
+        ids = [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+        for tokenizer_name, tokenizer, placeholder_id, encoder_name in zip(
+                self.tokenizer_parts, tokenizers, ids, self.text_parts):
+            install_overlay(saved[encoder_name], placeholder_id)
+            setattr(self.pipe, tokenizer_name, tokenizer)
+        self.pipe.encode_prompt = _BlockwiseEncodePrompt(self, rows.detach().float().clone(), layers, token, ids[0])
+        return saved
+
+    def remove_text(self, saved: dict) -> None:
+        self.pipe.__dict__.pop("encode_prompt", None)
+        super().remove_text(saved)
+
+
+class _BlockwiseEncodePrompt:
+    """The pipeline's ``encode_prompt`` while an identifier is installed: the prompt (with or without
+    the placeholder) encoded block-wise by the family, ``[N, B*T, J]``; the negative prompt by the stock
+    method (plain ``[N, T, J]``), then repeated over the B blocks (equal chunks: no block-wise term)."""
+
+    def __init__(self, family: StableDiffusion3Family, rows: torch.Tensor, layers, token: str, placeholder_id: int):
+        self.family, self.rows, self.layers = family, rows, layers
+        self.token, self.placeholder_id = token, placeholder_id
+        self.stock = type(family.pipe).encode_prompt.__get__(family.pipe)
+        self.signature = inspect.signature(self.stock)
+
+    def __call__(self, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        if call["prompt_embeds"] is None:
+            prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
+            for key in ("prompt_2", "prompt_3"):
+                other = call[key]
+                if other is not None and ([other] if isinstance(other, str) else list(other)) != prompts:
+                    raise ValueError(f"{key} differs from prompt: with an adi-lightning identifier installed, every "
+                                     "text encoder reads the same prompt")
+            if call["clip_skip"] is not None:
+                raise ValueError("clip_skip is not supported with a block-wise identifier")
+            if call["max_sequence_length"] != self.family.max_sequence_length:
+                raise ValueError(f"max_sequence_length={call['max_sequence_length']}: the installed identifier's "
+                                 f"block-wise routing reads {self.family.max_sequence_length} T5 tokens per encoding")
+            family = self.family
+            device = call["device"] or family.pipe._execution_device
+            carrying = check_identifier_prompts(family.tokenizer, self.token, self.placeholder_id, prompts, "prompt")
+            table = self.rows.to(device)
+            rows = table.unsqueeze(0).expand(len(prompts), *table.shape) if carrying else None
+            context, pooled = family.encode_text(family.tokenize(prompts, device), rows, self.layers)
+            call.update(prompt=None, prompt_2=None, prompt_3=None, prompt_embeds=context, pooled_prompt_embeds=pooled)
+            copies = call["num_images_per_prompt"]
+        else:
+            copies = 1
+        positive, negative, pooled, negative_pooled = self.stock(**call)
+        positive = positive.repeat_interleave(copies, dim=0)
+        pooled = pooled.repeat_interleave(copies, dim=0)
+        if negative is not None and negative.shape[1] != positive.shape[1]:
+            negative = negative.repeat(1, positive.shape[1] // negative.shape[1], 1)
+        return positive, negative, pooled, negative_pooled

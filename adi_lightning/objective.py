@@ -1,0 +1,104 @@
+"""Training objectives: how a backbone family's denoiser is trained, as one object the module calls.
+
+:class:`~adi_lightning.module.ADIModule` draws per-triple noise and timesteps, makes the noisy
+latents, feeds the denoiser its timestep and regresses a target; what those are depends on how the
+backbone was trained, and the family picks it
+(:meth:`~adi_lightning.families.BackboneFamily.training_objective`):
+
+- :class:`DDPMObjective` (UNet families, SD 1.x/2.x and SDXL): integer timesteps, the scheduler's
+  ``add_noise``, the noise (or the velocity for ``v_prediction``) as target
+  (:mod:`adi_lightning.diffusion`);
+- :class:`FlowMatchingObjective` (MMDiT families, SD3): rectified flow, shifted sigmas, the
+  velocity ``n - x`` as target, timestep ``sigma * num_train_timesteps``
+  (:mod:`adi_lightning.flow_matching`).
+
+Both draw from the same keyed generators (one draw per triple, shared by its roles), so results do
+not depend on how triples are spread over ranks. Shapes: latents and noise ``[N, C, h, w]``,
+``t`` ``[N]`` (the objective's own time: DDPM timesteps int64, flow sigmas float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adi_lightning import diffusion, flow_matching
+
+
+class DDPMObjective:
+    """Denoising diffusion (DDPM) training, as SD 1.x/2.x and SDXL were trained.
+
+    ``scheduler_config``: the pipeline scheduler's config; a ``DDPMScheduler`` is built from it
+    (:attr:`scheduler`), so ``beta`` schedule and ``prediction_type`` are the backbone's.
+    """
+
+    name = "ddpm"
+    #: ``model.timestep_sampling`` values this objective draws.
+    timestep_samplings: tuple[str, ...] = diffusion.TIMESTEP_SAMPLINGS
+
+    def __init__(self, scheduler_config):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def draw(self, keys: list[int], step: int, roles: int, latents: torch.Tensor, kind: str,
+             large_t_steps: int = 0, large_t_min: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise [B*roles, C, h, w], t [B*roles] int64)``:
+        :func:`adi_lightning.diffusion.keyed_noise_and_timesteps`."""
+        return diffusion.keyed_noise_and_timesteps(keys, step, roles, latents,
+                                                   self.scheduler.config.num_train_timesteps, kind,
+                                                   large_t_steps, large_t_min)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The scheduler's ``add_noise``: ``sqrt(abar_t) x + sqrt(1 - abar_t) n``."""
+        return self.scheduler.add_noise(latents, noise, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """:func:`adi_lightning.diffusion.training_target` (noise, or velocity for ``v_prediction``)."""
+        return diffusion.training_target(self.scheduler, latents, noise, t)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The UNet's ``timestep`` input: ``t`` itself."""
+        return t
+
+
+class FlowMatchingObjective:
+    """Rectified-flow (flow matching) training, as SD3 was trained (Esser et al. 2024).
+
+    ``scheduler_config``: the pipeline's ``FlowMatchEulerDiscreteScheduler`` config (its static
+    ``shift`` moves the drawn flow times towards noise, :func:`~adi_lightning.flow_matching.shift_sigma`;
+    a dynamically shifting scheduler is refused with ValueError). The loss weight is 1 (diffusers'
+    SD3 scripts with their default ``logit_normal`` density), so :meth:`target` is all the module needs.
+    """
+
+    name = "flow_matching"
+    timestep_samplings: tuple[str, ...] = flow_matching.FLOW_TIME_SAMPLINGS
+    prediction_type = "flow"
+
+    def __init__(self, scheduler_config):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.shift = flow_matching.scheduler_shift(self.scheduler.config)
+
+    def draw(self, keys: list[int], step: int, roles: int, latents: torch.Tensor, kind: str,
+             large_t_steps: int = 0, large_t_min: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise [B*roles, C, h, w], sigmas [B*roles] float32)``, shifted:
+        :func:`adi_lightning.flow_matching.keyed_noise_and_sigmas`."""
+        return flow_matching.keyed_noise_and_sigmas(keys, step, roles, latents, kind, self.shift,
+                                                    large_t_steps, large_t_min)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(1 - sigma) x + sigma n`` (:func:`~adi_lightning.flow_matching.flow_noisy_latents`)."""
+        return flow_matching.flow_noisy_latents(latents, noise, t)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The velocity ``n - x`` (:func:`~adi_lightning.flow_matching.flow_matching_target`)."""
+        return flow_matching.flow_matching_target(latents, noise)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The transformer's ``timestep``: ``sigma * num_train_timesteps`` (a float, as at inference)."""
+        return flow_matching.flow_timesteps(t, self.scheduler.config.num_train_timesteps)

@@ -1,0 +1,365 @@
+"""SD3 on the same training path as SD 1.x and SDXL (issue 25): a tiny StableDiffusion3Pipeline (MMDiT with
+3 joint blocks; CLIP-L 32, CLIP-G 48, T5 96 wide, or no T5) through the same module, Trainer and
+``install_identifier``, with block-wise rows (adi_lightning.blockwise) and flow matching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import adi_lightning
+from adi_lightning.backbone import load_backbone
+from adi_lightning.blockwise import blockwise_block_to_row
+from adi_lightning.data import ActionTripleDataModule
+from adi_lightning.families import StableDiffusion3Family
+from adi_lightning.identifier import IdentifierTokenEmbedding
+
+D1, D2, D3, P = 32, 48, 96, 24 + 40  # CLIP-L, CLIP-G, T5 widths; pooled = both CLIP projections
+BLOCKS, T = 3, 77 + 256
+VARIANTS = ["t5", "no_t5"]
+
+
+@pytest.fixture(scope="module")
+def sd3_folders(tmp_path_factory):
+    from adi_lightning.tiny import build_tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("sd3")
+    return {"t5": str(build_tiny_sd3_pipeline(root / "sd3")),
+            "no_t5": str(build_tiny_sd3_pipeline(root / "sd3_no_t5", with_t5=False))}
+
+
+def _dim(variant: str) -> int:
+    return D1 + D2 + (D3 if variant == "t5" else 0)
+
+
+@pytest.fixture()
+def sd3_module(sd3_folders, make_module):
+    def make(variant="t5", **overrides):
+        return make_module(pretrained_model_name_or_path=sd3_folders[variant], **overrides)
+
+    return make
+
+
+def _stock(folder: str):
+    """The stock pipeline, loaded as a user would (a no-T5 folder needs text_encoder_3=None, tokenizer_3=None)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, low_cpu_mem_usage=False,
+                                                    **StableDiffusion3Family.folder_load_kwargs(index))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _batch(tiny_data, with_partners=True, batch_size=2):
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
+                                with_partners=with_partners, repeats=2, seed=3)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sd3_folder_loads_as_the_sd3_family_through_the_project_loader(variant, sd3_folders, sd3_module):
+    family = load_backbone(sd3_folders[variant])
+    assert isinstance(family, StableDiffusion3Family) and type(family.pipe).__name__ == "StableDiffusion3Pipeline"
+    assert family.has_t5 == (variant == "t5") and (family.pipe.text_encoder_3 is None) == (variant == "no_t5")
+    assert family.text_dims == [D1, D2, D3][: 3 if variant == "t5" else 2]
+    module = sd3_module(variant)
+    assert module.info.family == "sd3" and module.info.layer_kind == "joint blocks"
+    assert module.info.prediction_type == "flow" and module.info.num_cross_attention_layers == BLOCKS
+    assert module.identifier.layer_paths == [f"transformer_blocks.{b}" for b in range(BLOCKS)]
+    assert module.identifier.embedding.shape == (BLOCKS, _dim(variant))
+    assert module.transformer is module.denoiser and not hasattr(module, "unet")
+    assert torch.equal(blockwise_block_to_row(module.transformer), torch.arange(BLOCKS))  # routing installed
+    # Each encoder's part of a row starts as that encoder's embedding of the initializer word (T5 included).
+    row = module.identifier.embedding[0]
+    for tokenizer, encoder, part in zip(module.family.tokenizers, module.family.text_encoders,
+                                        module.family.split_rows(row)):
+        (word,) = tokenizer.encode("standing", add_special_tokens=False)
+        assert torch.equal(part, encoder.get_input_embeddings().weight[word].float())
+    if variant == "t5":  # T5's overlay sits where its forward reads (encoder.embed_tokens); `shared` is untouched
+        t5 = module.text_encoder_3
+        assert isinstance(t5.encoder.embed_tokens, IdentifierTokenEmbedding) and isinstance(t5.shared, torch.nn.Embedding)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()  # as the pipeline's __call__ (CPU attention picks other kernels under autograd)
+def test_encodings_are_the_stock_encode_prompt_per_block(variant, sd3_folders, sd3_module):
+    """Plain prompts, the negative "" and the untrained identifier (each part the embedding of
+    "standing") are exactly what StableDiffusion3Pipeline.encode_prompt makes, once per joint block."""
+    module = sd3_module(variant)
+    family = module.family
+    pipe = _stock(sd3_folders[variant])
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a dog", None, None, device="cpu")
+    assert embeds.shape == (1, T, D3)
+    inputs = family.prompt_inputs(["a photo of a dog"], None, BLOCKS, torch.float32)
+    torch.testing.assert_close(inputs["prompt_embeds"], embeds.repeat(1, BLOCKS, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs["pooled_prompt_embeds"], pooled, rtol=0, atol=1e-6)
+    # SD3 does not force zeros: the unconditional embedding is the encoding of "".
+    torch.testing.assert_close(inputs["negative_prompt_embeds"], negative.repeat(1, BLOCKS, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs["negative_pooled_prompt_embeds"], negative_pooled, rtol=0, atol=1e-6)
+    assert negative.abs().sum() > 0 and negative_pooled.abs().sum() > 0
+    with_identifier = module.prompt_embeddings(["a photo of a person <A>"], module.identifier.initial)
+    word, _, word_pooled, _ = pipe.encode_prompt("a photo of a person standing", None, None, device="cpu")
+    torch.testing.assert_close(with_identifier["prompt_embeds"], word.repeat(1, BLOCKS, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_identifier["pooled_prompt_embeds"], word_pooled, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_row_b_reaches_only_block_b_chunk_in_every_part_and_the_middle_row_the_pooled_embedding(
+        variant, sd3_module):
+    module = sd3_module(variant)
+    family = module.family
+    ids = family.tokenize(["a photo of a person <A>"])
+    table = module.identifier.embedding.detach().clone()
+    base, base_pooled = family.encode_text(ids, table[None], BLOCKS)
+    assert base.shape == (1, BLOCKS * T, D3) and base_pooled.shape == (1, P) and family.pooled_layer == 1
+    starts = np.cumsum([0, D1, D2, D3])
+    for block in range(BLOCKS):
+        for part in range(len(family.text_dims)):
+            perturbed = table.clone()
+            perturbed[block, starts[part]:starts[part + 1]] += 1.0
+            context, pooled = family.encode_text(ids, perturbed[None], BLOCKS)
+            changed = [b for b in range(BLOCKS)
+                       if not torch.equal(context[:, b * T:(b + 1) * T], base[:, b * T:(b + 1) * T])]
+            assert changed == [block], (block, part)
+            chunk, before = context[0, block * T:(block + 1) * T], base[0, block * T:(block + 1) * T]
+            clip_changed = not torch.equal(chunk[:77], before[:77])
+            t5_changed = not torch.equal(chunk[77:], before[77:])
+            assert (clip_changed, t5_changed) == ((True, False) if part < 2 else (False, True)), (block, part)
+            assert torch.equal(pooled, base_pooled) != (part < 2 and block == family.pooled_layer), (block, part)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(variant, sd3_module, tiny_data):
+    """With every block's row equal, the training forward (B equal chunks through the block-wise hooks)
+    is the stock MMDiT forward on ONE plain encoding, bit for bit; the loss equals the TI module's up to
+    the text encoders' batch-size rounding (P+ encodes B rows per prompt in one call, TI one)."""
+    batch = _batch(tiny_data, with_partners=False)
+    pplus = sd3_module(variant, mask_threshold=1.0, cache_latents=False)
+    ti = sd3_module(variant, mask_threshold=1.0, layerwise=False, cache_latents=False)
+    calls = []
+    hook = pplus.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args, dict(kwargs), output.sample)), with_kwargs=True)
+    with torch.no_grad():
+        vector = torch.randn(_dim(variant), generator=torch.Generator().manual_seed(0))
+        pplus.identifier.embedding.copy_(vector.expand(BLOCKS, -1))
+        ti.identifier.embedding.copy_(vector[None])
+        _, per_pplus = pplus.compute_loss(batch, draw_step=0)
+        _, per_ti = ti.compute_loss(batch, draw_step=0)
+        hook.remove()
+        ((args, kwargs, routed),) = calls
+        chunks = kwargs["encoder_hidden_states"].split(T, dim=1)
+        assert len(chunks) == BLOCKS and all(torch.equal(chunk, chunks[0]) for chunk in chunks)
+        plain = pplus.transformer(*args, **{**kwargs, "encoder_hidden_states": chunks[0]}).sample
+    assert torch.equal(routed, plain)
+    torch.testing.assert_close(per_pplus, per_ti, rtol=1e-5, atol=0)
+
+
+def test_flow_matching_objective_drives_the_loss(sd3_module, tiny_data):
+    """The noisy latents, timestep and target are rectified flow's (sigma shifted by the scheduler's 3.0)."""
+    from adi_lightning import flow_matching
+
+    module = sd3_module("no_t5", mask_threshold=1.0, cache_latents=False, timestep_sampling="logit_normal")
+    assert module.objective.name == "flow_matching" and module.objective.shift == 3.0
+    batch = _batch(tiny_data, with_partners=False, batch_size=1)
+    seen = {}
+    hook = module.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(noisy=args[0], timestep=kwargs["timestep"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            module.compute_loss(batch, draw_step=4)
+    finally:
+        hook.remove()
+    latents = module._latents(batch, batch["pixel_values"])
+    noise, sigmas = flow_matching.keyed_noise_and_sigmas(batch["key"].tolist(), 4, 1, latents, "logit_normal", 3.0)
+    assert torch.equal(seen["timestep"], sigmas * 1000)
+    assert torch.equal(seen["noisy"], flow_matching.flow_noisy_latents(latents, noise, sigmas))
+
+
+def test_latents_use_the_vae_shift_factor(sd3_module):
+    family = sd3_module("no_t5").family
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mode = family.vae.encode(pixels).latent_dist.mode()
+    config = family.vae.config
+    assert config.shift_factor != 0
+    assert torch.equal(family.encode_images(pixels), (mode - config.shift_factor) * config.scaling_factor)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_sample_gradients_under_masking_equal_per_sample_autograd(variant, sd3_module, tiny_data):
+    batch = _batch(tiny_data)
+    for share in (False, True):
+        module = sd3_module(variant, mask_threshold=0.5, share_text_encoding=share, cache_latents=False)
+        loss, per_sample = module.compute_loss(batch)
+        table = module.identifier.embedding
+        expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
+        module.pop_role_grads()
+        loss.backward()
+        recorded = torch.cat(module.pop_role_grads())
+        assert recorded.shape == (2, 3, BLOCKS, _dim(variant))
+        assert (recorded.flatten(0, 1) - expected).abs().max() <= 1e-5 * expected.abs().max()
+        assert not torch.allclose(recorded[:, 0], recorded[:, 2])  # the roles' images differ
+        # Every block's row and every encoder's part gets a gradient (T5's through its tokens only).
+        for part in module.family.split_rows(expected.abs().sum(0)):
+            assert (part.sum(-1) > 0).all(), share
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("variant,method", [("t5", "adi"), ("no_t5", "adi"), ("t5", "pplus"), ("no_t5", "ti")])
+def test_a_few_training_steps_change_only_the_identifier(variant, method, sd3_module, tiny_data, tmp_path):
+    settings = {"adi": dict(mask_threshold=0.0), "pplus": dict(mask_threshold=1.0),
+                "ti": dict(mask_threshold=1.0, layerwise=False)}[method]
+    module = sd3_module(variant, learning_rate=0.05, **settings)
+    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not name.startswith("identifier.")}
+    start = module.identifier.embedding.detach().clone()
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=2,
+                                with_partners=method == "adi")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    after = module.identifier.embedding.detach()
+    assert after.shape == (1 if method == "ti" else BLOCKS, _dim(variant)) and not torch.equal(after, start)
+    assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if name in frozen)
+    assert (tmp_path / "identifier.safetensors").is_file()
+
+
+@pytest.mark.parametrize("row_groups,rows", [("layer", BLOCKS), ("attention", BLOCKS), ("shared", 1)])
+def test_row_groups_over_joint_blocks(row_groups, rows, sd3_module):
+    module = sd3_module("no_t5", row_groups=row_groups)
+    assert module.identifier.num_rows == rows
+    expected = torch.arange(BLOCKS) if rows == BLOCKS else torch.zeros(BLOCKS, dtype=torch.int64)
+    assert torch.equal(module.identifier.layer_to_row(), expected)
+
+
+def test_contiguous_groups_of_blocks_share_a_chunk_and_resolution_is_refused(sd3_module, tmp_path):
+    from adi_lightning.blockwise import group_blocks
+
+    module = sd3_module("no_t5")
+    family = module.family
+    layers = group_blocks(BLOCKS, 2)  # [0, 0, 1]
+    rows = torch.randn(1, 2, D1 + D2, generator=torch.Generator().manual_seed(0))
+    context, _ = family.encode_text(family.tokenize(["a photo of a cat <A>"]), rows, layers)
+    chunks = context.split(T, dim=1)
+    assert torch.equal(chunks[0], chunks[1]) and not torch.equal(chunks[1], chunks[2])
+    with pytest.raises(ValueError, match="model.row_groups=resolution has no meaning for an MMDiT"):
+        sd3_module("no_t5", row_groups="resolution")
+
+
+def test_logit_normal_is_refused_for_a_ddpm_family_by_name(make_module):
+    with pytest.raises(ValueError, match=r"model.timestep_sampling=logit_normal is not available for this backbone "
+                                         r"\(sd, trained as DDPM\)"):
+        make_module(timestep_sampling="logit_normal")
+
+
+@pytest.mark.e2e
+def test_validate_and_predict_generate_through_the_stock_pipeline(sd3_module, tiny_data, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from adi_lightning.data import PromptSeedDataset
+
+    module = sd3_module("t5", identifier_path="untrained", image_size=32)
+    images = module.generate(["a photo of a cat <A>", "a photo of a dog <A>"], [0, 1])
+    assert [image.size for image in images] == [(32, 32), (32, 32)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    (out,) = trainer.predict(module, DataLoader(PromptSeedDataset(["a photo of a cat <A>"], [0]), batch_size=1))
+    np.testing.assert_array_equal(np.asarray(out["image"][0]), np.asarray(images[0]))
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1,
+                                validation_prompts=["a photo of a dog <A>"], validation_seeds=[1])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path / "validate")
+    trainer.validate(module, dm)
+    assert list((tmp_path / "validate").rglob("*.png"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_install_identifier_draws_what_the_module_draws_and_remove_restores_the_pipeline(
+        variant, sd3_folders, sd3_module, tmp_path):
+    module = sd3_module(variant, image_size=32, guidance_scale=3.0)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(BLOCKS, _dim(variant), generator=torch.Generator().manual_seed(0)))
+    path = module.save_identifier(tmp_path / "sd3.safetensors")
+    pipe = _stock(sd3_folders[variant])
+
+    def draw(prompt, **kwargs):
+        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(1), **kwargs).images
+
+    before = draw("a photo of a cat")
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+    adi_lightning.install_identifier(pipe, path)
+    assert "encode_prompt" in pipe.__dict__
+    installed = draw("a photo of a cat <A>")
+    expected = module.generate(["a photo of a cat <A>"], [1])[0]
+    np.testing.assert_array_equal((installed[0] * 255).round().astype(np.uint8), np.asarray(expected))
+    assert (installed != draw("a photo of a cat")).any()
+    two = pipe("a photo of a cat <A>", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+               num_images_per_prompt=2, output_type="np", generator=torch.Generator().manual_seed(1)).images
+    assert two.shape == (2, 32, 32, 3)
+    adi_lightning.remove_identifier(pipe)
+    assert "encode_prompt" not in pipe.__dict__ and blockwise_block_to_row(pipe.transformer) is None
+    assert [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3] == tokenizers and "<A>" not in pipe.tokenizer.get_vocab()
+    assert not any(isinstance(m, IdentifierTokenEmbedding) for enc in (pipe.text_encoder, pipe.text_encoder_2,
+                                                                        pipe.text_encoder_3) if enc is not None
+                   for m in enc.modules())
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer.context_embedder._forward_hooks
+    assert (draw("a photo of a cat") == before).all()
+
+
+@torch.no_grad()
+def test_equal_rows_generate_what_one_shared_row_generates(sd3_folders, sd3_module, tmp_path):
+    """An installed one-row (TI) identifier draws, bit for bit, what the stock pipeline draws from ONE
+    plain encoding of the prompt with that vector (textual inversion); a row per block, all equal, draws
+    the same up to the text encoders' batch-size rounding (its B rows are encoded in one call)."""
+    vector = torch.randn(_dim("t5"), generator=torch.Generator().manual_seed(2))
+    paths = []
+    for layerwise in (True, False):
+        module = sd3_module("t5", layerwise=layerwise)
+        module.identifier.embedding.copy_(vector.expand_as(module.identifier.embedding))
+        paths.append(module.save_identifier(tmp_path / f"{layerwise}.safetensors"))
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
+    images = []
+    for path in paths:
+        pipe = _stock(sd3_folders["t5"])
+        adi_lightning.install_identifier(pipe, path)
+        images.append(pipe("a photo of a dog <A>", generator=torch.Generator().manual_seed(3), **kwargs).images)
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a dog <A>", None, None, device="cpu")
+    chunks = embeds.split(T, dim=1)
+    assert len(chunks) == BLOCKS and all(torch.equal(c, chunks[0]) for c in chunks)
+    adi_lightning.remove_identifier(pipe)
+    stock = pipe(prompt_embeds=chunks[0], negative_prompt_embeds=negative[:, :T], pooled_prompt_embeds=pooled,
+                 negative_pooled_prompt_embeds=negative_pooled, generator=torch.Generator().manual_seed(3),
+                 **kwargs).images
+    assert np.array_equal(images[1], stock)  # the one-row file: the TI forward exactly
+    assert np.abs(images[0] - images[1]).max() <= 1e-5
+
+
+@pytest.mark.e2e
+def test_the_cli_fits_sd3_with_logit_normal_and_refuses_it_for_sd(sd3_folders, tiny_pipeline, tiny_data, tmp_path,
+                                                                    capsys):
+    from adi_lightning.cli import main
+    from adi_lightning.identifier import read_identifier
+
+    common = ["--config", str(Path(__file__).resolve().parents[1] / "experiments" / "tiny.yaml"),
+              "--model.num_inference_steps=2", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--model.timestep_sampling=logit_normal",
+              f"--data.root={tiny_data}", "--trainer.max_steps=2"]
+    main(args=["fit", *common, f"--model.pretrained_model_name_or_path={sd3_folders['no_t5']}",
+               f"--trainer.default_root_dir={tmp_path / 'sd3'}"])
+    (run,) = (tmp_path / "sd3").iterdir()
+    table, meta = read_identifier(run / "identifier.safetensors")
+    assert table.shape == (BLOCKS, D1 + D2) and json.loads(meta["text_dims"]) == [D1, D2]
+    assert json.loads((run / "run_info.json").read_text())["backbone"]["family"] == "sd3"
+    with pytest.raises(SystemExit) as err:
+        main(args=["fit", *common, f"--model.pretrained_model_name_or_path={tiny_pipeline}",
+                   f"--trainer.default_root_dir={tmp_path / 'sd'}"])
+    assert err.value.code == 1
+    assert ("adi_lightning: error: model.timestep_sampling=logit_normal is not available for this backbone (sd, "
+            "trained as DDPM)") in capsys.readouterr().err
