@@ -138,7 +138,7 @@ class Teacher:
             # it (same shapes), so identical rows give the teacher's predictions bit for bit.
             features = self.encode(vector.reshape(1, -1).float().expand(len(self.rows), -1), self.layer_to_row, prompt)
         size = tuple(int(x) * self.family.pipe.vae_scale_factor for x in noisy.shape[-2:])
-        conditioning = self.family.unet_inputs(features, self.dtype, size)
+        conditioning = self.family.denoiser_inputs(features, self.dtype, size)
         return self.family.unet(noisy.to(self.dtype), timesteps, **conditioning).sample.float()
 
 

@@ -47,6 +47,8 @@ from adi_lightning.io import atomic_save_safetensors, atomic_torch_save
 #: (OpenCLIP bigG), as :attr:`adi_lightning.families.StableDiffusionXLFamily.text_parts`.
 SDXL_KEYS = ("clip_l", "clip_g")
 FORMATS = ("ti", "webui", "sdxl")
+#: Backbone families (identifier metadata ``family``) whose identifiers these formats can hold.
+EXPORTABLE_FAMILIES = ("sd", "sdxl")
 #: The ``written_by`` marker every export carries; ``--overwrite`` replaces only files that have it.
 WRITTEN_BY = "adi_lightning.export"
 #: How a multi-row identifier becomes one vector (``--method``): ``distill`` (:mod:`adi_lightning.distill`),
@@ -209,6 +211,10 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     settings = settings or DistillSettings()
     check_out(identifier, out, overwrite)
     table, meta = read_identifier(identifier)
+    if meta.get("family", "sd") not in EXPORTABLE_FAMILIES:  # files before the key: SD 1.x/2.x or SDXL
+        raise ValueError(f"{identifier} was trained on a {meta['family']} backbone: one-vector exports are written for "
+                         f"{' and '.join(EXPORTABLE_FAMILIES)} identifiers only (an SD3 identifier's block-wise rows live "
+                         "in the transformer's text stream; docs/inference.md)")
     text_dims = json.loads(meta.get("text_dims", "[]")) or [table.shape[1]]  # files before SDXL: one encoder
     if sum(text_dims) != table.shape[1]:
         raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {table.shape[1]}")

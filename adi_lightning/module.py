@@ -284,6 +284,7 @@ class ADIModule(L.LightningModule):
             "placeholder_token": h.placeholder_token,
             "initializer_token": h.initializer_token,
             "base_model": h.pretrained_model_name_or_path,
+            "family": self.family.name,  # export refuses families it cannot write
             "mask_threshold": text("mask_threshold"),
             "mask_combine": text("mask_combine"),
             "mask_statistic": text("mask_statistic"),

@@ -101,3 +101,22 @@ def test_bf16_backbone_trains_an_fp32_identifier(make_module, tiny_data):
     assert table.dtype == torch.float32 and table.grad.dtype == torch.float32
     recorded = torch.cat(module.pop_role_grads())
     assert recorded.dtype == torch.float32 and torch.isfinite(recorded).all() and recorded.abs().sum() > 0
+
+
+def test_an_sd3_identifier_is_refused_by_export_before_anything_is_written(trained_identifier, tmp_path):
+    """The family recorded in the file decides: SD3 rows live in the transformer's text stream, and
+    a no-T5 SD3 file has two text widths like SDXL, so without the check --format sdxl would take it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert read_identifier(trained_identifier)[1]["family"] == "sd"
+    with safe_open(str(trained_identifier), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta = dict(handle.metadata(), family="sd3")
+    sd3_file = tmp_path / "sd3.safetensors"
+    save_file(tensors, str(sd3_file), metadata=meta)
+    out = tmp_path / "exported.safetensors"
+    for fmt in ("ti", "sdxl"):
+        with pytest.raises(ValueError, match=r"sd3\.safetensors was trained on a sd3 backbone: one-vector exports"):
+            export_identifier(sd3_file, out, fmt)
+    assert not out.exists()

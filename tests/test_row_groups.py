@@ -60,7 +60,7 @@ def test_row_g_reaches_exactly_the_layers_of_group_g_with_one_encoding_per_group
 
     def seen(table):
         features = fam.encode_text(ids, table.unsqueeze(0), layer_to_row)
-        module.unet(latents, torch.tensor([500]), **fam.unet_inputs(features, torch.float32, (32, 32)))
+        module.unet(latents, torch.tensor([500]), **fam.denoiser_inputs(features, torch.float32, (32, 32)))
         return [r.context for r in recorders]
 
     table = identifier.embedding.detach().clone()

@@ -76,7 +76,7 @@ def test_row_l_reaches_only_layer_l_in_both_encoders_parts_and_the_pooled_row_on
 
     def seen(table):
         features = family.encode_text(ids, table.unsqueeze(0), layers)
-        module.unet(latents, torch.tensor([500]), **family.unet_inputs(features, torch.float32, (32, 32)))
+        module.unet(latents, torch.tensor([500]), **family.denoiser_inputs(features, torch.float32, (32, 32)))
         return [r.context for r in recorders], features[1]
 
     table = module.identifier.embedding.detach().clone()
@@ -109,7 +109,7 @@ def test_conditioning_matches_the_stock_pipeline(tiny_sdxl_pipeline, make_module
     # Time ids: the stock pipeline's for an H x W image, (H, W, 0, 0, H, W).
     stock_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=P)
     features = family.encode_text(family.tokenize(["a photo of a dog <A>"] * 2), module.identifier.embedding[None].expand(2, -1, -1), layers)
-    added = family.unet_inputs(features, torch.float32, (32, 32))["added_cond_kwargs"]
+    added = family.denoiser_inputs(features, torch.float32, (32, 32))["added_cond_kwargs"]
     assert torch.equal(added["time_ids"], stock_ids.repeat(2, 1)) and added["text_embeds"].shape == (2, P)
 
 

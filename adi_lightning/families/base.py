@@ -230,10 +230,6 @@ class BackboneFamily:
         (``UNet2DConditionModel``: ``encoder_hidden_states``, ...) for training images of ``size`` px."""
         raise NotImplementedError
 
-    def unet_inputs(self, features: Features, dtype: torch.dtype, size: tuple[int, int]) -> dict:
-        """:meth:`denoiser_inputs` (the name before MMDiT families)."""
-        return self.denoiser_inputs(features, dtype, size)
-
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         """``prompt_embeds``-style keyword arguments of the stock pipeline's ``__call__``."""
         raise NotImplementedError
