@@ -363,3 +363,68 @@ def test_the_cli_fits_sd3_with_logit_normal_and_refuses_it_for_sd(sd3_folders, t
     assert err.value.code == 1
     assert ("adi_lightning: error: model.timestep_sampling=logit_normal is not available for this backbone (sd, "
             "trained as DDPM)") in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ multi-start, resume, partners, export
+@torch.no_grad()
+def test_the_large_t_score_draws_flow_times_in_the_large_t_band_then_shifts_them(sd3_module, tiny_data):
+    """Multi-start's score on SD3 (large_t_anchor_loss) draws flow time u uniform in [large_t_min, 1),
+    then the scheduler's shift (3.0): sigma in [shift(large_t_min), 1), never the unshifted band nor
+    model.timestep_sampling's density (docs/method.md, "Flow matching")."""
+    from adi_lightning import flow_matching
+    from adi_lightning.callbacks import multi_start
+
+    module = sd3_module("no_t5", mask_threshold=0.5, large_t_min=0.6, timestep_sampling="logit_normal")
+    data = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=1)
+    data.setup("fit")
+    seen = []
+    hook = module.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    try:
+        score = multi_start.large_t_anchor_loss(module, data.train_dataset, draws=8, batch_size=4)
+    finally:
+        hook.remove()
+    timesteps = torch.cat(seen)
+    assert len(timesteps) == 8 and np.isfinite(score) and score > 0
+    low = float(flow_matching.shift_sigma(torch.tensor(0.6, dtype=torch.float64), 3.0)) * 1000  # 818.2
+    assert timesteps.min() >= low - 1e-3 and timesteps.max() < 1000
+    # The draws are exactly flow_matching's large-t draws for the score's keys at step 0.
+    keys = (multi_start.SELECTION_KEY + torch.arange(8)).tolist()
+    _, sigmas = flow_matching.keyed_noise_and_sigmas(keys, 0, 1, torch.zeros(8, 16, 4, 4), "logit_normal", 3.0,
+                                                     large_t_steps=1, large_t_min=0.6)
+    assert torch.equal(timesteps, sigmas * 1000)
+
+
+@pytest.mark.e2e
+def test_multi_start_scores_each_start_and_continues_the_lowest_on_sd3(sd3_module, tiny_data, tmp_path, monkeypatch):
+    """model.starts=2 on SD3 (rows with T5 parts, flow matching): both starts begin at the initial rows,
+    each is scored by the real large-t anchor loss (fewer draws), the lower is continued and recorded."""
+    from adi_lightning.callbacks import multi_start
+
+    real, scored = multi_start.large_t_anchor_loss, []
+
+    def score(pl_module, dataset, *args, **kwargs):
+        scored.append((pl_module.identifier.embedding.detach().clone(), real(pl_module, dataset, draws=4, batch_size=4)))
+        return scored[-1][1]
+
+    monkeypatch.setattr(multi_start, "large_t_anchor_loss", score)
+    module = sd3_module("t5", mask_threshold=0.5, learning_rate=0.05, starts=2, start_steps=1)
+    initial = module.identifier.embedding.detach().clone()
+    tables = {}
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            tables[trainer.global_step] = pl_module.identifier.embedding.detach().clone()
+
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[Spy()])
+    trainer.fit(module, ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1,
+                                               repeats=2, seed=1))
+    assert torch.equal(tables[0], initial) and torch.equal(tables[1], initial)  # start 2 from the initial rows
+    (rows_1, loss_1), (rows_2, loss_2) = scored
+    assert not torch.equal(rows_1, rows_2) and loss_1 != loss_2  # the starts saw other data
+    chosen = 1 if loss_1 <= loss_2 else 2
+    assert torch.equal(tables[2], (rows_1, rows_2)[chosen - 1])  # step 3 goes on from the lower-scored start
+    assert module.start_selection == {"chosen": chosen, "large_t_losses": [round(loss_1, 6), round(loss_2, 6)]}
+    assert json.loads(module.identifier_metadata()["starts"])["chosen"] == chosen
