@@ -428,3 +428,28 @@ def test_multi_start_scores_each_start_and_continues_the_lowest_on_sd3(sd3_modul
     assert torch.equal(tables[2], (rows_1, rows_2)[chosen - 1])  # step 3 goes on from the lower-scored start
     assert module.start_selection == {"chosen": chosen, "large_t_losses": [round(loss_1, 6), round(loss_2, 6)]}
     assert json.loads(module.identifier_metadata()["starts"])["chosen"] == chosen
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("variant,stop_at", [("t5", 2), ("no_t5", 3)])
+def test_resume_on_sd3_is_bit_identical_to_an_uninterrupted_fit(variant, stop_at, sd3_folders, short_fit, tmp_path):
+    """A masked ADI fit on SD3 stopped at a checkpoint and resumed gives the uninterrupted fit's identifier,
+    bit for bit (the keyed flow-time and noise draws, the sampler position and AdamW state all restored);
+    4 anchors x 2 repeats in batches of 2: 4 batches an epoch, so stop_at=3 resumes mid-epoch and 5 steps
+    cross an epoch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    fit = type(short_fit)(sd3_folders[variant], short_fit.data)  # tests/conftest.py ShortFit on the SD3 folder
+
+    def every_step(root):
+        return ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
+
+    straight, _ = fit.trainer(tmp_path / "straight", 5, callbacks=[every_step(tmp_path / "straight")])
+    assert straight.shape == (BLOCKS, _dim(variant))
+    ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
+    resumed, trainer = fit.trainer(tmp_path / "resumed", 5, callbacks=[every_step(tmp_path / "resumed")],
+                                   ckpt_path=str(ckpt))
+    assert trainer.global_step == 5 and trainer.lightning_module.family.name == "sd3"
+    assert torch.equal(resumed, straight)
+    interrupted = torch.load(ckpt, weights_only=True)["state_dict"]["identifier.embedding"]
+    assert not torch.equal(interrupted, straight)  # the resumed steps did move the identifier
