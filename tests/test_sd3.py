@@ -453,3 +453,60 @@ def test_resume_on_sd3_is_bit_identical_to_an_uninterrupted_fit(variant, stop_at
     assert torch.equal(resumed, straight)
     interrupted = torch.load(ckpt, weights_only=True)["state_dict"]["identifier.embedding"]
     assert not torch.equal(interrupted, straight)  # the resumed steps did move the identifier
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(variant, sd3_folders, sd3_module):
+    """module.img2img (what data.action_different=generate calls) runs StableDiffusion3Img2ImgPipeline over
+    the family's components with the family's plain-prompt inputs (B equal block-wise chunks through the
+    routing hooks) and draws what the stock img2img pipeline, loaded as a user would, draws from the prompt
+    string (1/255 per pixel: the family's text encoders run batched per chunk)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    module = sd3_module(variant)
+    assert type(module.family.stock_pipeline(img2img=True)).__name__ == "StableDiffusion3Img2ImgPipeline"
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = ["a photo of a person sitting", "a photo of a person standing"]
+    settings = dict(strength=0.6, num_inference_steps=4, guidance_scale=3.0)
+    ours = module.img2img(images, prompts, [3, 4], strength=0.6, steps=4, guidance=3.0)
+    index = json.loads((Path(sd3_folders[variant]) / "model_index.json").read_text())
+    stock = StableDiffusion3Img2ImgPipeline.from_pretrained(sd3_folders[variant], low_cpu_mem_usage=False,
+                                                             **StableDiffusion3Family.folder_load_kwargs(index))
+    stock.set_progress_bar_config(disable=True)
+    for image, prompt, seed, mine in zip(images, prompts, [3, 4], ours):
+        expected = stock(prompt, image=image, generator=torch.Generator().manual_seed(seed), **settings).images[0]
+        assert mine.size == (32, 32)
+        difference = np.abs(np.asarray(mine, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+        assert difference.max() <= 1, difference.max()
+        assert (np.asarray(mine) != np.asarray(image)).any()
+
+
+@pytest.mark.e2e
+def test_an_exemplar_only_folder_trains_on_sd3_with_generated_partners(sd3_folders, sd3_module, tiny_dir, tmp_path):
+    """data.action_different=generate on SD3: prepare_data makes the partners with the frozen SD3 backbone's
+    img2img (StableDiffusion3Img2ImgPipeline), and a masked fit trains on them."""
+    from PIL import Image
+
+    from adi_lightning.data import read_action_folder
+
+    source, folder = Path(tiny_dir) / "data", tmp_path / "exemplars"  # the jumping images, without pair ids
+    folder.mkdir()
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()]
+    kept = [{k: v for k, v in row.items() if k != "pair_id"} for row in rows if row["action"] == "jumping"]
+    for row in kept:
+        (folder / row["file_name"]).write_bytes((source / row["file_name"]).read_bytes())
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    module = sd3_module("no_t5", mask_threshold=0.5)
+    dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, batch_size=2, repeats=2,
+                                action_different="generate", generate_steps=2, generate_per_anchor=1)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
+    assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
+    assert all(r.action != "jumping" for r in generated)
+    assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
