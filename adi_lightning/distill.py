@@ -9,10 +9,20 @@ one) loses the action (docs/report.md, "One-vector exports"); here ``v`` is fitt
   ``v`` in every row (exactly plain Textual Inversion with ``v``, what the stock tools compute);
 * prompts: :func:`action_prompts` (the placeholder after a subject, several subjects);
 * ``x0``: the teacher's own images of those prompts (latents from the stock pipeline), so the
-  noisy latents are the ones the student meets when it draws; then per draw a timestep
-  (:func:`adi_lightning.diffusion.sample_timestep`), a noise and ``x_t = add_noise(x0, noise, t)``;
-* loss: MSE between the student's and the teacher's UNet predictions (``v`` initialised at the
-  mean of the rows; Adam with a cosine-decayed rate; fp32; seeded, one generator for every draw).
+  noisy latents are the ones the student meets when it draws; then per draw a time, a noise and
+  the noisy latents, by the backbone's training objective
+  (:meth:`~adi_lightning.families.BackboneFamily.training_objective`: a DDPM timestep and
+  ``add_noise`` for SD 1.x/2.x and SDXL; a shifted flow-matching sigma and ``(1 - sigma) x0 + sigma n``
+  for SD3);
+* loss: MSE between the student's and the teacher's denoiser predictions (UNet noise, MMDiT
+  velocity; ``v`` initialised at the mean of the rows; Adam with a cosine-decayed rate; fp32;
+  seeded, one generator for every draw).
+
+Nothing here asks which family it holds: the denoiser, its routing (``attn2`` processors or SD3's
+block-wise hooks) and the objective come from the family (docs/architecture.md, "The family seam").
+For SD3 the student (``v`` in every joint block's row and in the pooled embedding) is exactly the
+textual-inversion forward a stock loader computes with ``v``'s CLIP-L / CLIP-G (/ T5) parts in
+each text encoder's token embedding.
 
 The negative prompt has no placeholder, so it is the same for both: matching the conditional
 prediction matches the classifier-free-guided one.
@@ -31,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from adi_lightning.diffusion import TimestepSampling, sample_timestep
+from adi_lightning.diffusion import TimestepSampling
 
 #: The subjects of :func:`action_prompts` by default: people, the subject class the exemplars of a
 #: typical identifier show (none of them is one of the toy benchmark's unseen test subjects).
@@ -75,24 +85,24 @@ class DistillResult:
 
 
 class Teacher:
-    """The frozen pipeline of a loaded family (placeholder added, layer-wise processors installed,
-    :func:`prepare`) with the identifier ``rows`` ``[R, D]`` / ``layer_to_row`` ``[L]``, on ``prompts``.
+    """The frozen pipeline of a loaded family (placeholder added, routing installed, :func:`prepare`)
+    with the identifier ``rows`` ``[R, D]`` / ``layer_to_row`` ``[L]``, on ``prompts``.
 
-    It holds the teacher's features of every prompt, its ``x0`` images and the draw machinery;
-    :meth:`predict` gives one vector's or the identifier's UNet predictions on the same draws.
+    It holds the teacher's features of every prompt, its ``x0`` images and the draw machinery
+    (the family's training objective); :meth:`predict` gives one vector's or the identifier's
+    denoiser predictions on the same draws.
     """
 
     def __init__(self, family, rows: torch.Tensor, layer_to_row: torch.Tensor, prompts: list[str],
                  settings: DistillSettings):
-        from diffusers import DDPMScheduler
-
         self.family, self.settings, self.prompts = family, settings, list(prompts)
-        self.device = family.unet.device
-        self.dtype = next(family.unet.parameters()).dtype
+        self.denoiser = family.denoiser
+        self.device = self.denoiser.device
+        self.dtype = next(self.denoiser.parameters()).dtype
         self.rows = rows.float().to(self.device)
         self.layer_to_row = layer_to_row
         self.ids = family.tokenize(self.prompts, self.device)
-        self.noise_scheduler = DDPMScheduler.from_config(family.pipe.scheduler.config)
+        self.objective = family.training_objective()
         self.generator = torch.Generator().manual_seed(settings.seed)
         with torch.no_grad():
             self.features = self.encode(self.rows, layer_to_row)
@@ -117,19 +127,20 @@ class Teacher:
         return latents.float(), index
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t [count, C, h, w], timesteps [count], prompt index [count])``: teacher images picked at
-        random, a timestep (``settings.timestep_sampling``) and a noise each, from ``generator``."""
+        """``(x_t [count, C, h, w], t [count], prompt index [count])``: teacher images picked at random,
+        a time (``settings.timestep_sampling``; the objective's own time: DDPM timesteps, flow sigmas)
+        and a noise each, from ``generator``."""
         pick = torch.randint(0, len(self.x0), (count,), generator=generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.cat([sample_timestep(generator, steps, self.settings.timestep_sampling) for _ in range(count)])
+        kind = self.settings.timestep_sampling
+        timesteps = torch.cat([self.objective.sample_time(generator, kind) for _ in range(count)])
         noise = torch.randn((count, *self.x0.shape[1:]), generator=generator)
         x0 = self.x0[pick.to(self.x0.device)]
-        noisy = self.noise_scheduler.add_noise(x0, noise.to(x0), timesteps.to(x0.device))
+        noisy = self.objective.noisy(x0, noise.to(x0), timesteps.to(x0.device))
         return noisy, timesteps.to(self.device), self.x0_prompt[pick]
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, prompt: torch.Tensor,
                 vector: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's prediction ``[B, C, h, w]`` fp32 with the identifier (``vector`` None) or with
+        """The denoiser's prediction ``[B, C, h, w]`` fp32 with the identifier (``vector`` None) or with
         ``vector`` ``[1, D]`` in every row (differentiable in ``vector``)."""
         if vector is None:
             features = tuple(f[prompt.to(f.device)] for f in self.features)
@@ -139,16 +150,17 @@ class Teacher:
             features = self.encode(vector.reshape(1, -1).float().expand(len(self.rows), -1), self.layer_to_row, prompt)
         size = tuple(int(x) * self.family.pipe.vae_scale_factor for x in noisy.shape[-2:])
         conditioning = self.family.denoiser_inputs(features, self.dtype, size)
-        return self.family.unet(noisy.to(self.dtype), timesteps, **conditioning).sample.float()
+        return self.denoiser(noisy.to(self.dtype), timestep=self.objective.model_timesteps(timesteps),
+                             **conditioning).sample.float()
 
 
 def prepare(family, token: str) -> int:
-    """Add ``token`` to ``family``'s tokenizers with the overlay and put the layer-wise processors
-    on every ``attn2`` (as :class:`~adi_lightning.module.ADIModule` does); returns the token's id."""
-    from adi_lightning.conditioning import install_layerwise_processors
-
+    """Add ``token`` to ``family``'s tokenizers with the overlay and install the family's routing
+    (:meth:`~adi_lightning.families.BackboneFamily.install_routing`: processors on every ``attn2`` of a
+    UNet, block-wise hooks on an MMDiT; as :class:`~adi_lightning.module.ADIModule` does); returns the
+    token's id."""
     placeholder_id = family.add_placeholder(token)
-    install_layerwise_processors(family.unet)
+    family.install_routing()
     return placeholder_id
 
 

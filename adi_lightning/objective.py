@@ -13,7 +13,8 @@ backbone was trained, and the family picks it
   (:mod:`adi_lightning.flow_matching`).
 
 Both draw from the same keyed generators (one draw per triple, shared by its roles), so results do
-not depend on how triples are spread over ranks. Shapes: latents and noise ``[N, C, h, w]``,
+not depend on how triples are spread over ranks; ``sample_time`` draws one time from a caller's
+generator (the one-vector distillation, :mod:`adi_lightning.distill`). Shapes: latents and noise ``[N, C, h, w]``,
 ``t`` ``[N]`` (the objective's own time: DDPM timesteps int64, flow sigmas float32).
 """
 
@@ -51,6 +52,12 @@ class DDPMObjective:
         return diffusion.keyed_noise_and_timesteps(keys, step, roles, latents,
                                                    self.scheduler.config.num_train_timesteps, kind,
                                                    large_t_steps, large_t_min)
+
+    def sample_time(self, generator: torch.Generator, kind: str) -> torch.Tensor:
+        """One timestep ``[1]`` int64 drawn by ``kind`` from ``generator``
+        (:func:`adi_lightning.diffusion.sample_timestep`): draws apart from the keyed training draws
+        (e.g. :mod:`adi_lightning.distill`)."""
+        return diffusion.sample_timestep(generator, self.scheduler.config.num_train_timesteps, kind)
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The scheduler's ``add_noise``: ``sqrt(abar_t) x + sqrt(1 - abar_t) n``."""
@@ -90,6 +97,12 @@ class FlowMatchingObjective:
         :func:`adi_lightning.flow_matching.keyed_noise_and_sigmas`."""
         return flow_matching.keyed_noise_and_sigmas(keys, step, roles, latents, kind, self.shift,
                                                     large_t_steps, large_t_min)
+
+    def sample_time(self, generator: torch.Generator, kind: str) -> torch.Tensor:
+        """One shifted sigma ``[1]`` float32: flow time ``u`` drawn by ``kind`` from ``generator``
+        (:func:`~adi_lightning.flow_matching.sample_flow_time`), then the scheduler's shift
+        (:func:`~adi_lightning.flow_matching.shift_sigma`)."""
+        return flow_matching.shift_sigma(flow_matching.sample_flow_time(generator, kind), self.shift).float()
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) x + sigma n`` (:func:`~adi_lightning.flow_matching.flow_noisy_latents`)."""
