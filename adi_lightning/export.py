@@ -1,31 +1,40 @@
 """``python -m adi_lightning.export --identifier F --format ti --out F2``: one-vector exports.
 
 Other tools (diffusers' ``load_textual_inversion``, AUTOMATIC1111's webui, ComfyUI) know
-single-token textual-inversion embeddings only: every cross-attention layer sees the same vector,
-which is exactly what ADI's layer-wise tokens avoid. An R-row identifier becomes one vector by
-``--method``: ``distill`` (the default, chosen by measurement: docs/report.md "One-vector
-exports"; :mod:`adi_lightning.distill` fits the vector whose plain-TI predictions match the
-identifier's on action prompts, ``--steps`` / ``--seed`` / ``--subjects``), ``mean`` of the rows,
-or ``row`` (``--row N``, one row of the file; ``--row N`` alone means ``--method row``). Every
-such vector is measured on the pipeline the identifier was learned on (``--pipeline``, default
-its recorded ``base_model``; ``--device``): its residual (:func:`adi_lightning.distill.residual`,
-0 = the identifier's predictions, 1 = the untrained identifier's) is printed, and above
-:data:`MAX_RESIDUAL` (the vector loses the action) the export is refused unless ``--lossy``. A
-Textual-Inversion identifier (one shared row, or rows all equal) exports losslessly, unmeasured.
+single-token textual-inversion embeddings only: every cross-attention layer (every joint block of
+an SD3 MMDiT) sees the same vector, which is exactly what ADI's layer-wise tokens avoid. An R-row
+identifier becomes one vector by ``--method``: ``distill`` (the default, chosen by measurement on
+SD 1.x: docs/report.md "One-vector exports"; :mod:`adi_lightning.distill` fits the vector whose
+plain-TI predictions match the identifier's on action prompts, ``--steps`` / ``--seed`` /
+``--subjects``), ``mean`` of the rows, or ``row`` (``--row N``, one row of the file; ``--row N``
+alone means ``--method row``). Every such vector is measured on the pipeline the identifier was
+learned on (``--pipeline``, default its recorded ``base_model``; ``--device``): its residual
+(:func:`adi_lightning.distill.residual`, 0 = the identifier's predictions, 1 = the untrained
+identifier's) is printed, and above :data:`MAX_RESIDUAL` (the vector loses the action) the export
+is refused unless ``--lossy``. A Textual-Inversion identifier (one shared row, or rows all equal)
+exports losslessly, unmeasured.
 
-Formats: ``ti`` (diffusers, ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x
-identifiers; ``sdxl`` for SDXL identifiers (two text encoders): the community's SDXL embedding
-layout, ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` (768 and 1280 for SDXL base), the one vector
-split by the identifier's recorded ``text_dims``. diffusers loads it with one
-``load_textual_inversion(tensor, token=..., text_encoder=..., tokenizer=...)`` call per key (a
-path to the file is refused: the file has two tensors); docs/inference.md "SDXL" shows the calls.
+Formats, by the backbone family the file records (metadata ``family``): ``ti`` (diffusers,
+``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x identifiers; ``sdxl`` for
+SDXL identifiers (two text encoders): the community's SDXL embedding layout,
+``{"clip_l": [1, D1], "clip_g": [1, D2]}`` (768 and 1280 for SDXL base); ``sd3`` for SD3 identifiers:
+ComfyUI's SD3 embedding keys ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` plus ``"t5xxl": [1, D3]``
+when the identifier has a T5 part (4096 for SD3's T5-XXL). The one vector is split by the
+identifier's recorded ``text_dims``; each key is that text encoder's token embedding. diffusers
+loads a part with one ``load_textual_inversion(tensor, token=..., text_encoder=..., tokenizer=...)``
+call per key (a path to the file is refused: the file has several tensors); docs/inference.md shows
+the calls. Only what lives in token-embedding space can be written this way: an SD3 identifier's
+block-wise rows live in the MMDiT's text stream (one encoding per joint block), so a multi-row SD3
+identifier is written as one distilled (or ``mean`` / ``row``) vector, measured like any other; the
+rows themselves are used with ``adi_lightning.install_identifier``. ``ti`` / ``webui`` / ``sdxl``
+refuse an SD3 file, and ``sd3`` refuses any other family's, by name.
 
 Existing files: ``--out`` never replaces a file this command did not write. An existing ``--out``
 is refused (FileExistsError naming it); ``--overwrite`` replaces it only when it is an earlier
 export, recognised by its marker (:data:`WRITTEN_BY` under the key ``written_by``: safetensors
-metadata for ``ti`` / ``sdxl``, a payload key for ``webui``; exports written before the marker
-existed are refused too). The identifier being exported is never the output, ``--overwrite`` or
-not. The file is written atomically (:func:`adi_lightning.io.atomic_path`).
+metadata for ``ti`` / ``sdxl`` / ``sd3``, a payload key for ``webui``; exports written before the
+marker existed are refused too). The identifier being exported is never the output, ``--overwrite``
+or not. The file is written atomically (:func:`adi_lightning.io.atomic_path`).
 """
 
 from __future__ import annotations
@@ -46,9 +55,14 @@ from adi_lightning.io import atomic_save_safetensors, atomic_torch_save
 #: ``--format sdxl`` keys, in row order: ``text_encoder`` (CLIP ViT-L) then ``text_encoder_2``
 #: (OpenCLIP bigG), as :attr:`adi_lightning.families.StableDiffusionXLFamily.text_parts`.
 SDXL_KEYS = ("clip_l", "clip_g")
-FORMATS = ("ti", "webui", "sdxl")
-#: Backbone families (identifier metadata ``family``) whose identifiers these formats can hold.
+#: ``--format sd3`` keys, in row order (:attr:`adi_lightning.families.StableDiffusion3Family.text_parts`):
+#: CLIP-L, CLIP-G, then T5-XXL when the identifier has a T5 part; ComfyUI's SD3 embedding keys.
+SD3_KEYS = ("clip_l", "clip_g", "t5xxl")
+FORMATS = ("ti", "webui", "sdxl", "sd3")
+#: Backbone families (identifier metadata ``family``) whose identifiers ``ti`` / ``webui`` / ``sdxl`` hold.
 EXPORTABLE_FAMILIES = ("sd", "sdxl")
+#: The families ``--format sd3`` holds.
+SD3_FAMILIES = ("sd3",)
 #: The ``written_by`` marker every export carries; ``--overwrite`` replaces only files that have it.
 WRITTEN_BY = "adi_lightning.export"
 #: How a multi-row identifier becomes one vector (``--method``): ``distill`` (:mod:`adi_lightning.distill`),
@@ -70,7 +84,8 @@ def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
 
 
 def _layers_of_row(identifier: str | Path, meta: dict[str, str], rows: int, row: int) -> list[str]:
-    """The ``attn2`` paths that read row ``row`` of the file's ``rows`` (its ``layer_to_row``)."""
+    """The identifier layers (``attn2`` paths, SD3 joint blocks) that read row ``row`` of the file's
+    ``rows`` (its ``layer_to_row``)."""
     paths = json.loads(meta.get("layer_paths", "[]"))
     return [path for path, r in zip(paths, saved_layer_to_row(identifier, rows, len(paths)).tolist()) if r == row]
 
@@ -113,6 +128,36 @@ def check_out(identifier: str | Path, out: str | Path, overwrite: bool = False) 
         raise FileExistsError(f"--out {out} already exists and was not written by {WRITTEN_BY} (no "
                               f"written_by={WRITTEN_BY!r} marker), so --overwrite does not replace it: choose "
                               "another --out, or move the file away yourself")
+
+
+def check_format_fits(identifier: str | Path, fmt: str, family: str, text_dims: list[int], width: int) -> None:
+    """Refuse (ValueError, naming the format to use) a ``fmt`` that cannot hold an identifier of
+    ``family`` with these ``text_dims`` and row ``width``: ``sd3`` takes SD3 files only (two or three
+    text widths), ``ti`` / ``webui`` / ``sdxl`` every other family's, ``sdxl`` two widths, ``ti`` /
+    ``webui`` one."""
+    if sum(text_dims) != width:
+        raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {width}")
+    if fmt == "sd3":
+        if family not in SD3_FAMILIES:
+            other = "sdxl" if len(text_dims) == len(SDXL_KEYS) else "ti or webui"
+            raise ValueError(f"--format sd3 needs an SD3 identifier; {identifier} was trained on a {family} backbone: "
+                             f"use --format {other}")
+        if len(text_dims) not in (2, 3):
+            raise ValueError(f"{identifier}: an SD3 identifier has one vector per text encoder (CLIP-L, CLIP-G and "
+                             f"T5 when loaded), got text widths {text_dims}")
+        return
+    if family not in EXPORTABLE_FAMILIES:
+        raise ValueError(f"{identifier} was trained on a {family} backbone: one-vector exports in --format {fmt} are "
+                         f"written for {' and '.join(EXPORTABLE_FAMILIES)} identifiers only"
+                         + (" (an SD3 identifier's block-wise rows live in the transformer's text stream; "
+                            "--format sd3 writes its token-embedding vector as clip_l / clip_g / t5xxl; "
+                            "docs/inference.md)" if family in SD3_FAMILIES else ""))
+    if fmt == "sdxl" and len(text_dims) != len(SDXL_KEYS):
+        raise ValueError(f"--format sdxl needs an SDXL identifier (one vector per text encoder, widths D1 + D2); "
+                         f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: use --format ti or webui")
+    if fmt != "sdxl" and len(text_dims) > 1:
+        raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, SDXL): "
+                         "use --format sdxl (clip_l / clip_g)")
 
 
 class LossyExport(ValueError):
@@ -159,7 +204,6 @@ def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str]
     distilled vector, with its :func:`~adi_lightning.distill.residual` (``measured``: ``residual``,
     ``mean_residual``, ``losses``), on ``pipeline`` (default: the file's ``base_model``) on ``device``."""
     from adi_lightning.backbone import load_backbone
-    from adi_lightning.conditioning import cross_attention_layers
     from adi_lightning.identifier import rows_for_layers
 
     source = pipeline or meta.get("base_model")
@@ -171,11 +215,10 @@ def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str]
     family = load_backbone(source, "float32")
     family.pipe.to(device or default_device())
     distill.prepare(family, token)
-    rows, layer_to_row = rows_for_layers(identifier, table, meta, list(cross_attention_layers(family.unet)),
-                                         family.identifier_dim)
+    rows, layer_to_row = rows_for_layers(identifier, table, meta, family.identifier_layers(), family.identifier_dim)
     untrained = family.initializer_row(meta["initializer_token"]).reshape(1, -1)
     log(f"measuring on {source} ({len(distill.action_prompts(token, subjects))} prompts over "
-        f"{', '.join(subjects)}; device {family.unet.device})")
+        f"{', '.join(subjects)}; device {family.denoiser.device})")
     teacher = distill.Teacher(family, rows, layer_to_row, distill.action_prompts(token, subjects), settings)
     mean = single_vector(table)
     measured = {"mean_residual": distill.residual(teacher, mean.to(teacher.device), untrained), "losses": []}
@@ -198,8 +241,8 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     ``method`` (:data:`METHODS`; None: ``row`` when ``row`` is given, else :data:`DEFAULT_METHOD`)
     makes the vector of a multi-row identifier; every such vector is measured on ``pipeline``
     (default: the file's ``base_model``; ``settings``: the distillation budget and draws).
-    ValueError when the format does not fit the identifier's text encoders (``sdxl`` needs two
-    recorded ``text_dims``; ``ti`` / ``webui`` one), ``row`` is out of range, the method and row
+    ValueError when the format does not fit the identifier's family or text encoders
+    (:func:`check_format_fits`), ``row`` is out of range, the method and row
     do not go together or the pipeline does not fit; :class:`LossyExport` when the vector's
     residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when ``out`` is the
     identifier, or exists and is not an earlier export replaced with ``overwrite`` (:func:`check_out`).
@@ -211,19 +254,9 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     settings = settings or DistillSettings()
     check_out(identifier, out, overwrite)
     table, meta = read_identifier(identifier)
-    if meta.get("family", "sd") not in EXPORTABLE_FAMILIES:  # files before the key: SD 1.x/2.x or SDXL
-        raise ValueError(f"{identifier} was trained on a {meta['family']} backbone: one-vector exports are written for "
-                         f"{' and '.join(EXPORTABLE_FAMILIES)} identifiers only (an SD3 identifier's block-wise rows live "
-                         "in the transformer's text stream; docs/inference.md)")
+    family = meta.get("family", "sd")  # files before the key: SD 1.x/2.x or SDXL
     text_dims = json.loads(meta.get("text_dims", "[]")) or [table.shape[1]]  # files before SDXL: one encoder
-    if sum(text_dims) != table.shape[1]:
-        raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {table.shape[1]}")
-    if fmt == "sdxl" and len(text_dims) != len(SDXL_KEYS):
-        raise ValueError(f"--format sdxl needs an SDXL identifier (one vector per text encoder, widths D1 + D2); "
-                         f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: use --format ti or webui")
-    if fmt != "sdxl" and len(text_dims) > 1:
-        raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, SDXL): "
-                         "use --format sdxl (clip_l / clip_g)")
+    check_format_fits(identifier, fmt, family, text_dims, table.shape[1])
     if row is not None:
         single_vector(table, row)  # out of range: refused before any pipeline is loaded
     token = token or meta.get("placeholder_token") or "<A>"
@@ -258,9 +291,10 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
         atomic_save_safetensors({token: vector}, out, metadata)
-    elif fmt == "sdxl":
+    elif fmt in ("sdxl", "sd3"):
         # One [1, D_i] tensor per text encoder; the token is the caller's (stored for reference only).
-        parts = {key: part.contiguous() for key, part in zip(SDXL_KEYS, vector.split(text_dims, dim=-1))}
+        keys = SDXL_KEYS if fmt == "sdxl" else SD3_KEYS
+        parts = {key: part.contiguous() for key, part in zip(keys, vector.split(text_dims, dim=-1))}
         atomic_save_safetensors(parts, out, {**metadata, "token": token})
     else:
         # AUTOMATIC1111 embedding .pt layout.
@@ -277,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identifier", required=True, help="identifier.safetensors written by adi-lightning")
     parser.add_argument("--format", default="ti", choices=FORMATS,
                         help="ti: diffusers load_textual_inversion (.safetensors); webui: AUTOMATIC1111 (.pt); "
-                             "sdxl: an SDXL identifier's clip_l / clip_g (.safetensors)")
+                             "sdxl: an SDXL identifier's clip_l / clip_g (.safetensors); sd3: an SD3 identifier's "
+                             "clip_l / clip_g (/ t5xxl) (.safetensors)")
     parser.add_argument("--out", required=True, help="output file; an existing one is refused (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out, only if it is an earlier export (never the identifier)")

@@ -510,3 +510,156 @@ def test_an_exemplar_only_folder_trains_on_sd3_with_generated_partners(sd3_folde
     assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
     assert all(r.action != "jumping" for r in generated)
     assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
+
+
+QUICK_DISTILL = dict(batch_size=4, images_per_prompt=1, sample_steps=4, eval_draws=8, learning_rate=0.05)
+
+
+def _sd3_teacher(folder: str, rows_of, steps: int = 6):
+    """A distillation teacher (adi_lightning.distill) on an SD3 folder: block-wise rows, flow-matching draws."""
+    from adi_lightning import distill
+
+    family = load_backbone(folder)
+    distill.prepare(family, "<A>")
+    blocks = len(family.identifier_layers())
+    rows = rows_of(blocks, family.identifier_dim)
+    prompts = distill.action_prompts("<A>", ("dog", "cat"), ("a photo of",))
+    return distill.Teacher(family, rows, torch.arange(blocks), prompts,
+                           distill.DistillSettings(steps=steps, **QUICK_DISTILL)), rows
+
+
+def test_sd3_distillation_draws_flow_matching_times_and_identical_rows_distil_to_that_row(sd3_folders):
+    """The seam makes distill family-agnostic: on SD3 the teacher's draws are shifted flow-matching sigmas
+    fed to the MMDiT as sigma * 1000, and with a row per block all equal the student (the vector in every
+    row: textual inversion) is the teacher bit for bit, so nothing moves."""
+    from adi_lightning import distill, flow_matching
+
+    row = torch.randn(1, _dim("t5"), generator=torch.Generator().manual_seed(1))
+    teacher, rows = _sd3_teacher(sd3_folders["t5"], lambda blocks, dim: row.repeat(blocks, 1))
+    assert teacher.objective.name == "flow_matching" and teacher.x0.shape[1] == 16
+    seen = []
+    hook = teacher.denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    try:
+        noisy, sigmas, _ = teacher.draw(4, torch.Generator().manual_seed(0))
+        teacher.predict(noisy, sigmas, torch.zeros(4, dtype=torch.int64))
+    finally:
+        hook.remove()
+    generator = torch.Generator().manual_seed(0)
+    generator_draws = []
+    torch.randint(0, len(teacher.x0), (4,), generator=generator)
+    for _ in range(4):
+        u = flow_matching.sample_flow_time(generator, "importance")
+        generator_draws.append(flow_matching.shift_sigma(u, 3.0).float())
+    assert torch.equal(sigmas, torch.cat(generator_draws)) and torch.equal(seen[0], sigmas * 1000)
+    vector, losses = distill.distill(teacher, rows[:1])
+    assert torch.equal(vector, row) and max(losses) == 0.0
+    assert distill.residual(teacher, vector, torch.zeros_like(row)) < 1e-6
+
+
+def test_the_sd3_student_loss_decreases(sd3_folders):
+    from adi_lightning import distill
+
+    teacher, rows = _sd3_teacher(sd3_folders["no_t5"],
+                                 lambda blocks, dim: torch.randn(blocks, dim, generator=torch.Generator().manual_seed(0)))
+    mean = rows.mean(0, keepdim=True)
+    vector, losses = distill.distill(teacher, mean)
+    untrained = torch.zeros_like(mean)
+    assert len(losses) == 6 and not torch.equal(vector, mean)
+    assert distill.residual(teacher, vector, untrained) < distill.residual(teacher, mean, untrained)
+
+
+def _sd3_identifier(sd3_module, variant, path, **settings):
+    module = sd3_module(variant, **settings)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
+                                                     generator=torch.Generator().manual_seed(0)))
+    return module.save_identifier(path), module.identifier.embedding.detach().clone()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_a_textual_inversion_sd3_identifier_exports_losslessly_as_clip_l_clip_g_t5xxl(
+        variant, sd3_folders, sd3_module, tmp_path, capsys):
+    """--format sd3 writes a one-row SD3 identifier as ComfyUI's SD3 keys (clip_l, clip_g, and t5xxl with
+    T5), exactly its row split by text encoder, with the written_by marker; each key set into its stock
+    encoder's token embedding (plain transformers: SD3 pipelines have no load_textual_inversion) draws,
+    in the stock StableDiffusion3Pipeline, exactly what install_identifier draws."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from adi_lightning.export import WRITTEN_BY, main as export_main
+
+    path, table = _sd3_identifier(sd3_module, variant, tmp_path / "ti.safetensors", layerwise=False)
+    out = tmp_path / "corgi_jump.safetensors"
+    assert export_main(["--identifier", str(path), "--format", "sd3", "--out", str(out)]) == 0
+    assert "lossless" in capsys.readouterr().out
+    parts = load_file(str(out))
+    keys = ["clip_l", "clip_g", "t5xxl"][: 3 if variant == "t5" else 2]
+    assert sorted(parts) == sorted(keys)
+    assert torch.equal(torch.cat([parts[k] for k in keys], dim=-1), table)
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["written_by"] == WRITTEN_BY and meta["method"] == "lossless" and meta["token"] == "<A>"
+
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
+    installed = _stock(sd3_folders[variant])
+    adi_lightning.install_identifier(installed, path)
+    expected = installed("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    stock = _stock(sd3_folders[variant])
+    for key, tokenizer, encoder in zip(keys, [stock.tokenizer, stock.tokenizer_2, stock.tokenizer_3],
+                                       [stock.text_encoder, stock.text_encoder_2, stock.text_encoder_3]):
+        tokenizer.add_tokens(["<A>"])
+        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<A>")] = parts[key][0]
+    drawn = stock("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.array_equal(drawn, expected)
+    # The overwrite rules of every format: refused without --overwrite, replaced with it (an earlier export).
+    assert export_main(["--identifier", str(path), "--format", "sd3", "--out", str(out)]) == 1
+    assert "already exists (an earlier export: add --overwrite" in capsys.readouterr().err
+    assert export_main(["--identifier", str(path), "--format", "sd3", "--out", str(out), "--overwrite"]) == 0
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"not ours")
+    assert export_main(["--identifier", str(path), "--format", "sd3", "--out", str(foreign), "--overwrite"]) == 1
+    assert foreign.read_bytes() == b"not ours"
+
+
+def test_a_block_wise_sd3_identifier_exports_one_distilled_vector_measured_on_sd3(sd3_folders, sd3_module, tmp_path):
+    """A row per joint block has no token-embedding form; --format sd3 writes the one vector that the
+    distillation fits on the SD3 pipeline (the textual-inversion student against the block-wise teacher),
+    with its residual measured and gated like every multi-row export."""
+    from safetensors.torch import load_file
+
+    from adi_lightning import distill
+    from adi_lightning.export import LossyExport, export_identifier
+
+    path, table = _sd3_identifier(sd3_module, "t5", tmp_path / "rows.safetensors")
+    assert table.shape == (BLOCKS, _dim("t5"))
+    out = tmp_path / "distilled.safetensors"
+    settings = distill.DistillSettings(steps=3, **QUICK_DISTILL)
+    report = export_identifier(path, out, "sd3", lossy=True, subjects=("dog",), settings=settings, log=lambda *_: None)
+    parts = load_file(str(out))
+    assert report.method == "distill" and len(report.losses) == 3
+    assert report.residual is not None and report.mean_residual is not None
+    assert [parts[k].shape for k in ("clip_l", "clip_g", "t5xxl")] == [(1, D1), (1, D2), (1, D3)]
+    assert not torch.allclose(torch.cat([parts["clip_l"], parts["clip_g"], parts["t5xxl"]], -1), table.mean(0))
+    with pytest.raises(LossyExport, match="loses the action: residual"):  # random rows: the mean loses them
+        export_identifier(path, tmp_path / "mean.safetensors", "sd3", method="mean", subjects=("dog",),
+                          settings=settings, log=lambda *_: None)
+    assert not (tmp_path / "mean.safetensors").exists()
+
+
+def test_each_format_refuses_the_other_families_by_name(sd3_module, make_module, tmp_path):
+    from adi_lightning.export import export_identifier
+
+    sd3_file, _ = _sd3_identifier(sd3_module, "no_t5", tmp_path / "sd3.safetensors", layerwise=False)
+    sd_file = make_module(layerwise=False).save_identifier(tmp_path / "sd.safetensors")
+    out = tmp_path / "x.safetensors"
+    for fmt in ("ti", "webui", "sdxl"):  # a no-T5 SD3 file has two widths, as an SDXL one
+        with pytest.raises(ValueError, match=rf"sd3\.safetensors was trained on a sd3 backbone: one-vector exports in "
+                                             rf"--format {fmt} .*--format sd3 writes"):
+            export_identifier(sd3_file, out, fmt)
+    with pytest.raises(ValueError, match=r"--format sd3 needs an SD3 identifier; .*sd\.safetensors was trained on a sd "
+                                         r"backbone: use --format ti or webui"):
+        export_identifier(sd_file, out, "sd3")
+    assert not out.exists()
