@@ -60,6 +60,15 @@ def tiny_sdxl_pipeline(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tiny_dir):
+    """``<tmp>/pipeline_sd3``: the tiny SD3 pipeline with T5 (3 joint blocks, D = 32 + 48 + 96, 32 px;
+    ``adi_lightning.tiny.build_tiny_sd3_pipeline``)."""
+    from adi_lightning.tiny import build_tiny_sd3_pipeline
+
+    return str(build_tiny_sd3_pipeline(tiny_dir / "pipeline_sd3"))
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tiny_dir):
     return str(tiny_dir / "data")
 
