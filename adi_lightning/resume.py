@@ -232,7 +232,10 @@ def check_identifier_fits(checkpoint: dict, identifier) -> None:
         raise ValueError("the checkpoint holds no identifier ('identifier.embedding'): not an adi-lightning checkpoint")
     saved = checkpoint.get("adi_identifier", {}).get("layer_paths")
     if saved is not None and saved != identifier.layer_paths:
-        raise ValueError("checkpoint was made for a pipeline with different cross-attention layers")
+        raise ValueError(f"checkpoint was made for a pipeline with different cross-attention layers or joint blocks "
+                         f"(its identifier's {len(saved)} layers begin {saved[0]!r}; this pipeline's "
+                         f"{len(identifier.layer_paths)} begin {identifier.layer_paths[0]!r}): resume it on the "
+                         "backbone it was trained on")
     if tuple(table.shape) != (identifier.num_rows, identifier.dim):
         raise ValueError(f"the checkpoint's identifier is {tuple(table.shape)} (rows, width) but this pipeline and "
                          f"model.row_groups need {(identifier.num_rows, identifier.dim)}")

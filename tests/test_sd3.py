@@ -663,3 +663,28 @@ def test_each_format_refuses_the_other_families_by_name(sd3_module, make_module,
                                          r"backbone: use --format ti or webui"):
         export_identifier(sd_file, out, "sd3")
     assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_the_cli_resumes_an_sd3_run_and_refuses_its_checkpoint_on_another_backbone(sd3_folders, short_fit, tmp_path,
+                                                                                     capsys):
+    """`fit --ckpt_path=<run folder>` on SD3 continues from the newest checkpoint with the run's settings and
+    writes what the uninterrupted CLI fit writes; the checkpoint on the SD pipeline is refused by name."""
+    from adi_lightning.cli import main
+    from adi_lightning.identifier import read_identifier
+
+    sd3 = sd3_folders["no_t5"]
+    flags = ("--trainer.val_check_interval=100", "--model.learning_rate=0.05")
+    straight = short_fit(tmp_path / "straight", *flags, steps=4, pipeline=sd3)
+    first = short_fit(tmp_path / "first", *flags, steps=2, pipeline=sd3)
+    resumed = short_fit(tmp_path / "resumed", "--trainer.val_check_interval=100", f"--ckpt_path={first}", steps=4,
+                        pipeline=sd3)
+    (table, meta), (expected, _) = (read_identifier(run / "identifier.safetensors") for run in (resumed, straight))
+    assert meta["global_step"] == "4" and meta["family"] == "sd3"
+    assert torch.equal(table, expected)
+    assert not torch.equal(read_identifier(first / "identifier.safetensors")[0], expected)
+    with pytest.raises(SystemExit) as err:
+        main(args=short_fit.args(tmp_path / "sd", f"--ckpt_path={first}", steps=4))  # the tiny SD pipeline
+    assert err.value.code == 1
+    assert ("checkpoint was made for a pipeline with different cross-attention layers or joint blocks (its "
+            "identifier's 3 layers begin 'transformer_blocks.0'") in capsys.readouterr().err
