@@ -154,7 +154,8 @@ def check_format_fits(identifier: str | Path, fmt: str, family: str, text_dims: 
                             "docs/inference.md)" if family in SD3_FAMILIES else ""))
     if fmt == "sdxl" and len(text_dims) != len(SDXL_KEYS):
         raise ValueError(f"--format sdxl needs an SDXL identifier (one vector per text encoder, widths D1 + D2); "
-                         f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: use --format ti or webui")
+                         f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: "
+                         "use --format ti or webui")
     if fmt != "sdxl" and len(text_dims) > 1:
         raise ValueError(f"{identifier} has one vector per text encoder (widths {text_dims}, SDXL): "
                          "use --format sdxl (clip_l / clip_g)")

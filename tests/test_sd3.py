@@ -404,7 +404,8 @@ def test_multi_start_scores_each_start_and_continues_the_lowest_on_sd3(sd3_modul
     real, scored = multi_start.large_t_anchor_loss, []
 
     def score(pl_module, dataset, *args, **kwargs):
-        scored.append((pl_module.identifier.embedding.detach().clone(), real(pl_module, dataset, draws=4, batch_size=4)))
+        rows = pl_module.identifier.embedding.detach().clone()
+        scored.append((rows, real(pl_module, dataset, draws=4, batch_size=4)))
         return scored[-1][1]
 
     monkeypatch.setattr(multi_start, "large_t_anchor_loss", score)
@@ -560,8 +561,10 @@ def test_sd3_distillation_draws_flow_matching_times_and_identical_rows_distil_to
 def test_the_sd3_student_loss_decreases(sd3_folders):
     from adi_lightning import distill
 
-    teacher, rows = _sd3_teacher(sd3_folders["no_t5"],
-                                 lambda blocks, dim: torch.randn(blocks, dim, generator=torch.Generator().manual_seed(0)))
+    def random_rows(blocks, dim):
+        return torch.randn(blocks, dim, generator=torch.Generator().manual_seed(0))
+
+    teacher, rows = _sd3_teacher(sd3_folders["no_t5"], random_rows)
     mean = rows.mean(0, keepdim=True)
     vector, losses = distill.distill(teacher, mean)
     untrained = torch.zeros_like(mean)
