@@ -20,10 +20,11 @@ SDXL identifiers (two text encoders): the community's SDXL embedding layout,
 ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` (768 and 1280 for SDXL base); ``sd3`` for SD3 identifiers:
 ComfyUI's SD3 embedding keys ``{"clip_l": [1, D1], "clip_g": [1, D2]}`` plus ``"t5xxl": [1, D3]``
 when the identifier has a T5 part (4096 for SD3's T5-XXL). The one vector is split by the
-identifier's recorded ``text_dims``; each key is that text encoder's token embedding. diffusers
-loads a part with one ``load_textual_inversion(tensor, token=..., text_encoder=..., tokenizer=...)``
-call per key (a path to the file is refused: the file has several tensors); docs/inference.md shows
-the calls. Only what lives in token-embedding space can be written this way: an SD3 identifier's
+identifier's recorded ``text_dims``; each key is that text encoder's token embedding. diffusers'
+SDXL pipeline loads an ``sdxl`` file with one ``load_textual_inversion(tensor, token=...,
+text_encoder=..., tokenizer=...)`` call per key (a path to the file is refused: it has several
+tensors); SD3 pipelines have no ``load_textual_inversion``, so each ``sd3`` key is set into its
+encoder's token embedding with plain transformers calls (docs/inference.md shows both). Only what lives in token-embedding space can be written this way: an SD3 identifier's
 block-wise rows live in the MMDiT's text stream (one encoding per joint block), so a multi-row SD3
 identifier is written as one distilled (or ``mean`` / ``row``) vector, measured like any other; the
 rows themselves are used with ``adi_lightning.install_identifier``. ``ti`` / ``webui`` / ``sdxl``
