@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD and SDXL pipelines and an action folder, built once per session, offline."""
+"""Shared fixtures: tiny SD, SDXL and SD3 pipelines and an action folder, built once per session, offline."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def tiny_sdxl_pipeline(tiny_dir):
     from adi_lightning.tiny import build_tiny_sdxl_pipeline
 
     return str(build_tiny_sdxl_pipeline(tiny_dir / "pipeline_xl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tiny_dir):
+    """``<tmp>/pipeline_sd3``: the tiny SD3 pipeline without T5 (3 joint blocks, D = 32 + 48, 32 px)."""
+    from adi_lightning.tiny import build_tiny_sd3_pipeline
+
+    return str(build_tiny_sd3_pipeline(tiny_dir / "pipeline_sd3", with_t5=False))
 
 
 @pytest.fixture(scope="session")
