@@ -141,3 +141,14 @@ def test_short_pretrain_sd3_writes_a_folder_the_loader_the_pipeline_and_a_fit_ac
     main(["pretrain-sd3", "--out", str(again), "--init", str(out), "--steps", "1", *SMALL[:-2], "--vae-steps", "0"])
     more = json.loads((again / "toy_pretrain.json").read_text())
     assert more["vae_scaling_factor"] == info["vae_scaling_factor"] and more["history"][-1]["steps"] == 3
+
+
+def test_the_package_toy_assets_fit_their_budgets():
+    """Issue 25: the package's toy assets <= 35 MB in all, the toy SD3 folder's weights <= 15 MB when built."""
+    from adi_lightning.toy import ASSETS, toy_sd3_pipeline_path
+
+    total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
+    assert total <= 35 * 10**6, f"toy assets {total / 1e6:.1f} MB"
+    sd3 = toy_sd3_pipeline_path()
+    if sd3.is_dir():
+        assert sum(f.stat().st_size for f in sd3.rglob("*.safetensors")) <= MAX_ASSET_BYTES
