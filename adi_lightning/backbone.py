@@ -83,7 +83,11 @@ def check_pipeline_source(name_or_path: str) -> None:
     if path.exists():
         raise BackboneError(f"{key}={name_or_path!r} is a file, not a diffusers pipeline folder")
     if not _HUB_ID.match(name_or_path) or name_or_path.startswith((".", "/", "~")):
-        raise BackboneError(f"{key}={name_or_path!r}: no such folder (and not a hub id like 'org/name')")
+        from adi_lightning.paths import build_command
+
+        command = build_command(name_or_path)
+        built = f"; this project builds that folder with: {command}" if command else ""
+        raise BackboneError(f"{key}={name_or_path!r}: no such folder (and not a hub id like 'org/name'){built}")
 
 
 def pipeline_index(name_or_path: str, local_files_only: bool, revision: str | None = None) -> dict:

@@ -28,6 +28,13 @@ ToyDifficulty = Literal["shared", "diverse", "shared_no_pool"]
 TOY_DIFFICULTIES: tuple[str, ...] = get_args(ToyDifficulty)
 
 
+#: Project folders that a command builds and the package does not ship (yet): the project-relative path
+#: -> that command (with its defaults, the command writes that folder).
+BUILT_BY_COMMAND: dict[str, str] = {
+    "adi_lightning/toy/assets/pipeline_sd3": "python -m adi_lightning.toy pretrain-sd3  (about 2 hours on a CPU)",
+}
+
+
 class ConfigNotFoundError(FileNotFoundError):
     """A config name that is neither a file nor one of the project's experiments."""
 
@@ -47,6 +54,16 @@ def resolve_project_path(value: str | os.PathLike) -> str:
         if (root / path).exists():
             return str(root / path)
     return str(value)
+
+
+def build_command(value: str | os.PathLike) -> str | None:
+    """The command that builds the project folder ``value`` names (:data:`BUILT_BY_COMMAND`; as typed
+    relative to a project root, or that folder's absolute path), else None."""
+    path = Path(os.path.expanduser(str(value)))
+    for relative, command in BUILT_BY_COMMAND.items():
+        if path == Path(relative) or any(path == root / relative for root in project_roots()):
+            return command
+    return None
 
 
 def experiment_dirs() -> list[Path]:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD and SDXL pipelines and an action folder, built once per session, offline."""
+"""Shared fixtures: tiny SD, SDXL and SD3 pipelines and an action folder, built once per session, offline."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def tiny_sd3_pipeline(tiny_dir):
     from adi_lightning.tiny import build_tiny_sd3_pipeline
 
     return str(build_tiny_sd3_pipeline(tiny_dir / "pipeline_sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_no_t5(tiny_dir):
+    """``<tmp>/pipeline_sd3_no_t5``: the tiny SD3 pipeline without T5 (3 joint blocks, D = 32 + 48, 32 px),
+    the toy SD3 backbone's layout."""
+    from adi_lightning.tiny import build_tiny_sd3_pipeline
+
+    return str(build_tiny_sd3_pipeline(tiny_dir / "pipeline_sd3_no_t5", with_t5=False))
 
 
 @pytest.fixture(scope="session")

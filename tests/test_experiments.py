@@ -2,7 +2,8 @@
 
 Real-weight experiments name local folders (``models/...``, ``data/...``) that a test machine
 does not have, so the backbone and data folder are always swapped for the session's tiny ones
-(the tiny pipeline of the experiment's family: ``sdxl_*.yaml`` are SDXL experiments); every
+(the tiny pipeline of the experiment's family: ``sdxl_*.yaml`` are SDXL experiments, ``sd3_*.yaml``
+and ``*_sd3.yaml`` SD3 ones, whose toy backbone is built by a command, not shipped yet); every
 other value must reach the instantiated objects as written. New experiments are picked up by
 the glob.
 """
@@ -24,16 +25,19 @@ EXPERIMENTS = sorted(p for p in (REPO / "experiments").glob("*.yaml") if not p.i
 SWAPPED = {"pretrained_model_name_or_path", "root"}  # replaced by the tiny fixtures below
 # Family name -> (tiny pipeline fixture, its attn2 layer count). The weights folder is not here to
 # read its model_index.json, so an experiment's family is its file name's prefix.
-TINY_BACKBONES = {"sd": ("tiny_pipeline", 16), "sdxl": ("tiny_sdxl_pipeline", 17)}
+TINY_BACKBONES = {"sd": ("tiny_pipeline", 16), "sdxl": ("tiny_sdxl_pipeline", 17), "sd3": ("tiny_sd3_pipeline_no_t5", 3)}
 
 
 def family(experiment: Path) -> str:
-    return "sdxl" if experiment.name.startswith("sdxl_") else "sd"
+    if experiment.stem.startswith("sdxl_"):
+        return "sdxl"
+    return "sd3" if experiment.stem.startswith("sd3_") or experiment.stem.endswith("_sd3") else "sd"
 
 
 def test_there_are_experiments():
     names = {p.name for p in EXPERIMENTS}
-    assert {"tiny.yaml", "jump.yaml", "sd15_jump.yaml", "sd21_jump.yaml", "sdxl_jump.yaml"} <= names, names
+    expected = {"tiny.yaml", "jump.yaml", "sd15_jump.yaml", "sd21_jump.yaml", "sdxl_jump.yaml", "jump_sd3.yaml"}
+    assert expected <= names, names
 
 
 def test_toy_jumping_is_the_main_job_itself():
@@ -132,4 +136,54 @@ def test_missing_local_weights_fail_naming_the_key(experiment, tmp_path, monkeyp
     assert exc.value.code not in (0, None)
     err = capsys.readouterr().err
     assert f"model.pretrained_model_name_or_path={model_path_!r}" in err, err[-2000:]
+    assert not list(tmp_path.rglob("identifier.safetensors"))
+
+
+def test_the_sd3_main_job_is_the_main_job_on_the_toy_sd3_folder():
+    """jump_sd3.yaml is jump.yaml with configs/model/toy_sd3.yaml, which is configs/model/toy.yaml with the
+    toy SD3 folder: the two toy backbones are compared on the same run."""
+    main, sd3 = (yaml.safe_load((REPO / "experiments" / name).read_text()) for name in ("jump.yaml", "jump_sd3.yaml"))
+    assert sd3.pop("model") == "../configs/model/toy_sd3.yaml" and main.pop("model") == "../configs/model/toy.yaml"
+    assert sd3 == main
+    toy, toy_sd3 = (yaml.safe_load((REPO / "configs" / "model" / name).read_text())
+                    for name in ("toy.yaml", "toy_sd3.yaml"))
+    assert toy_sd3.pop("pretrained_model_name_or_path") == "adi_lightning/toy/assets/pipeline_sd3"
+    toy.pop("pretrained_model_name_or_path")
+    assert toy_sd3 == toy
+
+
+def test_the_toy_sd3_folder_is_the_one_its_command_builds():
+    from adi_lightning.paths import BUILT_BY_COMMAND, build_command
+    from adi_lightning.toy import toy_sd3_pipeline_path
+
+    folder = toy_sd3_pipeline_path()
+    relative = folder.relative_to(REPO).as_posix()
+    assert relative == "adi_lightning/toy/assets/pipeline_sd3" and relative in BUILT_BY_COMMAND
+    assert build_command(relative) == build_command(folder) == BUILT_BY_COMMAND[relative]
+    assert "python -m adi_lightning.toy pretrain-sd3" in build_command(relative)
+    assert build_command("adi_lightning/toy/assets/pipeline") is None
+
+
+# Experiments whose backbone folder a project command builds (not shipped yet).
+BUILT = [p for p in EXPERIMENTS if str(model_path(p)).startswith("adi_lightning/") and "sd3" in str(model_path(p))]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("experiment", BUILT, ids=lambda p: p.name)
+def test_an_unbuilt_toy_backbone_fails_naming_the_folder_and_its_command(experiment, tmp_path, capsys):
+    """Until its folder is built, fit stops with one error line naming the key, the folder and the command."""
+    from adi_lightning.cli import main
+    from adi_lightning.paths import build_command, resolve_project_path
+
+    folder = model_path(experiment)
+    if Path(resolve_project_path(folder)).exists():
+        pytest.skip(f"{folder} is built on this machine")
+    with pytest.raises(SystemExit) as exc:
+        main(args=["fit", "--config", str(experiment), f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.accelerator=cpu"])
+    assert exc.value.code not in (0, None)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1, errors
+    assert f"model.pretrained_model_name_or_path={folder!r}: no such folder" in errors[0]
+    assert errors[0].endswith(build_command(folder))
     assert not list(tmp_path.rglob("identifier.safetensors"))

@@ -16,6 +16,12 @@ def toy_pipeline_path() -> Path:
     return ASSETS / "pipeline"
 
 
+def toy_sd3_pipeline_path() -> Path:
+    """Where the toy SD3 pipeline (a diffusers StableDiffusion3Pipeline, no T5) goes; built by
+    ``python -m adi_lightning.toy pretrain-sd3``, not shipped yet."""
+    return ASSETS / "pipeline_sd3"
+
+
 def toy_judges_path() -> Path:
     """The shipped judges folder (``judges.safetensors``)."""
     return ASSETS / "judges"

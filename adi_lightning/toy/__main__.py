@@ -1,4 +1,4 @@
-"""``python -m adi_lightning.toy {pretrain,train-judges,evaluate-backbone,make-data} ...``.
+"""``python -m adi_lightning.toy {pretrain,pretrain-sd3,train-judges,evaluate-backbone,make-data} ...``.
 
 Why one entry point: the shipped assets (pipeline, judges) are reproducible by documented
 commands, and the evaluation and data export that use them live beside them.
@@ -27,6 +27,22 @@ def _pretrain(args) -> None:
     print(f"pretrain done in {(time.time() - t0) / 60:.1f} min -> {args.out}")
 
 
+def _pretrain_sd3(args) -> None:
+    from .pretrain_sd3 import PretrainSD3Config, estimate, pretrain_sd3
+
+    cfg = PretrainSD3Config(**{f.name: getattr(args, f.name) for f in fields(PretrainSD3Config)
+                               if getattr(args, f.name, None) is not None and f.name != "held_out"})
+    if args.estimate:
+        est = estimate(cfg)
+        for name, count in est["parameters"].items():
+            print(f"{name}: {count / 1e6:.3f}M params")
+        print(f"total: {est['bytes'] / 1e6:.2f} MB of safetensors (budget {est['max_bytes'] / 1e6:.1f} MB)")
+        return
+    t0 = time.time()
+    pretrain_sd3(args.out, cfg)
+    print(f"pretrain-sd3 done in {(time.time() - t0) / 60:.1f} min -> {args.out}")
+
+
 def _train_judges(args) -> None:
     from .judges import train_judges
 
@@ -50,7 +66,9 @@ def _make_data(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import DEFAULT_GUIDANCE_SCALE, DEFAULT_INFERENCE_STEPS, toy_judges_path, toy_pipeline_path
+    from . import (
+        DEFAULT_GUIDANCE_SCALE, DEFAULT_INFERENCE_STEPS, toy_judges_path, toy_pipeline_path, toy_sd3_pipeline_path,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m adi_lightning.toy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +90,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, help="data-parallel processes, one thread each (default 1; 2 on a 2-core CPU)")
     p.add_argument("--minutes-checkpoint", dest="checkpoint_minutes", type=float)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("pretrain-sd3", help="pretrain the toy SD3 pipeline (MMDiT, CLIP-L + CLIP-G, no T5) on "
+                                            "world renders by rectified flow")
+    p.add_argument("--out", default=str(toy_sd3_pipeline_path()))
+    p.add_argument("--minutes", type=float, help="wall-time budget of the transformer phase (default 100)")
+    p.add_argument("--steps", type=int, help="max transformer steps (default 100000: the time budget decides)")
+    p.add_argument("--vae-steps", dest="vae_steps", type=int)
+    p.add_argument("--num-images", dest="num_images", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", dest="log_every", type=int)
+    p.add_argument("--time-sampling", dest="time_sampling",
+                   help="flow-time density: logit_normal (default, SD3's), uniform, importance, cubic")
+    p.add_argument("--loss-weighting", dest="loss_weighting", help="none (default), sigma_sqrt, cosmap")
+    p.add_argument("--shift", type=float, help="the scheduler's time shift, saved with it (default 3.0, SD3's)")
+    p.add_argument("--joint-blocks", dest="joint_blocks", type=int, help="MMDiT joint blocks (default 6)")
+    p.add_argument("--heads", type=int, help="attention heads (default 4)")
+    p.add_argument("--head-dim", dest="head_dim", type=int, help="width per head (default 24: stream width 96)")
+    p.add_argument("--clip-widths", dest="clip_widths", type=int, nargs=2,
+                   help="CLIP-L and CLIP-G widths (default 64 96)")
+    p.add_argument("--text-layers", dest="text_layers", type=int)
+    p.add_argument("--vae-channels", dest="vae_channels", type=int, nargs="+", help="VAE block widths (default 32 64)")
+    p.add_argument("--init",
+                   help="continue from this toy SD3 folder (--vae-steps 0 keeps its VAE and latent constants)")
+    p.add_argument("--minutes-checkpoint", dest="checkpoint_minutes", type=float)
+    p.add_argument("--estimate", action="store_true", help="print parameter counts and MB of the weights, and exit")
+    p.set_defaults(func=_pretrain_sd3)
 
     p = sub.add_parser("train-judges", help="train the action / subject / context classifiers")
     p.add_argument("--out", default=str(toy_judges_path()))
