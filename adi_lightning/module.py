@@ -284,7 +284,6 @@ class ADIModule(L.LightningModule):
             "placeholder_token": h.placeholder_token,
             "initializer_token": h.initializer_token,
             "base_model": h.pretrained_model_name_or_path,
-            "family": self.family.name,  # export refuses families it cannot write
             "mask_threshold": text("mask_threshold"),
             "mask_combine": text("mask_combine"),
             "mask_statistic": text("mask_statistic"),
@@ -293,7 +292,7 @@ class ADIModule(L.LightningModule):
             "large_t_steps": text("large_t_steps"), "large_t_min": text("large_t_min"),
             "starts": json.dumps({"starts": h.starts, "start_steps": in_force("start_steps", h.start_steps),
                                   **(self.start_selection or {})}),
-            "text_dims": json.dumps(self.family.text_dims),  # each text encoder's part of a row
+            **self.family.identifier_metadata(),  # the family and each text encoder's part of a row
             "global_step": str(self.global_step if self._trainer else 0),
             "package_versions": json.dumps(package_versions()),
             "git_revision": git_revision(),

@@ -19,6 +19,7 @@ one vector per text encoder per row, in :attr:`BackboneFamily.text_parts` order)
 from __future__ import annotations
 
 import copy
+import json
 from functools import partial
 from typing import ClassVar
 
@@ -198,6 +199,11 @@ class BackboneFamily:
         """``[D]`` fp32: each text encoder's frozen embedding of the single-token ``word``, concatenated."""
         return torch.cat([initializer_embedding(tokenizer, get_token_embedding(encoder), word)
                           for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)])
+
+    def identifier_metadata(self) -> dict[str, str]:
+        """What an identifier file records of the backbone: ``family`` (:attr:`name`; export refuses the
+        families a format cannot hold) and ``text_dims`` (JSON, each text encoder's part of a row)."""
+        return {"family": self.name, "text_dims": json.dumps(self.text_dims)}
 
     def split_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``rows [..., D]`` -> one ``[..., D_i]`` view per text encoder."""
