@@ -8,7 +8,7 @@ of the shipped ADI and the channel-mask preset. Image-level metrics get 95% inte
 (``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
 over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (147 runs of 500 steps), many hours
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (125 runs of 500 steps), many hours
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -72,16 +72,20 @@ def curve_betas(args, method: str) -> list[float]:
 
 def make_plan(args, preset_betas: dict[str, float]) -> dict[str, list]:
     """The runs of each part: main, ablations (with ADI beside them), curve ((method, action, beta, spec)
-    tuples; a β equal to the method's preset is the preset's own run)."""
+    tuples; a β equal to the method's preset is the preset's own run, and β = 1.0 is P+'s run)."""
     starts = getattr(args, "starts", 1)
     main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts)
             for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
     ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds, starts=starts)
                  for s in args.seeds for m in ("adi", *args.ablations)] if args.ablations else []
-    curve = [(m, a, b, spec(m, a, args.curve_folder, s, args.steps, args.test_seeds,
-                            None if b == preset_betas.get(m) else b, starts))
-             for m in args.curve_methods for a in args.curve_actions for b in curve_betas(args, m)
-             for s in args.curve_seeds]
+    def point(m, a, b, s):  # β = 1.0 is P+ bit for bit under every statistic (tests/test_threshold.py): P+'s run
+        if b == 1.0:
+            return spec("pplus", a, args.curve_folder, s, args.steps, args.test_seeds, None, starts)
+        return spec(m, a, args.curve_folder, s, args.steps, args.test_seeds, None if b == preset_betas.get(m) else b,
+                    starts)
+
+    curve = [(m, a, b, point(m, a, b, s)) for m in args.curve_methods for a in args.curve_actions
+             for b in curve_betas(args, m) for s in args.curve_seeds]
     return {"main": main, "ablations": ablations, "curve": curve}
 
 

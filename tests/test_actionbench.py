@@ -128,9 +128,10 @@ def test_default_plan_sizes_and_shared_runs():
     assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6 + 6
     runs = bench.unique_runs(plan)
     # ADI and the channel preset on (jumping, shared, seed 3) are in the main table; each curve's point at
-    # its preset's β is that same run
-    assert len(runs) == 108 + 9 + 5 + 5
+    # its preset's β is that same run, and its point at 1.0 is P+'s (bit for bit the same training)
+    assert len(runs) == 108 + 9 + 4 + 4
     curve_keys = {bench.run_key(c[-1]) for c in plan["curve"]}
+    assert bench.run_key(bench.spec("pplus", "jumping", "shared", 3, 300, 4)) in curve_keys
     assert bench.run_key(bench.spec("adi_channel", "jumping", "shared", 3, 300, 4)) in curve_keys
     assert bench.run_key(bench.spec("adi", "jumping", "shared", 3, 300, 4)) in curve_keys
 
@@ -317,19 +318,18 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
         "--curve-seeds", "3", "--curve-betas", "0.5", "1", "--out", str(tmp_path / "out"),
         "--data-dir", str(tmp_path / "data")])
     assert bench.main() == 0
-    # main: 3 methods x 2 actions; curves: adi at 0.5 and 1.0, adi_channel at 1.0 (0.5 is its preset's run)
-    assert len(launched) == 6 + 2 * 2 + 2 and len(set(launched)) == len(launched)
+    # main: 3 methods x 2 actions; curves: adi at 0.5 (0.5 is adi_channel's preset run, 1.0 is P+'s run for both)
+    assert len(launched) == 6 + 2 and len(set(launched)) == len(launched)
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert list(table["curve"]) == ["adi, jumping", "adi, kicking", "adi_channel, jumping", "adi_channel, kicking"]
     assert table["curve"]["adi_channel, kicking"]["beta=0.5"]["action_acc"]["mean"] == pytest.approx(0.8)
-    assert table["curve"]["adi, jumping"]["beta=1"]["action_acc"]["mean"] == pytest.approx(0.4)
+    assert table["curve"]["adi, jumping"]["beta=1"]["action_acc"]["mean"] == pytest.approx(0.1)  # P+'s run
     assert "adi_channel-pplus" in table["paired"]
     for action in ("jumping", "kicking"):
         assert (tmp_path / "out" / f"curve_{action}_shared.png").stat().st_size > 0
     markdown = (tmp_path / "out" / "table.md").read_text()
     assert "- **Tables written by**: `OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --methods pplus" in markdown
     assert "**curve (adi_channel, kicking, shared): over seeds [3]**" in markdown
-    assert "| action_acc | 0.800±0.000 | 0.300±0.000 |" in markdown  # adi_channel at β 0.5 and 1.0
+    assert "| action_acc | 0.800±0.000 | 0.100±0.000 |" in markdown  # adi_channel at β 0.5, P+ at 1.0
     runs = [line for line in markdown.splitlines() if line.startswith("| adi_channel | kicking |")]
-    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |",
-                    "| adi_channel | kicking | shared | 3 | 1 | 0.30 | - | - | - | - | - | ? |"]
+    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |"]
