@@ -20,6 +20,9 @@ def check_model_settings(mask_threshold: float, mask_combine: str, mask_statisti
     if mask_statistic not in MASK_STATISTICS:
         raise ValueError(f"model.mask_statistic must be one of {MASK_STATISTICS}, got {mask_statistic!r}")
     check_threshold(mask_threshold, mask_statistic)
+    if mask_statistic == "change_basis" and mask_combine == "or" and mask_threshold < 1.0:
+        raise ValueError("model.mask_combine=or under model.mask_statistic=change_basis keeps every axis of the "
+                         "basis (P+): use and, context_only or action_only")
     if update_from not in UPDATE_FROMS:
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     if timestep_sampling not in FLOW_TIME_SAMPLINGS:

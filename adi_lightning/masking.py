@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 
 MaskCombine = Literal["and", "or", "context_only", "action_only"]
-MaskStatistic = Literal["absolute", "relative", "sign", "projection"]
+MaskStatistic = Literal["absolute", "relative", "sign", "projection", "change_basis"]
 UpdateFrom = Literal["anchor", "anchor_and_context"]
 MASK_COMBINES: tuple[str, ...] = get_args(MaskCombine)
 MASK_STATISTICS: tuple[str, ...] = get_args(MaskStatistic)
@@ -22,7 +22,7 @@ EPS = 1e-12
 
 
 QUANTILE_STATISTICS: tuple[str, ...] = ("absolute", "relative")  # β is a per-row quantile
-BLEND_STATISTICS: tuple[str, ...] = ("sign", "projection")  # β blends the raw gradient back in
+BLEND_STATISTICS: tuple[str, ...] = ("sign", "projection", "change_basis")  # β blends the raw gradient back in
 
 
 def check_threshold(threshold: float, statistic: str = "projection", key: str = "model.mask_threshold") -> float:
@@ -176,12 +176,14 @@ def triple_updates(
         raise ValueError(f"model.update_from must be one of {UPDATE_FROMS}, got {update_from!r}")
     g_a, g_c, g_d = role_grads.unbind(1)
     source = g_a if update_from == "anchor" else 0.5 * (g_a + g_c)
-    if statistic == "projection":
+    if statistic in ("projection", "change_basis"):
         check_threshold(threshold, statistic)
         masks = channel_mask(g_a, g_c, g_d, 1.0, combine, statistic)  # validates combine; keeps every channel
         if threshold >= 1.0:
             return source, masks
-        return blend_with_gradient(source, project_update(source, g_a - g_c, g_a - g_d, combine), threshold), masks
+        update = (project_update if statistic == "projection" else change_basis_update)(source, g_a - g_c, g_a - g_d,
+                                                                                        combine)
+        return blend_with_gradient(source, update, threshold), masks
     masks = channel_mask(g_a, g_c, g_d, threshold, combine, statistic)
     if statistic == "sign" and 0.0 < threshold < 1.0:
         return blend_with_gradient(source, source * masks, threshold), torch.ones_like(masks)
@@ -240,6 +242,42 @@ def project_update(g: torch.Tensor, context_change: torch.Tensor, action_change:
     if combine == "or":
         return 0.5 * (keep_action + drop_context)
     return keep_action - _along(keep_action, context_change)
+
+
+def change_basis_update(g: torch.Tensor, context_change: torch.Tensor, action_change: torch.Tensor,
+                        combine: MaskCombine = "and") -> torch.Tensor:
+    """The ``change_basis`` statistic: the paper's two channel tests in a basis that follows the changes.
+
+    Per identifier row, an orthonormal basis whose first axis ``u_c`` is the context change
+    ``g_a - g_c`` and whose second ``u_a`` is the part of the action change ``g_a - g_d`` orthogonal to
+    it (Gram-Schmidt; the other D - 2 axes complete the basis). In this basis the context change is
+    nonzero on ``u_c`` alone and the action change on ``u_c`` and ``u_a`` alone, so the tests are
+    keep/drop decisions per axis: the context test drops ``u_c`` (the gradient changes with the
+    context there), the action test keeps ``u_c`` and ``u_a`` (it changes with the action there).
+    ``and`` keeps ``u_a`` alone: ``(g · u_a) u_a``; ``context_only`` drops ``u_c``; ``action_only``
+    keeps ``u_c`` and ``u_a``. ``or`` would keep every axis (P+) and is refused. An axis whose change
+    is zero is left out of the basis (its coordinate is dropped). All tensors ``[N, L, D]``.
+
+    Same direction as :func:`project_update`'s ``and`` (both lie along ``u_a``), another length: the
+    coordinate ``g · u_a`` instead of ``(g · â) sin θ`` (θ the angle between the two changes).
+    """
+    if combine == "or":
+        raise ValueError("model.mask_combine=or under model.mask_statistic=change_basis keeps every axis (P+): "
+                         "use and, context_only or action_only")
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(dim=-1, keepdim=True)
+        return torch.where(norm > EPS, x / norm.clamp_min(EPS), torch.zeros_like(x))
+
+    u_c = unit(context_change)
+    u_a = unit(action_change - (action_change * u_c).sum(-1, keepdim=True) * u_c)
+    along_c = (g * u_c).sum(-1, keepdim=True) * u_c
+    along_a = (g * u_a).sum(-1, keepdim=True) * u_a
+    if combine == "context_only":
+        return g - along_c
+    if combine == "action_only":
+        return along_c + along_a
+    return along_a
 
 
 def kept_energy_fraction(updates: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

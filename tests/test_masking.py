@@ -225,3 +225,63 @@ def test_the_channel_preset_keeps_or_drops_whole_channels():
                                      preset["mask_statistic"])
     assert torch.equal(update, torch.where(masks[0], G_A, torch.zeros_like(G_A)))
     assert 0 < int(masks.sum()) < D
+
+
+# ------------------------------------------------------------------ change_basis: the channel tests in a rotated basis
+def _oblique_triple():
+    """One row of D = 4 where the action change is NOT orthogonal to the context change, so that
+    ``change_basis`` and ``projection`` part ways: context change 2 e0, action change e0 + e1."""
+    g_a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    g_c = g_a - torch.tensor([2.0, 0.0, 0.0, 0.0])
+    g_d = g_a - torch.tensor([1.0, 1.0, 0.0, 0.0])
+    return torch.stack([g_a, g_c, g_d]).reshape(1, 3, 1, 4), g_a
+
+
+def test_change_basis_keeps_the_coordinates_of_the_axes_that_pass_each_test():
+    grads, g_a = _oblique_triple()
+    # basis: u_c = e0 (the context change), u_a = e1 (the action change's part orthogonal to it); the rest e2, e3
+    update = masked_update(grads, 0.0, "and", statistic="change_basis")
+    assert torch.equal(update.update, torch.tensor([[0.0, 2.0, 0.0, 0.0]]))  # u_a alone
+    assert update.masks.all()  # no channel of the token embedding is held
+    assert torch.equal(masked_update(grads, 0.0, "context_only", statistic="change_basis").update,
+                       torch.tensor([[0.0, 2.0, 3.0, 4.0]]))  # every axis but u_c
+    assert torch.equal(masked_update(grads, 0.0, "action_only", statistic="change_basis").update,
+                       torch.tensor([[1.0, 2.0, 0.0, 0.0]]))  # u_c and u_a
+    # projection along the same direction has another length: (g·â) sin θ = (3/√2)(1/√2) = 1.5, not g·u_a = 2
+    assert torch.allclose(masked_update(grads, 0.0, "and", statistic="projection").update,
+                          torch.tensor([[0.0, 1.5, 0.0, 0.0]]))
+
+
+def test_change_basis_is_rotation_equivariant_where_a_channel_mask_is_not():
+    grads, _ = _oblique_triple()
+    rotation = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(3)))[0]
+    rotated = grads @ rotation.T
+    for statistic in ("change_basis", "relative"):
+        plain = masked_update(grads, 0.5 if statistic == "relative" else 0.0, "and", statistic=statistic).update
+        turned = masked_update(rotated, 0.5 if statistic == "relative" else 0.0, "and", statistic=statistic).update
+        same = torch.allclose(turned, plain @ rotation.T, atol=1e-5)
+        assert same == (statistic == "change_basis"), statistic
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_change_basis_beta_blends_the_raw_gradient_back_in_and_its_ends_are_exact(beta):
+    grads, g_a = _oblique_triple()
+    full = torch.tensor([0.0, 2.0, 0.0, 0.0])
+    assert torch.allclose(masked_update(grads, beta, statistic="change_basis").update[0], beta * g_a + (1 - beta) * full)
+    assert torch.equal(masked_update(grads, 1.0, statistic="change_basis").update[0], g_a)
+
+
+def test_change_basis_refuses_or_and_survives_a_zero_change():
+    grads, g_a = _oblique_triple()
+    with pytest.raises(ValueError, match="mask_combine=or under model.mask_statistic=change_basis keeps every axis"):
+        masked_update(grads, 0.0, "or", statistic="change_basis")
+    same = torch.stack([g_a, g_a, g_a]).reshape(1, 3, 1, 4)  # no change at all: nothing passes the action test
+    assert torch.equal(masked_update(same, 0.0, statistic="change_basis").update, torch.zeros(1, 4))
+
+
+def test_check_model_settings_refuses_or_under_change_basis_by_name():
+    from adi_lightning.checks import check_model_settings
+
+    with pytest.raises(ValueError, match="model.mask_combine=or under model.mask_statistic=change_basis"):
+        check_model_settings(0.0, "or", "change_basis", "anchor", "importance", 0.02, 0.01, 25)
+    check_model_settings(1.0, "or", "change_basis", "anchor", "importance", 0.02, 0.01, 25)  # masking off: inert, not wrong
