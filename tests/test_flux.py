@@ -252,3 +252,67 @@ def test_generate_and_install_identifier_draw_the_same_images_and_remove_restore
     assert "encode_prompt" not in pipe.__dict__ and blockwise_block_to_row(pipe.transformer) is None
     assert np.array_equal(pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images,
                           before)
+
+
+def _flux_identifier(flux_module, path, **settings):
+    module = flux_module(**settings)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
+                                                     generator=torch.Generator().manual_seed(0)))
+    return module.save_identifier(path), module.identifier.embedding.detach().clone()
+
+
+@torch.no_grad()
+def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(flux_folder, flux_module, tmp_path,
+                                                                               capsys):
+    """--format flux writes a one-row FLUX identifier as clip_l + t5xxl, exactly its row split by text
+    encoder; each key set into its stock encoder's token embedding draws, in the stock FluxPipeline,
+    exactly what install_identifier draws."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from adi_lightning.export import WRITTEN_BY, main as export_main
+
+    path, table = _flux_identifier(flux_module, tmp_path / "ti.safetensors", layerwise=False)
+    out = tmp_path / "corgi_jump.safetensors"
+    assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out)]) == 0
+    assert "lossless" in capsys.readouterr().out
+    parts = load_file(str(out))
+    assert sorted(parts) == ["clip_l", "t5xxl"]
+    assert torch.equal(torch.cat([parts["clip_l"], parts["t5xxl"]], dim=-1), table)
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["written_by"] == WRITTEN_BY and meta["method"] == "lossless" and meta["token"] == "<A>"
+
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=32, width=32, output_type="np")
+    installed = _stock(flux_folder)
+    adi_lightning.install_identifier(installed, path)
+    expected = installed("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    stock = _stock(flux_folder)
+    for key, tokenizer, encoder in zip(["clip_l", "t5xxl"], [stock.tokenizer, stock.tokenizer_2],
+                                       [stock.text_encoder, stock.text_encoder_2]):
+        tokenizer.add_tokens(["<A>"])
+        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<A>")] = parts[key][0]
+    drawn = stock("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.array_equal(drawn, expected)
+
+
+def test_a_block_wise_flux_identifier_is_refused_by_name_and_the_formats_refuse_other_families(
+        flux_module, make_module, tmp_path):
+    from adi_lightning.export import export_identifier
+
+    rows, _ = _flux_identifier(flux_module, tmp_path / "rows.safetensors")
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match=r"block-wise FLUX identifier \(4 different rows\): --format flux writes "
+                                         r"one-row .* distillation does not run on FLUX yet"):
+        export_identifier(rows, out, "flux")
+    flux_file, _ = _flux_identifier(flux_module, tmp_path / "flux.safetensors", layerwise=False)
+    for fmt in ("ti", "webui", "sdxl", "sd3"):
+        with pytest.raises(ValueError, match=r"flux\.safetensors was trained on a flux backbone: .*--format flux"):
+            export_identifier(flux_file, out, fmt)
+    sd_file = make_module(layerwise=False).save_identifier(tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match=r"--format flux needs a FLUX identifier; .*sd\.safetensors was trained on a "
+                                         r"sd backbone: use --format ti or webui"):
+        export_identifier(sd_file, out, "flux")
+    assert not out.exists()

@@ -22,7 +22,7 @@ FAMILIES: dict[str, type[BackboneFamily]] = {
     FluxFamily.pipeline_class_name: FluxFamily,
 }
 #: Known pipeline classes without a family yet, with what they are.
-NOT_YET: dict[str, str] = {}
+NOT_YET: dict[str, str] = {"FluxKontextPipeline": "FLUX.1 Kontext, an MMDiT image editor"}
 
 
 __all__ = ["BackboneFamily", "Features", "FAMILIES", "FluxFamily", "NOT_YET", "StableDiffusion3Family",
