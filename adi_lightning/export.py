@@ -151,8 +151,8 @@ def _format_of(family: str, text_dims: list[int]) -> str:
 def check_format_fits(identifier: str | Path, fmt: str, family: str, text_dims: list[int], width: int) -> None:
     """Refuse (ValueError, naming the format to use) a ``fmt`` that cannot hold an identifier of
     ``family`` with these ``text_dims`` and row ``width``: ``sd3`` takes SD3 files only (two or three
-    text widths), ``flux`` FLUX files only (two), ``ti`` / ``webui`` / ``sdxl`` every other family's, ``sdxl`` two widths, ``ti`` /
-    ``webui`` one."""
+    text widths), ``flux`` FLUX files only (two), ``ti`` / ``webui`` / ``sdxl`` every other family's,
+    ``sdxl`` two widths, ``ti`` / ``webui`` one."""
     if sum(text_dims) != width:
         raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {width}")
     if fmt == "sd3":

@@ -1,7 +1,8 @@
 """Pure functions of rectified-flow (flow matching) training noise, for MMDiT backbones (SD3, FLUX).
 
 The flow-matching counterpart of :mod:`adi_lightning.diffusion`: flow time sampling, the scheduler's
-time shift (static as SD3's, or FLUX's resolution-dependent ``mu``), per-triple noise and sigmas, the noisy latents, the velocity target and the loss weight.
+time shift (static as SD3's, or FLUX's resolution-dependent ``mu``), per-triple noise and sigmas, the
+noisy latents, the velocity target and the loss weight.
 Rectified flow (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
 Synthesis", SD3) interpolates on a straight line between the data ``x`` and the noise ``n``:
 

@@ -285,7 +285,8 @@ def flux():
 
 
 def _flux_inputs(seed=0, n=2, side=4):
-    """Packed latents ``[n, side*side, 64]``, pooled ``[n, 16]``, sigmas ``[n]``, ``img_ids``, one encoding per block."""
+    """Packed latents ``[n, side*side, 64]``, pooled ``[n, 16]``, sigmas ``[n]``, ``img_ids``, one encoding
+    per block."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(n, side * side, 64, generator=g)
     pooled = torch.randn(n, 16, generator=g)

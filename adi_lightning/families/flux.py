@@ -144,7 +144,7 @@ class FluxFamily(BackboneFamily):
         clip, t5 = self.text_encoders
         if rows is None:
             pooled = clip(clip_ids).pooler_output
-            encoding, r = t5(t5_ids)[0], 1
+            encoding = t5(t5_ids)[0]
             context = spread_over_layers(encoding.to(t5.dtype), 1, count_layers(layers))
             return context, pooled.to(clip.dtype)
         clip_rows, t5_rows = self.split_rows(rows)

@@ -1,4 +1,5 @@
-"""Tiny offline Stable Diffusion (1.x-, SDXL-, SD3-) and FLUX-shaped pipelines and synthetic action data, for tests and the CPU demo."""
+"""Tiny offline Stable Diffusion (1.x-, SDXL-, SD3-) and FLUX-shaped pipelines and synthetic action data, for
+tests and the CPU demo."""
 
 from .dataset import build_tiny_action_folder
 from .flux import build_tiny_flux_pipeline, build_tiny_flux_transformer
