@@ -150,8 +150,8 @@ class Teacher:
             features = self.encode(vector.reshape(1, -1).float().expand(len(self.rows), -1), self.layer_to_row, prompt)
         size = tuple(int(x) * self.family.pipe.vae_scale_factor for x in noisy.shape[-2:])
         conditioning = self.family.denoiser_inputs(features, self.dtype, size)
-        return self.denoiser(noisy.to(self.dtype), timestep=self.objective.model_timesteps(timesteps),
-                             **conditioning).sample.float()
+        return self.family.predict(self.denoiser, noisy.to(self.dtype), self.objective.model_timesteps(timesteps),
+                                   conditioning).float()
 
 
 def prepare(family, token: str) -> int:

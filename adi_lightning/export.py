@@ -28,12 +28,15 @@ encoder's token embedding with plain transformers calls (docs/inference.md shows
 block-wise rows live in the MMDiT's text stream (one encoding per joint block), so a multi-row SD3
 identifier is written as one distilled (or ``mean`` / ``row``) vector, measured like any other; the
 rows themselves are used with ``adi_lightning.install_identifier``. ``ti`` / ``webui`` / ``sdxl``
-refuse an SD3 file, and ``sd3`` refuses any other family's, by name.
+refuse an SD3 file, and ``sd3`` refuses any other family's, by name. ``flux`` (FLUX identifiers:
+``{"clip_l": [1, D1], "t5xxl": [1, D3]}``, CLIP-L then T5, set into each encoder's token embedding as
+for ``sd3``) writes a one-row identifier losslessly and refuses a multi-row one by name: the
+distillation does not run through FLUX's packed latents yet; every other format refuses a FLUX file.
 
 Existing files: ``--out`` never replaces a file this command did not write. An existing ``--out``
 is refused (FileExistsError naming it); ``--overwrite`` replaces it only when it is an earlier
 export, recognised by its marker (:data:`WRITTEN_BY` under the key ``written_by``: safetensors
-metadata for ``ti`` / ``sdxl`` / ``sd3``, a payload key for ``webui``; exports written before the
+metadata for ``ti`` / ``sdxl`` / ``sd3`` / ``flux``, a payload key for ``webui``; exports written before the
 marker existed are refused too). The identifier being exported is never the output, ``--overwrite``
 or not. The file is written atomically (:func:`adi_lightning.io.atomic_path`).
 """
@@ -59,11 +62,16 @@ SDXL_KEYS = ("clip_l", "clip_g")
 #: ``--format sd3`` keys, in row order (:attr:`adi_lightning.families.StableDiffusion3Family.text_parts`):
 #: CLIP-L, CLIP-G, then T5-XXL when the identifier has a T5 part; ComfyUI's SD3 embedding keys.
 SD3_KEYS = ("clip_l", "clip_g", "t5xxl")
-FORMATS = ("ti", "webui", "sdxl", "sd3")
+#: ``--format flux`` keys, in row order (:attr:`adi_lightning.families.FluxFamily.text_parts`): CLIP-L (read by
+#: FLUX through its pooled vector only), then T5-XXL (the token stream); the keys of FLUX embeddings in ComfyUI.
+FLUX_KEYS = ("clip_l", "t5xxl")
+FORMATS = ("ti", "webui", "sdxl", "sd3", "flux")
 #: Backbone families (identifier metadata ``family``) whose identifiers ``ti`` / ``webui`` / ``sdxl`` hold.
 EXPORTABLE_FAMILIES = ("sd", "sdxl")
 #: The families ``--format sd3`` holds.
 SD3_FAMILIES = ("sd3",)
+#: The families ``--format flux`` holds.
+FLUX_FAMILIES = ("flux",)
 #: The ``written_by`` marker every export carries; ``--overwrite`` replaces only files that have it.
 WRITTEN_BY = "adi_lightning.export"
 #: How a multi-row identifier becomes one vector (``--method``): ``distill`` (:mod:`adi_lightning.distill`),
@@ -131,28 +139,46 @@ def check_out(identifier: str | Path, out: str | Path, overwrite: bool = False) 
                               "another --out, or move the file away yourself")
 
 
+def _format_of(family: str, text_dims: list[int]) -> str:
+    """The format that holds an identifier of ``family`` with these ``text_dims`` (for refusals)."""
+    if family in SD3_FAMILIES:
+        return "sd3"
+    if family in FLUX_FAMILIES:
+        return "flux"
+    return "sdxl" if len(text_dims) == len(SDXL_KEYS) else "ti or webui"
+
+
 def check_format_fits(identifier: str | Path, fmt: str, family: str, text_dims: list[int], width: int) -> None:
     """Refuse (ValueError, naming the format to use) a ``fmt`` that cannot hold an identifier of
     ``family`` with these ``text_dims`` and row ``width``: ``sd3`` takes SD3 files only (two or three
-    text widths), ``ti`` / ``webui`` / ``sdxl`` every other family's, ``sdxl`` two widths, ``ti`` /
-    ``webui`` one."""
+    text widths), ``flux`` FLUX files only (two), ``ti`` / ``webui`` / ``sdxl`` every other family's,
+    ``sdxl`` two widths, ``ti`` / ``webui`` one."""
     if sum(text_dims) != width:
         raise ValueError(f"{identifier}: text_dims {text_dims} do not add up to its row width {width}")
     if fmt == "sd3":
         if family not in SD3_FAMILIES:
-            other = "sdxl" if len(text_dims) == len(SDXL_KEYS) else "ti or webui"
             raise ValueError(f"--format sd3 needs an SD3 identifier; {identifier} was trained on a {family} backbone: "
-                             f"use --format {other}")
+                             f"use --format {_format_of(family, text_dims)}")
         if len(text_dims) not in (2, 3):
             raise ValueError(f"{identifier}: an SD3 identifier has one vector per text encoder (CLIP-L, CLIP-G and "
                              f"T5 when loaded), got text widths {text_dims}")
+        return
+    if fmt == "flux":
+        if family not in FLUX_FAMILIES:
+            raise ValueError(f"--format flux needs a FLUX identifier; {identifier} was trained on a {family} backbone: "
+                             f"use --format {_format_of(family, text_dims)}")
+        if len(text_dims) != len(FLUX_KEYS):
+            raise ValueError(f"{identifier}: a FLUX identifier has one vector per text encoder (CLIP-L and T5), got "
+                             f"text widths {text_dims}")
         return
     if family not in EXPORTABLE_FAMILIES:
         raise ValueError(f"{identifier} was trained on a {family} backbone: one-vector exports in --format {fmt} are "
                          f"written for {' and '.join(EXPORTABLE_FAMILIES)} identifiers only"
                          + (" (an SD3 identifier's block-wise rows live in the transformer's text stream; "
                             "--format sd3 writes its token-embedding vector as clip_l / clip_g / t5xxl; "
-                            "docs/inference.md)" if family in SD3_FAMILIES else ""))
+                            "docs/inference.md)" if family in SD3_FAMILIES else "")
+                         + (" (--format flux writes a FLUX identifier's token-embedding vector as clip_l / t5xxl; "
+                            "docs/inference.md)" if family in FLUX_FAMILIES else ""))
     if fmt == "sdxl" and len(text_dims) != len(SDXL_KEYS):
         raise ValueError(f"--format sdxl needs an SDXL identifier (one vector per text encoder, widths D1 + D2); "
                          f"{identifier} has {len(text_dims)} text encoder(s), widths {text_dims}: "
@@ -262,7 +288,13 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     if row is not None:
         single_vector(table, row)  # out of range: refused before any pipeline is loaded
     token = token or meta.get("placeholder_token") or "<A>"
-    if bool((table == table[:1]).all()):  # one row (Textual Inversion), or rows all equal: nothing is lost
+    lossless = bool((table == table[:1]).all())
+    if not lossless and family in FLUX_FAMILIES:
+        raise ValueError(f"{identifier} is a block-wise FLUX identifier ({table.shape[0]} different rows): --format "
+                         "flux writes one-row (textual-inversion) FLUX identifiers only; the one-vector distillation "
+                         "does not run on FLUX yet (docs/method.md 'FLUX'). Use the rows with "
+                         "adi_lightning.install_identifier, or train with model.row_groups=shared")
+    if lossless:  # one row (Textual Inversion), or rows all equal: nothing is lost
         report = ExportReport(Path(out), "lossless", f"the single shared row of {table.shape[0]} (lossless)")
         vector = table[:1].float().contiguous()
         log(f"{identifier}: one shared row, exported as it is (lossless; --method {method} has nothing to do)")
@@ -293,9 +325,9 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     if fmt == "ti":
         # diffusers format: one tensor, keyed by its token.
         atomic_save_safetensors({token: vector}, out, metadata)
-    elif fmt in ("sdxl", "sd3"):
+    elif fmt in ("sdxl", "sd3", "flux"):
         # One [1, D_i] tensor per text encoder; the token is the caller's (stored for reference only).
-        keys = SDXL_KEYS if fmt == "sdxl" else SD3_KEYS
+        keys = {"sdxl": SDXL_KEYS, "sd3": SD3_KEYS, "flux": FLUX_KEYS}[fmt]
         parts = {key: part.contiguous() for key, part in zip(keys, vector.split(text_dims, dim=-1))}
         atomic_save_safetensors(parts, out, {**metadata, "token": token})
     else:
@@ -314,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="ti", choices=FORMATS,
                         help="ti: diffusers load_textual_inversion (.safetensors); webui: AUTOMATIC1111 (.pt); "
                              "sdxl: an SDXL identifier's clip_l / clip_g (.safetensors); sd3: an SD3 identifier's "
-                             "clip_l / clip_g (/ t5xxl) (.safetensors)")
+                             "clip_l / clip_g (/ t5xxl) (.safetensors); flux: a one-row FLUX identifier's clip_l / "
+                             "t5xxl (.safetensors)")
     parser.add_argument("--out", required=True, help="output file; an existing one is refused (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out, only if it is an earlier export (never the identifier)")

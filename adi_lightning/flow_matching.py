@@ -1,14 +1,16 @@
-"""Pure functions of rectified-flow (flow matching) training noise, for MMDiT backbones (SD3).
+"""Pure functions of rectified-flow (flow matching) training noise, for MMDiT backbones (SD3, FLUX).
 
 The flow-matching counterpart of :mod:`adi_lightning.diffusion`: flow time sampling, the scheduler's
-time shift, per-triple noise and sigmas, the noisy latents, the velocity target and the loss weight.
+time shift (static as SD3's, or FLUX's resolution-dependent ``mu``), per-triple noise and sigmas, the
+noisy latents, the velocity target and the loss weight.
 Rectified flow (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
 Synthesis", SD3) interpolates on a straight line between the data ``x`` and the noise ``n``:
 
     z_sigma = (1 - sigma) x + sigma n,     v = dz/dsigma = n - x,
 
 and the transformer predicts ``v`` at timestep ``sigma * num_train_timesteps`` (a float, as
-``FlowMatchEulerDiscreteScheduler.timesteps``). ``sigma = 1`` is pure noise, ``sigma = 0`` the data.
+``FlowMatchEulerDiscreteScheduler.timesteps``; FLUX's transformer takes ``sigma`` itself and multiplies
+by 1000 inside). ``sigma = 1`` is pure noise, ``sigma = 0`` the data.
 
 The flow time ``u`` in ``[0, 1)`` is drawn by ``kind`` (the ``model.timestep_sampling`` densities of
 :mod:`adi_lightning.diffusion` on ``u = t / T``, plus SD3's ``logit_normal``), then shifted:
@@ -98,17 +100,43 @@ def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def scheduler_shift(config) -> float:
-    """The static time shift of a ``FlowMatchEulerDiscreteScheduler`` config (a mapping or config object).
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                     max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift parameter ``mu``: linear in the image's token count, ``base_shift``
+    at ``base_seq_len`` tokens and ``max_shift`` at ``max_seq_len`` (extrapolated outside; diffusers'
+    ``FluxPipeline`` ``calculate_shift``, the defaults FLUX.1's scheduler config). ``image_seq_len``: the
+    transformer's image tokens (FLUX: the 2x2-packed latent, ``(h / 2) * (w / 2)``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
 
-    ValueError when the scheduler shifts dynamically (``use_dynamic_shifting``, FLUX-style: the shift
-    depends on the image's token count), which these functions do not reproduce.
+
+def scheduler_shift(config, image_seq_len: int | None = None) -> float:
+    """The time shift ``s`` of :func:`shift_sigma` for a ``FlowMatchEulerDiscreteScheduler`` config (a mapping
+    or config object).
+
+    A static scheduler (SD3): its ``shift``. A dynamically shifting one (``use_dynamic_shifting``, FLUX): the
+    shift for an image of ``image_seq_len`` transformer tokens, ``mu`` from :func:`dynamic_shift_mu` with the
+    config's ``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift``, then
+    ``s = exp(mu)`` for ``time_shift_type="exponential"`` (the default) or ``s = mu`` for ``"linear"``:
+    the scheduler's ``time_shift(mu, 1, t)`` is ``shift_sigma(t, s)`` exactly, so training draws sigmas from
+    the same shifted density as inference walks (as the FLUX trainers that shift by resolution do; diffusers'
+    FLUX DreamBooth scripts index an unshifted table instead). ValueError for a dynamic scheduler without
+    ``image_seq_len``, or another ``time_shift_type``.
     """
     get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
-    if get("use_dynamic_shifting", False):
-        raise ValueError("the scheduler shifts its timesteps dynamically (use_dynamic_shifting, FLUX-style); "
-                         "flow-matching training here needs a static shift (SD3: shift=3.0)")
-    return float(get("shift", 1.0))
+    if not get("use_dynamic_shifting", False):
+        return float(get("shift", 1.0))
+    if image_seq_len is None:
+        raise ValueError("the scheduler shifts its timesteps dynamically (use_dynamic_shifting, FLUX-style): "
+                         "its shift depends on the image's token count, so pass image_seq_len")
+    mu = dynamic_shift_mu(image_seq_len, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                          get("base_shift", 0.5), get("max_shift", 1.15))
+    kind = get("time_shift_type", "exponential")
+    if kind == "exponential":
+        return math.exp(mu)
+    if kind == "linear":
+        return float(mu)
+    raise ValueError(f"time_shift_type must be exponential or linear, got {kind!r}")
 
 
 def flow_timesteps(sigmas: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:

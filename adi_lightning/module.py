@@ -371,8 +371,8 @@ class ADIModule(L.LightningModule):
         # Not self.denoiser.dtype: diffusers' dtype property walks every submodule on every call.
         dtype = next(self.denoiser.parameters()).dtype
         conditioning = self.family.denoiser_inputs(features, dtype, tuple(pixels.shape[-2:]))
-        pred = self._train_unet(noisy.to(dtype), timestep=self.objective.model_timesteps(timesteps),
-                                **conditioning).sample
+        pred = self.family.predict(self._train_unet, noisy.to(dtype), self.objective.model_timesteps(timesteps),
+                                   conditioning)
         target = self.objective.target(latents, noise, timesteps)
         per_sample_loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample_loss.mean(), per_sample_loss

@@ -8,8 +8,9 @@ backbone was trained, and the family picks it
 - :class:`DDPMObjective` (UNet families, SD 1.x/2.x and SDXL): integer timesteps, the scheduler's
   ``add_noise``, the noise (or the velocity for ``v_prediction``) as target
   (:mod:`adi_lightning.diffusion`);
-- :class:`FlowMatchingObjective` (MMDiT families, SD3): rectified flow, shifted sigmas, the
-  velocity ``n - x`` as target, timestep ``sigma * num_train_timesteps``
+- :class:`FlowMatchingObjective` (MMDiT families, SD3 and FLUX): rectified flow, shifted sigmas
+  (FLUX: by the image's size), the velocity ``n - x`` as target, timestep ``sigma * num_train_timesteps``
+  (FLUX: ``sigma``)
   (:mod:`adi_lightning.flow_matching`).
 
 Both draw from the same keyed generators (one draw per triple, shared by its roles), so results do
@@ -73,36 +74,54 @@ class DDPMObjective:
 
 
 class FlowMatchingObjective:
-    """Rectified-flow (flow matching) training, as SD3 was trained (Esser et al. 2024).
+    """Rectified-flow (flow matching) training, as SD3 and FLUX were trained (Esser et al. 2024).
 
-    ``scheduler_config``: the pipeline's ``FlowMatchEulerDiscreteScheduler`` config (its static
-    ``shift`` moves the drawn flow times towards noise, :func:`~adi_lightning.flow_matching.shift_sigma`;
-    a dynamically shifting scheduler is refused with ValueError). The loss weight is 1 (diffusers'
-    SD3 scripts with their default ``logit_normal`` density), so :meth:`target` is all the module needs.
+    ``scheduler_config``: the pipeline's ``FlowMatchEulerDiscreteScheduler`` config. Its shift moves the
+    drawn flow times towards noise (:func:`~adi_lightning.flow_matching.shift_sigma`): a static ``shift``
+    (SD3; :attr:`shift`), or with ``use_dynamic_shifting`` (FLUX) the shift of the latents' size,
+    ``(h / patch_size) * (w / patch_size)`` transformer tokens (:meth:`shift_for`; :attr:`shift` is then
+    None). ``timestep_scale``: the transformer's ``timestep`` is ``sigma * timestep_scale`` (None: the
+    scheduler's ``num_train_timesteps``, SD3's convention; FLUX's transformer takes ``sigma``: 1). The loss
+    weight is 1 (diffusers' SD3 and FLUX scripts with their default ``logit_normal`` density), so
+    :meth:`target` is all the module needs.
     """
 
     name = "flow_matching"
     timestep_samplings: tuple[str, ...] = flow_matching.FLOW_TIME_SAMPLINGS
     prediction_type = "flow"
 
-    def __init__(self, scheduler_config):
+    def __init__(self, scheduler_config, timestep_scale: float | None = None, patch_size: int = 1):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        self.shift = flow_matching.scheduler_shift(self.scheduler.config)
+        self.dynamic = bool(self.scheduler.config.get("use_dynamic_shifting", False))
+        self.shift = None if self.dynamic else flow_matching.scheduler_shift(self.scheduler.config)
+        self.timestep_scale = float(self.scheduler.config.num_train_timesteps if timestep_scale is None
+                                    else timestep_scale)
+        self.patch_size = patch_size
+
+    def shift_for(self, latents: torch.Tensor | None) -> float:
+        """The time shift for ``latents`` ``[N, C, h, w]`` (:func:`~adi_lightning.flow_matching.scheduler_shift`;
+        a static shift needs no latents). ValueError for a dynamic shift without latents."""
+        if not self.dynamic:
+            return self.shift
+        tokens = None if latents is None else (latents.shape[-2] // self.patch_size) * (latents.shape[-1] //
+                                                                                        self.patch_size)
+        return flow_matching.scheduler_shift(self.scheduler.config, tokens)
 
     def draw(self, keys: list[int], step: int, roles: int, latents: torch.Tensor, kind: str,
              large_t_steps: int = 0, large_t_min: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(noise [B*roles, C, h, w], sigmas [B*roles] float32)``, shifted:
+        """``(noise [B*roles, C, h, w], sigmas [B*roles] float32)``, shifted (:meth:`shift_for` ``latents``):
         :func:`adi_lightning.flow_matching.keyed_noise_and_sigmas`."""
-        return flow_matching.keyed_noise_and_sigmas(keys, step, roles, latents, kind, self.shift,
+        return flow_matching.keyed_noise_and_sigmas(keys, step, roles, latents, kind, self.shift_for(latents),
                                                     large_t_steps, large_t_min)
 
-    def sample_time(self, generator: torch.Generator, kind: str) -> torch.Tensor:
+    def sample_time(self, generator: torch.Generator, kind: str, latents: torch.Tensor | None = None) -> torch.Tensor:
         """One shifted sigma ``[1]`` float32: flow time ``u`` drawn by ``kind`` from ``generator``
-        (:func:`~adi_lightning.flow_matching.sample_flow_time`), then the scheduler's shift
-        (:func:`~adi_lightning.flow_matching.shift_sigma`)."""
-        return flow_matching.shift_sigma(flow_matching.sample_flow_time(generator, kind), self.shift).float()
+        (:func:`~adi_lightning.flow_matching.sample_flow_time`), then the scheduler's shift for ``latents``
+        (:meth:`shift_for`; needed only for a dynamic shift)."""
+        u = flow_matching.sample_flow_time(generator, kind)
+        return flow_matching.shift_sigma(u, self.shift_for(latents)).float()
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) x + sigma n`` (:func:`~adi_lightning.flow_matching.flow_noisy_latents`)."""
@@ -113,5 +132,6 @@ class FlowMatchingObjective:
         return flow_matching.flow_matching_target(latents, noise)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The transformer's ``timestep``: ``sigma * num_train_timesteps`` (a float, as at inference)."""
-        return flow_matching.flow_timesteps(t, self.scheduler.config.num_train_timesteps)
+        """The transformer's ``timestep``: ``sigma * timestep_scale`` (a float, as at inference: SD3's
+        ``sigma * 1000``, FLUX's ``sigma``, which ``FluxPipeline`` passes as ``timestep / 1000``)."""
+        return flow_matching.flow_timesteps(t, self.timestep_scale)

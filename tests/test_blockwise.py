@@ -208,7 +208,7 @@ def test_bad_arguments_are_refused(sd3):
     not_mmdit = torch.nn.Module()
     not_mmdit.context_embedder = torch.nn.Linear(J, 16)
     not_mmdit.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16)])
-    with pytest.raises(ValueError, match="Module is not an SD3 MMDiT"):
+    with pytest.raises(ValueError, match="Module is not an SD3 or FLUX MMDiT"):
         joint_blocks(not_mmdit)
 
 
@@ -270,3 +270,131 @@ def test_the_stock_sd3_pipeline_runs_block_wise_prompt_embeds(sd3):
                                 skip_guidance_layers=[1]), ti_slg)
         changed = torch.cat([encodings[0], encodings[0], encodings[2], encodings[0]], dim=1)
         assert not torch.allclose(draw(changed, negative.repeat(1, BLOCKS, 1)), ti, atol=1e-4)
+
+
+# ---------------------------------------------------------------- FLUX: double- then single-stream blocks
+FLUX_DOUBLE, FLUX_SINGLE = 2, 2
+FLUX_BLOCKS = FLUX_DOUBLE + FLUX_SINGLE
+
+
+@pytest.fixture(scope="module")
+def flux():
+    from adi_lightning.tiny.flux import build_tiny_flux_transformer
+
+    return build_tiny_flux_transformer(num_layers=FLUX_DOUBLE, num_single_layers=FLUX_SINGLE, joint_attention_dim=J)
+
+
+def _flux_inputs(seed=0, n=2, side=4):
+    """Packed latents ``[n, side*side, 64]``, pooled ``[n, 16]``, sigmas ``[n]``, ``img_ids``, one encoding
+    per block."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(n, side * side, 64, generator=g)
+    pooled = torch.randn(n, 16, generator=g)
+    encodings = torch.randn(FLUX_BLOCKS, n, T, J, generator=g)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
+                                         indexing="ij"), dim=-1).reshape(-1, 3)
+    return latents, pooled, torch.tensor([0.7, 0.3][:n]), img_ids, encodings
+
+
+def _flux_forward(model, latents, pooled, sigma, img_ids, text, txt_ids=None):
+    txt_ids = torch.zeros(text.shape[1], 3) if txt_ids is None else txt_ids
+    return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled, timestep=sigma,
+                 img_ids=img_ids, txt_ids=txt_ids, guidance=torch.full_like(sigma, 3.5)).sample
+
+
+def test_flux_stream_blocks_are_the_double_then_the_single_stream_blocks(flux):
+    from adi_lightning.blockwise import stream_blocks
+
+    paths = stream_blocks(flux)
+    assert paths == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                     "single_transformer_blocks.1"]
+    assert joint_blocks is stream_blocks
+
+
+@torch.no_grad()
+def test_flux_equal_rows_are_bit_identical_to_textual_inversion(flux):
+    """Equal rows: every telescoping term (double- and single-stream) is zero, and the R*T txt_ids of
+    FluxPipeline.encode_prompt are cut to T, so the forward is the plain one bit for bit."""
+    latents, pooled, sigma, img_ids, encodings = _flux_inputs()
+    one = encodings[0]
+    ti = _flux_forward(flux, latents, pooled, sigma, img_ids, one)
+    with routed(flux):
+        assert torch.equal(_flux_forward(flux, latents, pooled, sigma, img_ids, one.repeat(1, FLUX_BLOCKS, 1)), ti)
+        assert torch.equal(_flux_forward(flux, latents, pooled, sigma, img_ids, one), ti)
+        with pytest.raises(ValueError, match="same txt_ids for every identifier row"):
+            ids = torch.zeros(FLUX_BLOCKS * T, 3)
+            ids[T] = 1.0
+            _flux_forward(flux, latents, pooled, sigma, img_ids, one.repeat(1, FLUX_BLOCKS, 1), ids)
+
+
+@torch.no_grad()
+def test_flux_row_b_reaches_the_stream_first_at_block_b_single_stream_blocks_included(flux):
+    latents, pooled, sigma, img_ids, encodings = _flux_inputs()
+    c = flux.context_embedder
+    with routed(flux), recorded_streams(flux) as (inputs, outputs):
+        base = _flux_forward(flux, latents, pooled, sigma, img_ids, _cat(encodings))
+        base_in = dict(inputs)
+        assert torch.equal(base_in[0], c(encodings[0]))
+        single_in, single_out = {}, {}
+        handles = [block.register_forward_pre_hook(
+            lambda m, a, k, i=i: single_in.__setitem__(i, k["encoder_hidden_states"].clone()), with_kwargs=True)
+            for i, block in enumerate(flux.single_transformer_blocks)]
+        handles += [block.register_forward_hook(lambda m, a, o, i=i: single_out.__setitem__(i, o[0].clone()))
+                    for i, block in enumerate(flux.single_transformer_blocks)]
+        try:
+            _flux_forward(flux, latents, pooled, sigma, img_ids, _cat(encodings))
+        finally:
+            for handle in handles:
+                handle.remove()
+        # The first single-stream block gets the last double-stream block's stream + c(E_2) - c(E_1).
+        assert torch.allclose(single_in[0], outputs[FLUX_DOUBLE - 1] + c(encodings[2]) - c(encodings[1]), atol=1e-6)
+        assert torch.allclose(single_in[1], single_out[0] + c(encodings[3]) - c(encodings[2]), atol=1e-6)
+        for b in range(FLUX_BLOCKS):
+            changed = encodings.clone()
+            changed[b] += 0.5 * torch.randn(changed[b].shape, generator=torch.Generator().manual_seed(b))
+            after = _flux_forward(flux, latents, pooled, sigma, img_ids, _cat(changed))
+            double_changed = [i for i in range(FLUX_DOUBLE) if not torch.equal(inputs[i], base_in[i])]
+            assert double_changed == list(range(min(b, FLUX_DOUBLE), FLUX_DOUBLE)), b
+            assert not torch.allclose(after, base, atol=1e-5), b
+
+
+def test_flux_gradient_checkpointing_recomputes_each_block_with_its_own_row():
+    from adi_lightning.tiny.flux import build_tiny_flux_transformer
+
+    model = build_tiny_flux_transformer(num_layers=FLUX_DOUBLE, num_single_layers=FLUX_SINGLE, joint_attention_dim=J)
+    latents, pooled, sigma, img_ids, encodings = _flux_inputs()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        text = _cat(encodings).requires_grad_(True)
+        with routed(model):
+            _flux_forward(model, latents, pooled, sigma, img_ids, text, torch.zeros(FLUX_BLOCKS * T, 3)
+                          ).square().mean().backward()
+        grads.append(text.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert all(float(chunk.norm()) > 0 for chunk in grads[0].split(T, dim=1))
+
+
+@torch.no_grad()
+def test_the_stock_flux_pipeline_runs_block_wise_prompt_embeds(flux):
+    """``FluxPipeline`` with ``prompt_embeds`` ``[N, B*T, J]`` (it makes ``txt_ids`` of B*T zeros): equal
+    rows draw TI's latents bit for bit, a changed single-stream row other latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from adi_lightning.tiny.flux import FLUX_SCHEDULER
+
+    pipe = FluxPipeline(transformer=flux, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    _, pooled, _, _, encodings = _flux_inputs(n=1)
+
+    def draw(text):
+        return pipe(prompt_embeds=text, pooled_prompt_embeds=pooled, height=64, width=64, num_inference_steps=2,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    ti = draw(encodings[0])
+    with routed(flux):
+        assert torch.equal(draw(encodings[0].repeat(1, FLUX_BLOCKS, 1)), ti)
+        changed = torch.cat([encodings[0], encodings[0], encodings[0], encodings[2]], dim=1)
+        assert not torch.allclose(draw(changed), ti, atol=1e-5)

@@ -31,7 +31,7 @@ def test_sd_folder_loads_as_the_sd_family(tiny_pipeline):
 
 
 @pytest.mark.parametrize("class_name,message", [
-    ("FluxPipeline", "FluxPipeline (FLUX, an MMDiT): not yet supported"),
+    ("FluxKontextPipeline", "FluxKontextPipeline (FLUX.1 Kontext, an MMDiT image editor): not yet supported"),
     ("KandinskyPipeline", "KandinskyPipeline, which adi-lightning does not support"),
 ])
 def test_other_pipeline_classes_are_refused_by_name(tiny_pipeline, tmp_path, make_module, class_name, message):

@@ -173,3 +173,46 @@ def test_loss_weighting_refuses_unknown_schemes_and_ddpm_samplings_exist_in_flow
         flow_loss_weighting(torch.ones(2), "mode")
     assert set(TIMESTEP_SAMPLINGS) <= set(FLOW_TIME_SAMPLINGS)
     assert set(FLOW_TIME_SAMPLINGS) - set(TIMESTEP_SAMPLINGS) == set(FLOW_ONLY_SAMPLINGS) == {"logit_normal"}
+
+
+@pytest.mark.parametrize("time_shift_type", ["exponential", "linear"])
+@pytest.mark.parametrize("image_seq_len", [64, 256, 1024, 4096])
+def test_the_dynamic_shift_is_the_flux_schedulers_mu_time_shift(time_shift_type, image_seq_len):
+    """FLUX's scheduler shifts by mu (FluxPipeline's calculate_shift of the packed image tokens): its
+    set_timesteps(sigmas=u, mu=mu) table is shift_sigma(u, scheduler_shift(config, image_seq_len))."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from adi_lightning.flow_matching import dynamic_shift_mu
+    from adi_lightning.tiny.flux import FLUX_SCHEDULER
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER, time_shift_type=time_shift_type)
+    mu = calculate_shift(image_seq_len)
+    assert dynamic_shift_mu(image_seq_len) == pytest.approx(mu, abs=1e-12)
+    u = torch.linspace(1.0, 0.05, 12, dtype=torch.float64)
+    scheduler.set_timesteps(sigmas=u.tolist(), mu=mu)
+    shift = scheduler_shift(scheduler.config, image_seq_len)
+    assert shift == pytest.approx(math.exp(mu) if time_shift_type == "exponential" else mu)
+    torch.testing.assert_close(scheduler.sigmas[:-1].double(), shift_sigma(u, shift), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="use_dynamic_shifting.*pass image_seq_len"):
+        scheduler_shift(scheduler.config)
+
+
+def test_the_flow_matching_objective_shifts_by_the_latents_size_when_dynamic():
+    from adi_lightning.objective import FlowMatchingObjective
+    from adi_lightning.tiny.flux import FLUX_SCHEDULER
+
+    flux = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER).config, timestep_scale=1.0,
+                                 patch_size=2)
+    sd3 = FlowMatchingObjective(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert flux.shift is None and sd3.shift == 3.0 and sd3.shift_for(None) == 3.0
+    small, large = torch.zeros(2, 16, 32, 32), torch.zeros(2, 16, 128, 128)  # 256 and 4096 packed tokens
+    assert flux.shift_for(small) == pytest.approx(math.exp(0.5)) and flux.shift_for(large) == pytest.approx(
+        math.exp(1.15))
+    noise, sigmas = flux.draw([3, 4], 7, 1, small, "logit_normal")
+    expected = keyed_noise_and_sigmas([3, 4], 7, 1, small, "logit_normal", math.exp(0.5))
+    assert torch.equal(noise, expected[0]) and torch.equal(sigmas, expected[1])
+    assert not torch.equal(flux.draw([3, 4], 7, 1, large, "logit_normal")[1], sigmas)
+    assert torch.equal(flux.model_timesteps(sigmas), sigmas) and torch.equal(sd3.model_timesteps(sigmas), sigmas * 1000)
+    with pytest.raises(ValueError, match="pass image_seq_len"):
+        flux.sample_time(torch.Generator().manual_seed(0), "uniform")
+    assert flux.sample_time(torch.Generator().manual_seed(0), "uniform", small).shape == (1,)

@@ -9,6 +9,7 @@ loader sits above them.
 from __future__ import annotations
 
 from adi_lightning.families.base import BackboneFamily, Features
+from adi_lightning.families.flux import FluxFamily
 from adi_lightning.families.sd import StableDiffusionFamily
 from adi_lightning.families.sd3 import StableDiffusion3Family
 from adi_lightning.families.sdxl import StableDiffusionXLFamily
@@ -18,10 +19,11 @@ FAMILIES: dict[str, type[BackboneFamily]] = {
     StableDiffusionFamily.pipeline_class_name: StableDiffusionFamily,
     StableDiffusionXLFamily.pipeline_class_name: StableDiffusionXLFamily,
     StableDiffusion3Family.pipeline_class_name: StableDiffusion3Family,
+    FluxFamily.pipeline_class_name: FluxFamily,
 }
 #: Known pipeline classes without a family yet, with what they are.
-NOT_YET: dict[str, str] = {"FluxPipeline": "FLUX, an MMDiT"}
+NOT_YET: dict[str, str] = {"FluxKontextPipeline": "FLUX.1 Kontext, an MMDiT image editor"}
 
 
-__all__ = ["BackboneFamily", "Features", "FAMILIES", "NOT_YET", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily"]
+__all__ = ["BackboneFamily", "Features", "FAMILIES", "FluxFamily", "NOT_YET", "StableDiffusion3Family",
+           "StableDiffusionFamily", "StableDiffusionXLFamily"]

@@ -181,6 +181,13 @@ class BackboneFamily:
         """Undo :meth:`install_routing`."""
         remove_layerwise_processors(self.denoiser, handle)
 
+    def predict(self, denoiser, noisy: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The denoiser's prediction ``[N, C, h, w]`` for ``noisy`` latents ``[N, C, h, w]`` at the denoiser's
+        ``timestep`` with :meth:`denoiser_inputs` ``conditioning``. ``denoiser``: :attr:`denoiser` or a
+        compiled wrapper of it. A family whose denoiser reads another latent layout (FLUX: 2x2 packed) converts
+        here."""
+        return denoiser(noisy, timestep=timestep, **conditioning).sample
+
     def training_objective(self):
         """The objective the denoiser was trained with (:class:`~adi_lightning.objective.DDPMObjective`
         from the pipeline scheduler's config)."""

@@ -49,6 +49,18 @@ from adi_lightning.prompts import add_placeholder_token, check_identifier_prompt
 MAX_SEQUENCE_LENGTH = 256
 
 
+def group_stream_blocks(blocks: int, row_groups: str, backbone: str, kind: str) -> torch.Tensor:
+    """``layer_to_row`` ``[B]`` over an MMDiT's ``blocks`` stream blocks for ``model.row_groups``: ``layer`` and
+    ``attention`` one row per block, ``shared`` one row; ValueError for ``resolution`` (every block of an MMDiT
+    runs at one resolution), naming the ``backbone`` and its block ``kind``."""
+    if row_groups in ("layer", "attention"):
+        return torch.arange(blocks)
+    if row_groups == "shared":
+        return torch.zeros(blocks, dtype=torch.int64)
+    raise ValueError(f"model.row_groups={row_groups} has no meaning for an MMDiT ({backbone}): its {blocks} {kind} "
+                     "run at one resolution; use layer (one row per block), attention (the same) or shared")
+
+
 class StableDiffusion3Family(BackboneFamily):
     """SD3: features are ``(context [N, B*T, J], pooled [N, P1 + P2])``; the MMDiT gets
     ``encoder_hidden_states`` and ``pooled_projections``. ``text_parts`` are CLIP-L and CLIP-G, plus
@@ -95,13 +107,7 @@ class StableDiffusion3Family(BackboneFamily):
         """``layer``: one row per joint block; ``attention``: the same (a joint block is one attention
         module); ``shared``: one row (Textual Inversion); ``resolution`` is refused (ValueError): an
         MMDiT runs every block at one resolution."""
-        blocks = len(layer_paths)
-        if row_groups in ("layer", "attention"):
-            return torch.arange(blocks)
-        if row_groups == "shared":
-            return torch.zeros(blocks, dtype=torch.int64)
-        raise ValueError(f"model.row_groups={row_groups} has no meaning for an MMDiT (SD3): its {blocks} joint blocks "
-                         "run at one resolution; use layer (one row per joint block), attention (the same) or shared")
+        return group_stream_blocks(len(layer_paths), row_groups, "SD3", "joint blocks")
 
     def install_routing(self):
         """Block-wise hooks on the MMDiT (:func:`~adi_lightning.blockwise.install_blockwise_routing`), one

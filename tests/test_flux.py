@@ -1,0 +1,318 @@
+"""FLUX on the same training path as SD and SD3 (issue 25): a tiny FluxPipeline (2 double-stream and 2
+single-stream blocks, guidance embedding; CLIP-L 32 wide for the pooled vector, T5 48 for the stream)
+through the same module, Trainer and ``install_identifier``, with block-wise rows in T5
+(adi_lightning.blockwise) and flow matching with FLUX's dynamic shift."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import adi_lightning
+from adi_lightning.backbone import load_backbone
+from adi_lightning.blockwise import blockwise_block_to_row
+from adi_lightning.data import ActionTripleDataModule
+from adi_lightning.families import FluxFamily
+from adi_lightning.families.flux import latent_image_ids, pack_latents, unpack_latents
+
+D1, D3 = 32, 48  # CLIP-L (pooled only), T5 (the stream)
+BLOCKS, S = 4, 512
+PATHS = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    from adi_lightning.tiny import build_tiny_flux_pipeline
+
+    return str(build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux"))
+
+
+@pytest.fixture()
+def flux_module(flux_folder, make_module):
+    def make(**overrides):
+        return make_module(pretrained_model_name_or_path=flux_folder, **overrides)
+
+    return make
+
+
+def _stock(folder: str):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _batch(tiny_data, with_partners=True, batch_size=2):
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
+                                with_partners=with_partners, repeats=2, seed=3)
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_packing_is_flux_pipelines_and_inverts():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(0))
+    packed = pack_latents(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 8))
+    assert torch.equal(unpack_latents(packed, 6, 8), latents)
+    assert torch.equal(unpack_latents(packed, 6, 8), FluxPipeline._unpack_latents(packed, 6, 8, 1))
+    assert torch.equal(latent_image_ids(6, 8), FluxPipeline._prepare_latent_image_ids(2, 3, 4, None, torch.float32))
+    with pytest.raises(ValueError, match="2x2 patches: 5x8 is not even"):
+        pack_latents(torch.zeros(1, 16, 5, 8))
+
+
+def test_flux_folder_loads_as_the_flux_family_through_the_project_loader(flux_folder, flux_module):
+    family = load_backbone(flux_folder)
+    assert isinstance(family, FluxFamily) and type(family.pipe).__name__ == "FluxPipeline"
+    assert family.text_dims == [D1, D3] and family.pooled_layer == 2
+    module = flux_module()
+    assert module.info.family == "flux" and module.info.layer_kind == "double- and single-stream blocks"
+    assert module.info.prediction_type == "flow" and module.info.num_cross_attention_layers == BLOCKS
+    assert module.identifier.layer_paths == PATHS and module.identifier.embedding.shape == (BLOCKS, D1 + D3)
+    assert module.transformer is module.denoiser and not hasattr(module, "unet")
+    assert torch.equal(blockwise_block_to_row(module.transformer), torch.arange(BLOCKS))
+    assert module.objective.dynamic and module.objective.timestep_scale == 1.0
+    row = module.identifier.embedding[0]
+    for tokenizer, encoder, part in zip(module.family.tokenizers, module.family.text_encoders,
+                                        module.family.split_rows(row)):
+        (word,) = tokenizer.encode("standing", add_special_tokens=False)
+        assert torch.equal(part, encoder.get_input_embeddings().weight[word].float())
+    with pytest.raises(ValueError, match=r"row_groups=resolution has no meaning for an MMDiT \(FLUX\): its 4 "
+                                         "double- and single-stream blocks"):
+        flux_module(row_groups="resolution")
+
+
+@torch.no_grad()
+def test_encodings_are_the_stock_encode_prompt_per_block(flux_folder, flux_module):
+    """Plain prompts and the untrained identifier (each part the embedding of "standing") are exactly
+    FluxPipeline.encode_prompt's T5 stream, once per block, and its CLIP-L pooled vector; FLUX gets no negative."""
+    module = flux_module()
+    pipe = _stock(flux_folder)
+    embeds, pooled, text_ids = pipe.encode_prompt("a photo of a dog", None, device="cpu")
+    assert embeds.shape == (1, S, D3) and pooled.shape == (1, D1) and torch.equal(text_ids, torch.zeros(S, 3))
+    inputs = module.family.prompt_inputs(["a photo of a dog"], None, BLOCKS, torch.float32)
+    assert sorted(inputs) == ["pooled_prompt_embeds", "prompt_embeds"]
+    torch.testing.assert_close(inputs["prompt_embeds"], embeds.repeat(1, BLOCKS, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs["pooled_prompt_embeds"], pooled, rtol=0, atol=1e-6)
+    with_identifier = module.prompt_embeddings(["a photo of a person <A>"], module.identifier.initial)
+    word, word_pooled, _ = pipe.encode_prompt("a photo of a person standing", None, device="cpu")
+    torch.testing.assert_close(with_identifier["prompt_embeds"], word.repeat(1, BLOCKS, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_identifier["pooled_prompt_embeds"], word_pooled, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_row_b_t5_part_reaches_only_chunk_b_and_the_middle_rows_clip_part_only_the_pooled_vector(flux_module):
+    module = flux_module()
+    family = module.family
+    ids = family.tokenize(["a photo of a person <A>"])
+    table = module.identifier.embedding.detach().clone()
+    base, base_pooled = family.encode_text(ids, table[None], BLOCKS)
+    assert base.shape == (1, BLOCKS * S, D3) and base_pooled.shape == (1, D1)
+    for block in range(BLOCKS):
+        for part, (start, stop) in enumerate([(0, D1), (D1, D1 + D3)]):
+            perturbed = table.clone()
+            perturbed[block, start:stop] += 1.0
+            context, pooled = family.encode_text(ids, perturbed[None], BLOCKS)
+            changed = [b for b in range(BLOCKS) if not torch.equal(context[:, b * S:(b + 1) * S],
+                                                                   base[:, b * S:(b + 1) * S])]
+            assert changed == ([] if part == 0 else [block]), (block, part)
+            assert torch.equal(pooled, base_pooled) != (part == 0 and block == family.pooled_layer), (block, part)
+
+
+def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(flux_module, tiny_data):
+    """Every block's row equal: the training forward (B equal T5 chunks through the block-wise hooks, the
+    pooled vector from the same row) is the stock FLUX forward on ONE plain encoding, bit for bit."""
+    batch = _batch(tiny_data, with_partners=False)
+    pplus = flux_module(mask_threshold=1.0, cache_latents=False)
+    ti = flux_module(mask_threshold=1.0, layerwise=False, cache_latents=False)
+    calls = []
+    hook = pplus.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args, dict(kwargs), output.sample)), with_kwargs=True)
+    with torch.no_grad():
+        vector = torch.randn(D1 + D3, generator=torch.Generator().manual_seed(0))
+        pplus.identifier.embedding.copy_(vector.expand(BLOCKS, -1))
+        ti.identifier.embedding.copy_(vector[None])
+        _, per_pplus = pplus.compute_loss(batch, draw_step=0)
+        _, per_ti = ti.compute_loss(batch, draw_step=0)
+        hook.remove()
+        ((args, kwargs, routed),) = calls
+        chunks = kwargs["encoder_hidden_states"].split(S, dim=1)
+        assert len(chunks) == BLOCKS and all(torch.equal(chunk, chunks[0]) for chunk in chunks)
+        assert kwargs["guidance"].tolist() == [3.5] * args[0].shape[0]
+        plain = pplus.transformer(*args, **{**kwargs, "encoder_hidden_states": chunks[0]}).sample
+    assert torch.equal(routed, plain)
+    torch.testing.assert_close(per_pplus, per_ti, rtol=1e-5, atol=0)
+
+
+def test_the_flow_matching_objective_with_the_dynamic_shift_drives_the_loss(flux_module, tiny_data):
+    """Packed noisy latents, timestep = sigma (not sigma * 1000), sigma shifted by exp(mu) of the packed
+    image's 8*8 tokens, and the velocity target unpacked."""
+    import math
+
+    from adi_lightning import flow_matching
+
+    module = flux_module(mask_threshold=1.0, cache_latents=False, timestep_sampling="logit_normal")
+    batch = _batch(tiny_data, with_partners=False, batch_size=1)
+    seen = {}
+    hook = module.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(noisy=args[0], timestep=kwargs["timestep"], img_ids=kwargs["img_ids"]),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            module.compute_loss(batch, draw_step=4)
+    finally:
+        hook.remove()
+    latents = module._latents(batch, batch["pixel_values"])
+    assert latents.shape[1:] == (16, 16, 16)
+    shift = math.exp(flow_matching.dynamic_shift_mu(64))
+    noise, sigmas = flow_matching.keyed_noise_and_sigmas(batch["key"].tolist(), 4, 1, latents, "logit_normal", shift)
+    assert torch.equal(seen["timestep"], sigmas)
+    assert torch.equal(seen["noisy"], pack_latents(flow_matching.flow_noisy_latents(latents, noise, sigmas)))
+    assert torch.equal(seen["img_ids"], latent_image_ids(16, 16))
+
+
+def test_latents_use_the_vae_shift_factor(flux_module):
+    family = flux_module().family
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mode = family.vae.encode(pixels).latent_dist.mode()
+    config = family.vae.config
+    assert config.shift_factor != 0
+    assert torch.equal(family.encode_images(pixels), (mode - config.shift_factor) * config.scaling_factor)
+
+
+def test_per_sample_gradients_under_masking_equal_per_sample_autograd(flux_module, tiny_data):
+    batch = _batch(tiny_data)
+    module = flux_module(mask_threshold=0.5, cache_latents=False)
+    loss, per_sample = module.compute_loss(batch)
+    table = module.identifier.embedding
+    expected = torch.stack([torch.autograd.grad(l, table, retain_graph=True)[0] for l in per_sample])
+    module.pop_role_grads()
+    loss.backward()
+    recorded = torch.cat(module.pop_role_grads())
+    assert recorded.shape == (2, 3, BLOCKS, D1 + D3)
+    assert (recorded.flatten(0, 1) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert not torch.allclose(recorded[:, 0], recorded[:, 2])
+    clip, t5 = module.family.split_rows(expected.abs().sum(0))
+    assert (t5.sum(-1) > 0).all()  # every block's T5 part trains
+    assert [bool(v > 0) for v in clip.sum(-1)] == [b == module.family.pooled_layer for b in range(BLOCKS)]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["adi", "pplus", "ti"])
+def test_a_few_training_steps_change_only_the_identifier(method, flux_module, tiny_data, tmp_path):
+    settings = {"adi": dict(mask_threshold=0.0), "pplus": dict(mask_threshold=1.0),
+                "ti": dict(mask_threshold=1.0, layerwise=False)}[method]
+    module = flux_module(learning_rate=0.05, **settings)
+    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not name.startswith("identifier.")}
+    start = module.identifier.embedding.detach().clone()
+    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=2,
+                                with_partners=method == "adi")
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        limit_val_batches=0)
+    trainer.fit(module, dm)
+    after = module.identifier.embedding.detach()
+    assert after.shape == (1 if method == "ti" else BLOCKS, D1 + D3) and not torch.equal(after, start)
+    assert torch.isfinite(after).all()
+    assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if name in frozen)
+    assert (tmp_path / "identifier.safetensors").is_file()
+
+
+@torch.no_grad()
+def test_generate_and_install_identifier_draw_the_same_images_and_remove_restores_exactly(
+        flux_folder, flux_module, tmp_path):
+    """module.generate (the stock FluxPipeline with block-wise prompt_embeds) and install_identifier on a
+    stock FluxPipeline (its encode_prompt shadowed) draw the same images; removing it restores the stock
+    pipeline's images bit for bit."""
+    module = flux_module(image_size=32)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
+                                                     generator=torch.Generator().manual_seed(0)))
+    path = module.save_identifier(tmp_path / "rows.safetensors")
+    prompt = "a photo of a cat <A>"
+    ours = module.generate([prompt], [1])
+    assert ours[0].size == (32, 32)
+    pipe = _stock(flux_folder)
+    kwargs = dict(num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="np")
+    before = pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    adi_lightning.install_identifier(pipe, path)
+    installed = pipe(prompt, generator=torch.Generator().manual_seed(1), **kwargs).images
+    installed_pil = pipe(prompt, generator=torch.Generator().manual_seed(1), **{**kwargs, "output_type": "pil"})
+    assert np.array_equal(np.asarray(installed_pil.images[0]), np.asarray(ours[0]))
+    plain_installed = pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    np.testing.assert_allclose(plain_installed, before, rtol=0, atol=1e-6)  # no placeholder: TI-equal chunks
+    assert not np.allclose(installed, before, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt_2 differs from prompt"):
+        pipe(prompt, prompt_2="a dog", generator=torch.Generator().manual_seed(1), **kwargs)
+    adi_lightning.remove_identifier(pipe)
+    assert "encode_prompt" not in pipe.__dict__ and blockwise_block_to_row(pipe.transformer) is None
+    assert np.array_equal(pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images,
+                          before)
+
+
+def _flux_identifier(flux_module, path, **settings):
+    module = flux_module(**settings)
+    with torch.no_grad():
+        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
+                                                     generator=torch.Generator().manual_seed(0)))
+    return module.save_identifier(path), module.identifier.embedding.detach().clone()
+
+
+@torch.no_grad()
+def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(flux_folder, flux_module, tmp_path,
+                                                                               capsys):
+    """--format flux writes a one-row FLUX identifier as clip_l + t5xxl, exactly its row split by text
+    encoder; each key set into its stock encoder's token embedding draws, in the stock FluxPipeline,
+    exactly what install_identifier draws."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from adi_lightning.export import WRITTEN_BY, main as export_main
+
+    path, table = _flux_identifier(flux_module, tmp_path / "ti.safetensors", layerwise=False)
+    out = tmp_path / "corgi_jump.safetensors"
+    assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out)]) == 0
+    assert "lossless" in capsys.readouterr().out
+    parts = load_file(str(out))
+    assert sorted(parts) == ["clip_l", "t5xxl"]
+    assert torch.equal(torch.cat([parts["clip_l"], parts["t5xxl"]], dim=-1), table)
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["written_by"] == WRITTEN_BY and meta["method"] == "lossless" and meta["token"] == "<A>"
+
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=32, width=32, output_type="np")
+    installed = _stock(flux_folder)
+    adi_lightning.install_identifier(installed, path)
+    expected = installed("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    stock = _stock(flux_folder)
+    for key, tokenizer, encoder in zip(["clip_l", "t5xxl"], [stock.tokenizer, stock.tokenizer_2],
+                                       [stock.text_encoder, stock.text_encoder_2]):
+        tokenizer.add_tokens(["<A>"])
+        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<A>")] = parts[key][0]
+    drawn = stock("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.array_equal(drawn, expected)
+
+
+def test_a_block_wise_flux_identifier_is_refused_by_name_and_the_formats_refuse_other_families(
+        flux_module, make_module, tmp_path):
+    from adi_lightning.export import export_identifier
+
+    rows, _ = _flux_identifier(flux_module, tmp_path / "rows.safetensors")
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match=r"block-wise FLUX identifier \(4 different rows\): --format flux writes "
+                                         r"one-row .* distillation does not run on FLUX yet"):
+        export_identifier(rows, out, "flux")
+    flux_file, _ = _flux_identifier(flux_module, tmp_path / "flux.safetensors", layerwise=False)
+    for fmt in ("ti", "webui", "sdxl", "sd3"):
+        with pytest.raises(ValueError, match=r"flux\.safetensors was trained on a flux backbone: .*--format flux"):
+            export_identifier(flux_file, out, fmt)
+    sd_file = make_module(layerwise=False).save_identifier(tmp_path / "sd.safetensors")
+    with pytest.raises(ValueError, match=r"--format flux needs a FLUX identifier; .*sd\.safetensors was trained on a "
+                                         r"sd backbone: use --format ti or webui"):
+        export_identifier(sd_file, out, "flux")
+    assert not out.exists()
