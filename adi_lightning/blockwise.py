@@ -83,8 +83,6 @@ def stream_blocks(transformer: nn.Module) -> list[str]:
                      "FluxSingleTransformerBlock (FluxTransformer2DModel)")
 
 
-#: SD3's name for :func:`stream_blocks` (its stream blocks are all joint blocks).
-joint_blocks = stream_blocks
 
 
 def group_blocks(num_blocks: int, rows: int) -> torch.Tensor:

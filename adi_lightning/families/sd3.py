@@ -37,7 +37,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from adi_lightning.blockwise import install_blockwise_routing, joint_blocks, remove_blockwise_routing
+from adi_lightning.blockwise import install_blockwise_routing, remove_blockwise_routing, stream_blocks
 from adi_lightning.conditioning import call_with_rows, count_layers, layer_rows, spread_over_layers
 from adi_lightning.families.base import BackboneFamily, Features
 from adi_lightning.families.sdxl import pooled_layer_index
@@ -100,8 +100,8 @@ class StableDiffusion3Family(BackboneFamily):
 
     # ---------------------------------------------------------------- denoiser
     def identifier_layers(self) -> list[str]:
-        """The joint blocks, ``transformer_blocks.<b>`` (:func:`~adi_lightning.blockwise.joint_blocks`)."""
-        return joint_blocks(self.denoiser)
+        """The joint blocks, ``transformer_blocks.<b>`` (:func:`~adi_lightning.blockwise.stream_blocks`)."""
+        return stream_blocks(self.denoiser)
 
     def group_identifier_layers(self, layer_paths: list[str], row_groups: str) -> torch.Tensor:
         """``layer``: one row per joint block; ``attention``: the same (a joint block is one attention
