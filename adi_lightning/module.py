@@ -68,14 +68,16 @@ class ADIModule(L.LightningModule):
         mask_threshold: β in [0, 1], the strength of the disentangling, from the full update at 0 (or a small
             quantile) to P+ at 1.0, which turns masking off (then no triples are drawn and only the target action's
             images are needed; below 1.0 every step draws triples with action-different partners). Under
-            ``projection`` and ``sign`` the update is ``β·g + (1 − β)·U(g)`` (``U`` the statistic's update; 0, the
+            ``projection``, ``change_basis`` and ``sign`` the update is ``β·g + (1 − β)·U(g)`` (``U`` the statistic's update; 0, the
             default, is ``U`` alone); under ``absolute`` and ``relative`` β in (0, 1] is the per-row quantile of
             channels each test keeps (:func:`adi_lightning.masking.triple_updates`).
         mask_combine: How the context test and the action test combine into the mask.
         mask_statistic: How each test scores a channel's change between two role gradients (:mod:`adi_lightning.
             masking`): ``absolute`` ``|g_a - g_x|`` (the paper read literally; selects small gradients), ``relative``
             ``|g_a - g_x| / (|g_a| + |g_x|)`` (scale-free), ``sign`` (sign agreement) or ``projection`` (default,
-            measured best on the toy world, docs/report.md: directions, not channels; :func:`adi_lightning.masking.project_update`).
+            measured best on the toy world, docs/report.md: directions, not channels; :func:`adi_lightning.masking.project_update`)
+            or ``change_basis`` (the two tests per axis of a basis that follows the changes; :func:`adi_lightning.masking.
+            change_basis_update`).
         update_from: Whose gradient passes through the mask: the anchor's, or the mean of the anchor's and the
             context-different sample's.
         learning_rate: AdamW learning rate of the identifier.
