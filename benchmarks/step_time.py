@@ -273,13 +273,17 @@ def sd3_step_flops(pipeline: str, resolution: int, images: int, rows: int, text_
     transformer (forward + backward, :func:`frozen_train_flops`) and ``images * rows`` prompt encodings'
     backward through every text encoder, of which ``text_forwards`` run forward (ADI's shared text encoding:
     one per triple). Block-wise routing projects one context chunk per joint block."""
+    from adi_lightning.families.sd3 import MAX_SEQUENCE_LENGTH
+
     folder = Path(pipeline)
     config = json.loads((folder / "transformer" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
     side = resolution // 2 ** (len(vae["block_out_channels"]) - 1) // config["patch_size"]
-    text_tokens = 77 + 256  # adi_lightning.families.sd3: 77 CLIP tokens, then 256 T5 tokens (or zeros)
+    clip = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    # StableDiffusion3Family's encoding: the CLIP tokens, then MAX_SEQUENCE_LENGTH T5 tokens (or zeros).
+    text_tokens = clip + MAX_SEQUENCE_LENGTH
     flops = images * frozen_train_flops(*mmdit_forward_flops(config, side * side, text_tokens, config["num_layers"]))
-    for part, tokens in (("text_encoder", 77), ("text_encoder_2", 77), ("text_encoder_3", 256)):
+    for part, tokens in (("text_encoder", clip), ("text_encoder_2", clip), ("text_encoder_3", MAX_SEQUENCE_LENGTH)):
         if (folder / part / "config.json").is_file():
             linear, attention = text_encoder_forward_flops(json.loads((folder / part / "config.json").read_text()),
                                                            tokens)
@@ -428,7 +432,8 @@ def _prepare(args, work: Path) -> list[tuple[str, str | None, str]]:
     ``--allow-cpu-real-size``."""
     shaped = [flag for flag in ("sdxl_shaped", "sd15_shaped", "sd3_shaped") if getattr(args, flag)]
     if args.sdxl_shaped and len(shaped) > 1:
-        raise SystemExit("--sdxl-shaped compares row groupings on its own; give no --sd15-shaped / --sd3-shaped with it")
+        raise SystemExit("--sdxl-shaped compares row groupings on its own; "
+                         "give no --sd15-shaped / --sd3-shaped with it")
     if args.pipeline and shaped:
         raise SystemExit(f"--{shaped[0].replace('_', '-')} builds its own pipeline; give --pipeline or a shaped "
                          "pipeline, not both")
@@ -557,7 +562,7 @@ def _report(args, kind: str, title: str | None, pipeline: str, resolution: int, 
             tflop = sd3_step_flops(pipeline, resolution, images, rows, forwards) / 1e12
             mfu = (f"-> {tflop / medians[method] / H100_BF16_TFLOPS:.1%} of {H100_BF16_TFLOPS:.0f} TFLOP/s "
                    "(H100 bf16 dense)" if args.device == "cuda" else "(MFU on --device cuda only)")
-            print(f"MMDiT FLOPs estimate {method_spec(method)[2]}: {tflop:.4g} TFLOP/step {mfu}")
+            print(f"FLOPs estimate (MMDiT + text encoders) {method_spec(method)[2]}: {tflop:.4g} TFLOP/step {mfu}")
     return medians
 
 
@@ -666,8 +671,9 @@ def main(argv=None) -> None:
         if index == 0 and pairs:
             ratio = medians[pairs[0][0]] / medians[pairs[0][1]]
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": next(iter(all_results.values()))["results"],
-                                               "pipelines": all_results}, indent=1))
+        first = next(iter(all_results.values()))["results"]
+        record = {"args": vars(args), "results": first, "pipelines": all_results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     print(f"adi_over_pplus_step_time={ratio:.4f}")
 
 
