@@ -464,7 +464,9 @@ def _prepare(args, work: Path) -> list[tuple[str, str | None, str]]:
         print(f"# building an SD3-Medium-shaped random-weight pipeline ({'with' if args.sd3_t5 else 'no'} T5) in "
               f"{out} ...", flush=True)
         path = str(build_sd3_shaped(out, args.sd3_t5))
-        pipelines.append(("sd3", "SD3-Medium-shaped MMDiT 24 joint blocks x 1536, "
+        mmdit = json.loads((Path(path) / "transformer" / "config.json").read_text())
+        width = mmdit["num_attention_heads"] * mmdit["attention_head_dim"]
+        pipelines.append(("sd3", f"SD3-Medium-shaped MMDiT {mmdit['num_layers']} joint blocks x {width}, "
                                  f"{describe_text_encoders(path)}{'' if args.sd3_t5 else ', no T5 (zeros)'}", path))
     if pipelines:
         args.pipeline = pipelines[0][2]
@@ -650,11 +652,11 @@ def main(argv=None) -> None:
         print()
         print("side by side, step median s (images per step are equal within a method):")
         names = [f"{title.split(' ')[0]} @ {resolution}px" for title, resolution, _, _ in runs]
-        print(f"{'method':<28}" + "".join(f"{name:>24}" for name in names) + f"{'ratio (2nd/1st)':>18}")
+        print(f"{'method':<28}" + "".join(f"{name:>26}" for name in names) + f"{'ratio (2nd/1st)':>18}")
         for method in runs[0][2]:
             times = [medians.get(method) for _, _, _, medians in runs]
             ratio = times[1] / times[0] if None not in times[:2] else float("nan")
-            print(f"{method_spec(method)[2]:<28}" + "".join(f"{t:>24.4f}" for t in times) + f"{ratio:>18.3f}")
+            print(f"{method_spec(method)[2]:<28}" + "".join(f"{t:>26.4f}" for t in times) + f"{ratio:>18.3f}")
     ratio = float("nan")
     for index, (name, _, methods, medians) in enumerate(runs):
         suffixes = [m.partition(":")[1:] for m in methods if m.startswith("adi:")] or [("", "")]
