@@ -77,8 +77,9 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, pro
 
 
 def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0.18215, latent_channels: int = 4,
-         **config):
-    """A random ``AutoencoderKL``; ``config`` adds its other settings (SD3: ``shift_factor``, no quant convs)."""
+         layers_per_block: int = 1, norm_num_groups: int | None = None, **config):
+    """A random ``AutoencoderKL`` (``norm_num_groups`` defaults to the narrowest block's width); ``config``
+    adds its other settings (SD3: ``shift_factor``, no quant convs)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -89,9 +90,9 @@ def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         latent_channels=latent_channels,
-        norm_num_groups=min(block_out_channels),
+        norm_num_groups=norm_num_groups or min(block_out_channels),
         sample_size=32,
         scaling_factor=scaling_factor,
         **config,

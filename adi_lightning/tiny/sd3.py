@@ -41,19 +41,21 @@ SD3_LATENT_CHANNELS = 16
 SD3_SHIFT = 3.0
 
 
-def _t5_encoder(tokenizer, width: int, layers: int, heads: int, seed: int):
-    """A random ``T5EncoderModel`` shaped as T5 v1.1 (gated-GELU MLP, untied embeddings), SD3's T5-XXL."""
+def _t5_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, ff: int | None = None,
+                buckets: tuple[int, int] = (8, 32)):
+    """A random ``T5EncoderModel`` shaped as T5 v1.1 (gated-GELU MLP ``ff`` wide, default ``2 * width``, untied
+    embeddings), SD3's T5-XXL; ``buckets``: relative attention buckets and their maximum distance."""
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=width,
         d_kv=width // heads,
-        d_ff=width * 2,
+        d_ff=ff or width * 2,
         num_layers=layers,
         num_heads=heads,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        relative_attention_num_buckets=buckets[0],
+        relative_attention_max_distance=buckets[1],
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -79,11 +81,17 @@ def build_tiny_sd3_pipeline(
     dual_attention_layers: Sequence[int] = (),
     qk_norm: str | None = None,
     vae_channels: Sequence[int] = (16, 32),
-    text_layers: int = 2,
-    text_heads: int = 4,
+    text_layers: int | tuple[int, int] = 2,
+    text_heads: int | tuple[int, int] = 4,
+    text_acts: tuple[str, str] = ("quick_gelu", "gelu"),
     t5_layers: int = 2,
     t5_heads: int = 4,
+    t5_ff: int | None = None,
+    t5_buckets: tuple[int, int] = (8, 32),
     shift: float = SD3_SHIFT,
+    pos_embed_max_size: int | None = None,
+    vae_layers_per_block: int = 1,
+    vae_norm_groups: int | None = None,
 ) -> Path:
     """Build and ``save_pretrained`` a tiny SD3-shaped pipeline folder (safetensors); return its path.
 
@@ -94,6 +102,11 @@ def build_tiny_sd3_pipeline(
     channels 80, zero-padded to 96), pooled 24 + 40 = 64, MMDiT width 2 x 10 = 20, all distinct so a
     mix-up fails on a shape (real SD3: projection width = CLIP width). SD3.5-Medium-like blocks:
     ``dual_attention_layers=(0, 1), qk_norm="rms_norm"``. ValueError for widths that do not fit.
+
+    ``text_layers`` / ``text_heads`` are one value for both CLIPs or one per CLIP; with ``t5_ff`` (T5's
+    gated MLP width, default ``2 * t5_width``), ``t5_buckets``, ``pos_embed_max_size`` (default: twice the
+    latent, in patches), ``vae_layers_per_block`` and ``vae_norm_groups`` (default: the narrowest VAE block)
+    the same function builds SD3-Medium's shapes at real size (``benchmarks/step_time.py --sd3-shaped``).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -112,11 +125,14 @@ def build_tiny_sd3_pipeline(
     tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
     tokenizer_2.pad_token = "!"  # OpenCLIP bigG pads with "!" (SDXL's and SD3's tokenizer_2)
     tokenizer_3 = build_t5_tokenizer(words, out / "tokenizer_3") if with_t5 else None
+    layers, heads = ((v, v) if isinstance(v, int) else tuple(v) for v in (text_layers, text_heads))
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        text_encoder = _text_encoder(tokenizer, text_widths[0], text_layers, text_heads, seed, projection_dims[0])
-        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], text_layers, text_heads, seed + 1,
-                                       projection_dims[1], hidden_act="gelu")
+        text_encoder = _text_encoder(tokenizer, text_widths[0], layers[0], heads[0], seed, projection_dims[0],
+                                     hidden_act=text_acts[0])
+        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], layers[1], heads[1], seed + 1,
+                                       projection_dims[1], hidden_act=text_acts[1])
         vae = _vae(vae_channels, seed + 2, scaling_factor=SD3_VAE_SCALING, latent_channels=SD3_LATENT_CHANNELS,
+                   layers_per_block=vae_layers_per_block, norm_num_groups=vae_norm_groups,
                    shift_factor=SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
         torch.manual_seed(seed + 3)
         transformer = SD3Transformer2DModel(
@@ -130,11 +146,12 @@ def build_tiny_sd3_pipeline(
             joint_attention_dim=t5_width,
             caption_projection_dim=attention_heads * attention_head_dim,  # the text stream's width = the image's
             pooled_projection_dim=sum(projection_dims),
-            pos_embed_max_size=2 * latent // patch,  # images up to twice sample_size
+            pos_embed_max_size=pos_embed_max_size or 2 * latent // patch,  # default: images up to twice sample_size
             dual_attention_layers=tuple(dual_attention_layers),
             qk_norm=qk_norm,
         ).eval()
-        text_encoder_3 = _t5_encoder(tokenizer_3, t5_width, t5_layers, t5_heads, seed + 4) if with_t5 else None
+        text_encoder_3 = (_t5_encoder(tokenizer_3, t5_width, t5_layers, t5_heads, seed + 4, t5_ff, t5_buckets)
+                          if with_t5 else None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
