@@ -343,8 +343,11 @@ PER_RUN_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak
 
 
 def markdown_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[str], cell) -> str:
-    """``format_table``'s table as Markdown: a bold title line, one column per method (or β), a row per metric."""
-    lines = [f"**{title}**", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    """``format_table``'s table as Markdown: a bold title line, one column per method (or β), the number of runs
+    (paired tables: pairs) each column has so far, then a row per metric."""
+    lines = [f"**{title}**", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|",
+             "| runs (pairs) | " + " | ".join(str(max([v.get("n", 0) for v in col.values()], default=0))
+                                          for col in columns.values()) + " |"]
     lines += ["| " + " | ".join([m, *(cell(col[m]) if m in col and not math.isnan(col[m]["mean"]) else "-"
                                       for col in columns.values())]) + " |" for m in metrics]
     return "\n".join(lines)
