@@ -44,9 +44,9 @@ MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi", "adi_channel")
 ABLATIONS = ("adi_no_layerwise", "adi_context_only", "adi_action_only")
 FOLDERS = TOY_DIFFICULTIES
 COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_channel", "pplus"))
-# β curves: the shipped default (β blends the raw gradient into the projection, 0 = full projection) and
-# the channel-mask preset (β is each test's per-row quantile, > 0); 1.0 is P+ for both.
-CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)}
+# β curves: the shipped default and the channel-mask preset (under both, β blends the raw gradient into the
+# statistic's update, 0 = the update alone); 1.0 is P+ for both.
+CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
 # Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
 # seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
 EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
@@ -393,7 +393,7 @@ def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Pa
                 {m: points for m, points in lines.items() if points}, shown,
                 folder / f"curve_{action}_{args.curve_folder}.png",
                 f"β curve: {action}, {args.curve_folder}, seeds {args.curve_seeds} "
-                "(adi: blend weight; adi_channel: per-row quantile)"))
+                "(β: the raw gradient's weight in the blend)"))
     return written
 
 

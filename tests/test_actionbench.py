@@ -123,7 +123,7 @@ def test_json_safe_turns_nan_into_null():
 
 # ------------------------------------------------------------------ plan
 def test_default_plan_sizes_and_shared_runs():
-    plan = bench.make_plan(args(), preset_betas={"adi": 0.0, "adi_channel": 0.5})
+    plan = bench.make_plan(args(), preset_betas={"adi": 0.0, "adi_channel": 0.0})
     assert len(plan["main"]) == 6 * 3 * 3 * 2
     assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6 + 6
     runs = bench.unique_runs(plan)
@@ -137,13 +137,18 @@ def test_default_plan_sizes_and_shared_runs():
 
 
 def test_curve_betas_are_each_methods_unless_given():
-    assert bench.curve_betas(args(), "adi")[0] == 0.0 and bench.curve_betas(args(), "adi_channel")[0] == 0.1
+    assert bench.curve_betas(args(), "adi") == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0] == bench.curve_betas(args(), "adi_channel")
     assert bench.curve_betas(args(curve_betas=[0.5, 1.0]), "adi") == [0.5, 1.0]
     plan = bench.make_plan(args(curve_betas=[], curve_methods=["adi"]), preset_betas={"adi": 0.0})
     assert plan["curve"] == []
 
 
-def test_a_beta_the_channel_preset_refuses_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+def test_a_beta_a_presets_statistic_refuses_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    presets = tmp_path / "presets"  # a channel preset with a quantile statistic, where β = 0 keeps no channel
+    presets.mkdir()
+    (presets / "adi_channel.yaml").write_text("mask_statistic: relative\nmask_threshold: 0.5\n")
+    (presets / "toy.yaml").write_text((bench.PRESETS / "toy.yaml").read_text())
+    monkeypatch.setattr(bench, "PRESETS", presets)
     monkeypatch.setattr(sys, "argv", ["actionbench_toy.py", "--curve-methods", "adi_channel", "--curve-betas", "0",
                                       "1", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
@@ -318,11 +323,11 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
         "--curve-seeds", "3", "--curve-betas", "0.5", "1", "--out", str(tmp_path / "out"),
         "--data-dir", str(tmp_path / "data")])
     assert bench.main() == 0
-    # main: 3 methods x 2 actions; curves: adi at 0.5 (0.5 is adi_channel's preset run, 1.0 is P+'s run for both)
-    assert len(launched) == 6 + 2 and len(set(launched)) == len(launched)
+    # main: 3 methods x 2 actions; curves: adi and adi_channel at 0.5 (1.0 is P+'s run for both)
+    assert len(launched) == 6 + 2 + 2 and len(set(launched)) == len(launched)
     table = json.loads((tmp_path / "out" / "table.json").read_text())
     assert list(table["curve"]) == ["adi, jumping", "adi, kicking", "adi_channel, jumping", "adi_channel, kicking"]
-    assert table["curve"]["adi_channel, kicking"]["beta=0.5"]["action_acc"]["mean"] == pytest.approx(0.8)
+    assert table["curve"]["adi_channel, kicking"]["beta=0.5"]["action_acc"]["mean"] == pytest.approx(0.55)
     assert table["curve"]["adi, jumping"]["beta=1"]["action_acc"]["mean"] == pytest.approx(0.1)  # P+'s run
     assert "adi_channel-pplus" in table["paired"]
     for action in ("jumping", "kicking"):
@@ -330,7 +335,8 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
     markdown = (tmp_path / "out" / "table.md").read_text()
     assert "- **Tables written by**: `OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --methods pplus" in markdown
     assert "**curve (adi_channel, kicking, shared): over seeds [3]**" in markdown
-    assert "| action_acc | 0.800±0.000 | 0.100±0.000 |" in markdown  # adi_channel at β 0.5, P+ at 1.0
+    assert "| action_acc | 0.550±0.000 | 0.100±0.000 |" in markdown  # adi_channel at β 0.5, P+ at 1.0
     assert "| runs (pairs) | 1 | 1 |" in markdown
     runs = [line for line in markdown.splitlines() if line.startswith("| adi_channel | kicking |")]
-    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |"]
+    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |",
+                    "| adi_channel | kicking | shared | 3 | 0.5 | 0.55 | - | - | - | - | - | ? |"]

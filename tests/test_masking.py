@@ -211,22 +211,6 @@ def test_sign_beta_lets_the_dropped_channels_through_in_proportion():
         assert all(u in (0.0, g) for u, g in zip(update[0].tolist(), g_a[0].tolist()))
 
 
-def test_the_channel_preset_keeps_or_drops_whole_channels():
-    """configs/model/adi_channel.yaml is a per-channel keep/drop decision in the embedding's channel
-    basis: every channel of the update is the anchor's gradient or exactly 0, and some are dropped."""
-    from pathlib import Path
-
-    import yaml
-
-    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model" / "adi_channel.yaml").read_text())
-    assert preset["mask_statistic"] in ("absolute", "relative") and 0 < preset["mask_threshold"] < 1
-    grads = torch.stack([G_A, G_C, G_D]).unsqueeze(0)
-    update, masks, _ = masked_update(grads, preset["mask_threshold"], preset["mask_combine"], preset["update_from"],
-                                     preset["mask_statistic"])
-    assert torch.equal(update, torch.where(masks[0], G_A, torch.zeros_like(G_A)))
-    assert 0 < int(masks.sum()) < D
-
-
 # ------------------------------------------------------------------ change_basis: the channel tests in a rotated basis
 def _oblique_triple():
     """One row of D = 4 where the action change is NOT orthogonal to the context change, so that
@@ -285,3 +269,18 @@ def test_check_model_settings_refuses_or_under_change_basis_by_name():
     with pytest.raises(ValueError, match="model.mask_combine=or under model.mask_statistic=change_basis"):
         check_model_settings(0.0, "or", "change_basis", "anchor", "importance", 0.02, 0.01, 25)
     check_model_settings(1.0, "or", "change_basis", "anchor", "importance", 0.02, 0.01, 25)  # masking off: inert, not wrong
+
+
+def test_the_channel_preset_keeps_or_drops_whole_axes_of_its_basis():
+    """configs/model/adi_channel.yaml is a per-axis keep/drop decision in the basis of the triple's changes:
+    the update is the anchor gradient's coordinate on the kept axis u_a (here e1) and nothing else."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "model" / "adi_channel.yaml").read_text())
+    assert preset["mask_statistic"] == "change_basis" and preset["mask_threshold"] == 0.0
+    grads, g_a = _oblique_triple()
+    update = masked_update(grads, preset["mask_threshold"], preset["mask_combine"], preset["update_from"],
+                           preset["mask_statistic"]).update
+    assert torch.equal(update, torch.tensor([[0.0, float(g_a[1]), 0.0, 0.0]]))
