@@ -338,5 +338,5 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
     assert "| action_acc | 0.550±0.000 | 0.100±0.000 |" in markdown  # adi_channel at β 0.5, P+ at 1.0
     assert "| runs (pairs) | 1 | 1 |" in markdown
     runs = [line for line in markdown.splitlines() if line.startswith("| adi_channel | kicking |")]
-    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | ? |",
-                    "| adi_channel | kicking | shared | 3 | 0.5 | 0.55 | - | - | - | - | - | ? |"]
+    assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | - | ? |",
+                    "| adi_channel | kicking | shared | 3 | 0.5 | 0.55 | - | - | - | - | - | - | ? |"]
