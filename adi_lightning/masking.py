@@ -29,7 +29,7 @@ def check_threshold(threshold: float, statistic: str = "projection", key: str = 
     """Validate β for ``statistic``: a number in [0, 1]; 1.0 is masking off (P+) for every statistic.
 
     Under a quantile statistic (``absolute``, ``relative``) β is the share of channels each test keeps
-    and must be > 0; under ``sign`` and ``projection`` 0 is the statistic's full update (see
+    and must be > 0; under ``sign``, ``projection`` and ``change_basis`` 0 is the statistic's full update (see
     :func:`blend_with_gradient`). ValueError names ``key``.
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -123,6 +123,9 @@ def channel_mask(
         )
     if threshold >= 1.0:
         return torch.ones_like(g_anchor, dtype=torch.bool)
+    if statistic not in STATISTICS:
+        raise ValueError(f"model.mask_statistic={statistic} makes no channel mask in the embedding's channels below "
+                         "β = 1.0 (its update: triple_updates)")
     diff = STATISTICS[statistic]
     delta_c, delta_d = diff(g_anchor, g_context), diff(g_anchor, g_action)
     if statistic == "sign":
@@ -152,8 +155,9 @@ def triple_updates(
 
     - ``absolute``, ``relative`` (quantile statistics): each test keeps the β-quantile of a row's
       channels (:func:`channel_mask`); β in (0, 1]; ``update = mask ⊙ g``.
-    - ``projection``, ``sign`` (no quantile): ``update = β·g + (1 − β)·U(g)``
-      (:func:`blend_with_gradient`), ``U`` the statistic's full update (:func:`project_update`, or
+    - ``projection``, ``change_basis``, ``sign`` (no quantile): ``update = β·g + (1 − β)·U(g)``
+      (:func:`blend_with_gradient`), ``U`` the statistic's full update (:func:`project_update`,
+      :func:`change_basis_update`, or
       ``mask ⊙ g`` with the sign mask); β in [0, 1]; β = 0 is ``U`` itself (the shipped default).
 
     β = 1 is P+ for every statistic: ``update = g`` (and the model loads no triples at all).
@@ -258,8 +262,10 @@ def change_basis_update(g: torch.Tensor, context_change: torch.Tensor, action_ch
     keeps ``u_c`` and ``u_a``. ``or`` would keep every axis (P+) and is refused. An axis whose change
     is zero is left out of the basis (its coordinate is dropped). All tensors ``[N, L, D]``.
 
-    Same direction as :func:`project_update`'s ``and`` (both lie along ``u_a``), another length: the
-    coordinate ``g · u_a`` instead of ``(g · â) sin θ`` (θ the angle between the two changes).
+    On the same axis as :func:`project_update`'s ``and`` (both lie along ``u_a``), with another signed
+    length: the coordinate ``g · u_a`` instead of ``(g · â) sin θ`` (θ the angle between the two changes;
+    the two can differ in sign). An action change parallel to the context change up to rounding leaves a
+    residual above the tolerance whose direction is noise; no relative tolerance guards that case yet.
     """
     if combine == "or":
         raise ValueError("model.mask_combine=or under model.mask_statistic=change_basis keeps every axis (P+): "

@@ -446,6 +446,12 @@ def threshold_zero_under_a_quantile_statistic(data: Path, tmp: Path):
             "model.mask_threshold=0 under model.mask_statistic=relative would keep no channel")
 
 
+def or_under_change_basis(data: Path, tmp: Path):
+    """`mask_combine: or` under `mask_statistic: change_basis`"""
+    return ({"model.mask_statistic": "change_basis", "model.mask_combine": "or"},
+            "model.mask_combine=or under model.mask_statistic=change_basis keeps every axis of the basis (P+)")
+
+
 def masking_key_typed_with_masking_off(data: Path, tmp: Path):
     """a masking key typed with masking off (`--model.mask_threshold=1.0 --model.mask_combine=or`)"""
     return ({"model.mask_threshold": "1.0", "model.mask_combine": "or"},
@@ -488,6 +494,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
          predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context,
          threshold_zero_under_a_quantile_statistic,
+         or_under_change_basis,
          masking_key_typed_with_masking_off, start_steps_typed_without_multi_start,
          large_t_min_typed_without_a_large_t_phase, generate_key_typed_without_generated_partners]
 
