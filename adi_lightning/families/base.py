@@ -282,14 +282,19 @@ class BackboneFamily:
         into layer-wise features, with ``rows`` ``[R, D_index]`` its part of the identifier."""
         raise NotImplementedError
 
+    def _placeholder_tokenizers(self, token: str) -> tuple[dict, list, list[int]]:
+        """``(saved, tokenizers, ids)``: the pipeline's tokenizers and text encoders as they are (what
+        :meth:`remove_text` restores), a copy of each tokenizer with ``token`` added (the originals stay
+        untouched; all added before anything changes) and the placeholder id in each copy."""
+        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
+        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
+        return saved, tokenizers, [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+
     def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
         """Install the identifier ``rows`` ``[R, D]`` into ``self.pipe``'s text side: a copy of each
         tokenizer with ``token`` added, the overlay, and each text encoder replaced by
         :meth:`layerwise_text_encoder`. Returns what :meth:`remove_text` restores."""
-        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
-        # Copies: the originals are restored untouched on removal; all added before anything changes.
-        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
-        ids = [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+        saved, tokenizers, ids = self._placeholder_tokenizers(token)
         parts = zip(self.tokenizer_parts, tokenizers, ids, self.text_parts, self.split_rows(rows))
         for index, (tokenizer_name, tokenizer, placeholder_id, encoder_name, part_rows) in enumerate(parts):
             encoder = saved[encoder_name]

@@ -35,7 +35,6 @@ removing the attribute restores the stock method.
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -47,7 +46,7 @@ from adi_lightning.families.sd3 import group_stream_blocks
 from adi_lightning.families.sdxl import pooled_layer_index
 from adi_lightning.identifier import get_token_embedding, install_overlay
 from adi_lightning.objective import FlowMatchingObjective
-from adi_lightning.prompts import add_placeholder_token, check_identifier_prompts, tokenize
+from adi_lightning.prompts import check_identifier_prompts, tokenize
 
 #: T5 tokens of one encoding: ``FluxPipeline``'s default ``max_sequence_length``.
 MAX_SEQUENCE_LENGTH = 512
@@ -184,9 +183,7 @@ class FluxFamily(BackboneFamily):
     def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
         """A copy of each tokenizer with ``token``, the overlay in each text encoder, and the pipeline's
         ``encode_prompt`` shadowed by a block-wise one (see the module docstring)."""
-        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
-        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
-        ids = [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+        saved, tokenizers, ids = self._placeholder_tokenizers(token)
         for tokenizer_name, tokenizer, placeholder_id, encoder_name in zip(
                 self.tokenizer_parts, tokenizers, ids, self.text_parts):
             install_overlay(saved[encoder_name], placeholder_id)

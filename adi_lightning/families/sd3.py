@@ -31,7 +31,6 @@ stock method.
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -43,7 +42,7 @@ from adi_lightning.families.base import BackboneFamily, Features
 from adi_lightning.families.sdxl import pooled_layer_index
 from adi_lightning.identifier import get_token_embedding, install_overlay
 from adi_lightning.objective import FlowMatchingObjective
-from adi_lightning.prompts import add_placeholder_token, check_identifier_prompts, tokenize
+from adi_lightning.prompts import check_identifier_prompts, tokenize
 
 #: T5 tokens of one encoding: ``StableDiffusion3Pipeline``'s default ``max_sequence_length``.
 MAX_SEQUENCE_LENGTH = 256
@@ -198,9 +197,7 @@ class StableDiffusion3Family(BackboneFamily):
         ``encode_prompt`` shadowed by a block-wise one (see the module docstring). ``prompt_2`` /
         ``prompt_3`` other than ``prompt`` and ``clip_skip`` are refused (ValueError) for prompts the
         block-wise encoder makes."""
-        saved = {name: getattr(self.pipe, name) for name in (*self.tokenizer_parts, *self.text_parts)}
-        tokenizers = [copy.deepcopy(saved[name]) for name in self.tokenizer_parts]
-        ids = [add_placeholder_token(tokenizer, token) for tokenizer in tokenizers]
+        saved, tokenizers, ids = self._placeholder_tokenizers(token)
         for tokenizer_name, tokenizer, placeholder_id, encoder_name in zip(
                 self.tokenizer_parts, tokenizers, ids, self.text_parts):
             install_overlay(saved[encoder_name], placeholder_id)
