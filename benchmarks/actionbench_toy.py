@@ -51,18 +51,24 @@ CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.0, 0.2, 
 # seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
 EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
 EST_SCORE_S = 2.5  # one multi-start scoring (96 forward passes), two runs at once
+# --backbone: the model config layered under each method preset (it names the pipeline and its sampling
+# settings); toy = configs/model/toy.yaml, which every experiments/toy_<action>.yaml already uses.
+BACKBONES = ("toy", "toy_sd3")
+DEFAULT_BACKBONE = "toy"
 
 
 # ------------------------------------------------------------------ pure helpers (tested)
-def spec(method, action, folder, seed, steps, test_seeds, beta=None, starts=1) -> dict:
-    return {"method": method, "action": action, "folder": folder, "seed": seed, "steps": steps,
-            "test_seeds": test_seeds, "beta": beta, "starts": starts}
+def spec(method, action, folder, seed, steps, test_seeds, beta=None, starts=1, backbone=DEFAULT_BACKBONE) -> dict:
+    s = {"method": method, "action": action, "folder": folder, "seed": seed, "steps": steps,
+         "test_seeds": test_seeds, "beta": beta, "starts": starts}
+    return s if backbone == DEFAULT_BACKBONE else {**s, "backbone": backbone}  # older records name no backbone
 
 
 def run_key(s: dict) -> str:
     beta = "" if s["beta"] is None else f"-beta{s['beta']:g}".replace(".", "p")  # no dot: keys get suffixes
     starts = "" if s.get("starts", 1) == 1 else f"-{s['starts']}starts"
-    return f"{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-{s['test_seeds']}ts{beta}"
+    backbone = "" if s.get("backbone", DEFAULT_BACKBONE) == DEFAULT_BACKBONE else f"{s['backbone']}-"
+    return f"{backbone}{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-{s['test_seeds']}ts{beta}"
 
 
 def curve_betas(args, method: str) -> list[float]:
@@ -73,16 +79,17 @@ def curve_betas(args, method: str) -> list[float]:
 def make_plan(args, preset_betas: dict[str, float]) -> dict[str, list]:
     """The runs of each part: main, ablations (with ADI beside them), curve ((method, action, beta, spec)
     tuples; a β equal to the method's preset is the preset's own run, and β = 1.0 is P+'s run)."""
-    starts = getattr(args, "starts", 1)
-    main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts)
+    starts, backbone = getattr(args, "starts", 1), getattr(args, "backbone", DEFAULT_BACKBONE)
+    main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts, backbone=backbone)
             for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
-    ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds, starts=starts)
+    ablations = [spec(m, args.ablation_action, args.ablation_folder, s, args.steps, args.test_seeds, starts=starts,
+                      backbone=backbone)
                  for s in args.seeds for m in ("adi", *args.ablations)] if args.ablations else []
     def point(m, a, b, s):  # β = 1.0 is P+ bit for bit under every statistic (tests/test_threshold.py): P+'s run
         if b == 1.0:
-            return spec("pplus", a, args.curve_folder, s, args.steps, args.test_seeds, None, starts)
+            return spec("pplus", a, args.curve_folder, s, args.steps, args.test_seeds, None, starts, backbone)
         return spec(m, a, args.curve_folder, s, args.steps, args.test_seeds, None if b == preset_betas.get(m) else b,
-                    starts)
+                    starts, backbone)
 
     curve = [(m, a, b, point(m, a, b, s)) for m in args.curve_methods for a in args.curve_actions
              for b in curve_betas(args, m) for s in args.curve_seeds]
@@ -204,15 +211,13 @@ def json_safe(obj):  # NaN -> null (strict JSON)
 
 
 # ------------------------------------------------------------------ one run (in the subprocess)
-def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
-            keep: Path | None = None) -> dict[str, float]:
-    """fit (except ``init``) then test one identifier in this process; returns the test metrics the
-    test stage wrote (NaN where it wrote none), and copies its CSV and grid to ``keep``.csv / .png."""
-    from adi_lightning.cli import RUN_DIR_ENV, ADICLI
-
-    os.environ.pop(RUN_DIR_ENV, None)
+def cli_args(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
+             backbone: str = DEFAULT_BACKBONE) -> list[str]:
+    """The LightningCLI arguments of one run: the action's experiment, the backbone config (when not the
+    experiment's own), the method preset, then the benchmark's overrides; later ones win."""
     args = [
         "--config", str(REPO / "experiments" / f"toy_{action}.yaml"),
+        *([] if backbone == DEFAULT_BACKBONE else ["--model", str(PRESETS / f"{backbone}.yaml")]),
         "--model", str(PRESETS / f"{PRESET_OF.get(method, method)}.yaml"),
         f"--seed_everything={seed}", f"--data.seed={seed}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=0",
@@ -222,6 +227,17 @@ def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, ro
     ]
     if method == "init":  # test refuses the untrained identifier unless asked for it by name
         args.append("--model.identifier_path=untrained")
+    return args
+
+
+def run_one(action: str, method: str, seed: int, steps: int, test_seeds: int, root: Path, extra: list[str],
+            keep: Path | None = None, backbone: str = DEFAULT_BACKBONE) -> dict[str, float]:
+    """fit (except ``init``) then test one identifier in this process; returns the test metrics the
+    test stage wrote (NaN where it wrote none), and copies its CSV and grid to ``keep``.csv / .png."""
+    from adi_lightning.cli import RUN_DIR_ENV, ADICLI
+
+    os.environ.pop(RUN_DIR_ENV, None)
+    args = cli_args(action, method, seed, steps, test_seeds, root, extra, backbone)
     with mock.patch.object(sys, "argv", sys.argv[:1]):  # the benchmark's own flags are not the CLI's
         cli = ADICLI(args=args, run=False)
     if method != "init":
@@ -253,7 +269,7 @@ def worker(payload: str) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="actionbench-") as tmp:
         metrics = run_one(s["action"], s["method"], s["seed"], s["steps"], s["test_seeds"], Path(tmp), extra,
-                          keep=result.with_suffix(""))
+                          keep=result.with_suffix(""), backbone=s.get("backbone", DEFAULT_BACKBONE))
     atomic_write_json(result, json_safe({"spec": s, "metrics": metrics, "wall_s": round(time.time() - started, 1),
                                          "git": git_revision(REPO), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return 0
@@ -406,7 +422,10 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5], help="seed_everything and data.seed")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps per identifier, the starts included (default: configs/trainer/toy.yaml's)")
-    p.add_argument("--starts", type=int, default=None, help="model.starts (default: configs/model/toy.yaml's)")
+    p.add_argument("--starts", type=int, default=None, help="model.starts (default: the backbone config's)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES,
+                   help="configs/model/<backbone>.yaml under each method preset: toy (the UNet, default) or toy_sd3 "
+                        "(the toy MMDiT; build it first: python -m adi_lightning.toy pretrain-sd3)")
     p.add_argument("--test-seeds", type=int, default=4, help="test images per unseen subject")
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=ABLATIONS, help="empty: skip")
     p.add_argument("--ablation-action", default="jumping", choices=ACTIONS)
@@ -436,7 +455,7 @@ def main() -> int:
 
     if args.steps is None:
         args.steps = yaml.safe_load((REPO / "configs" / "trainer" / "toy.yaml").read_text())["max_steps"]
-    toy_model = yaml.safe_load((PRESETS / "toy.yaml").read_text())
+    toy_model = yaml.safe_load((PRESETS / f"{args.backbone}.yaml").read_text())
     if args.starts is None:
         args.starts = toy_model.get("starts", 1)
     from adi_lightning.checks import check_starts_leave_steps
@@ -444,8 +463,14 @@ def main() -> int:
     try:  # the rule every run would refuse at setup, checked once before launching them
         check_starts_leave_steps(args.starts, toy_model.get("start_steps", 100), args.steps)
     except ValueError as error:
-        p.error(f"--steps {args.steps} / --starts {args.starts} (configs/model/toy.yaml's start_steps): {error}")
-    default_out = REPO / (".cache/actionbench_toy/quick" if args.quick else "benchmarks/results/actionbench_toy_v2")
+        p.error(f"--steps {args.steps} / --starts {args.starts} (configs/model/{args.backbone}.yaml's start_steps): "
+                f"{error}")
+    if not (REPO / toy_model["pretrained_model_name_or_path"]).is_dir():
+        p.error(f"--backbone {args.backbone}: {toy_model['pretrained_model_name_or_path']} is not built "
+                f"(configs/model/{args.backbone}.yaml; docs/method.md says how to build it)")
+    suffix = "" if args.backbone == DEFAULT_BACKBONE else f"_{args.backbone}"
+    default_out = REPO / (f".cache/actionbench_toy/quick{suffix}" if args.quick
+                          else f"benchmarks/results/actionbench_toy_v2{suffix}")
     out, data_dir = Path(args.out or default_out).resolve(), Path(args.data_dir).resolve()
 
     from adi_lightning.masking import check_threshold
@@ -490,7 +515,7 @@ def main() -> int:
         pool.shutdown(wait=True, cancel_futures=True)
     rows_of = {k: _images.read_rows(out / "runs" / f"{k}.csv") for k in records if (out / "runs" / f"{k}.csv").is_file()}
     text, data, markdown = report(plan, records, args, rows_of, figures=out)
-    header = (f"ActionBench-toy v2: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
+    header = (f"ActionBench-toy v2 on the {args.backbone} backbone: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
               f"steps, {args.test_seeds} test seeds per unseen subject; {len(records)}/{len(runs)} runs; "
               f"this invocation {(time.time() - started) / 60:.1f} min with {args.jobs} jobs")
     from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision

@@ -189,6 +189,46 @@ def test_load_result_reuses_only_the_same_spec(tmp_path):
     assert bench.load_result(path, s) is not None and bench.load_result(path, {**s, "starts": 8}) is None
 
 
+def test_a_backbone_gets_its_own_runs_and_the_default_keeps_old_records(tmp_path):
+    from adi_lightning.io import atomic_write_json
+
+    toy = bench.spec("adi", "jumping", "shared", 3, 300, 4)
+    sd3 = bench.spec("adi", "jumping", "shared", 3, 300, 4, backbone="toy_sd3")
+    assert "backbone" not in toy  # records written before --backbone existed stay this spec
+    assert bench.run_key(sd3) != bench.run_key(toy) and bench.run_key(sd3).startswith("toy_sd3-")
+    path = tmp_path / "run.json"
+    atomic_write_json(path, {"spec": toy, "metrics": {"action_acc": 1.0}})
+    assert bench.load_result(path, toy) is not None and bench.load_result(path, sd3) is None
+    plan = bench.make_plan(args(backbone="toy_sd3"), preset_betas={"adi": 0.0, "adi_channel": 0.0})
+    every = [*plan["main"], *plan["ablations"], *(c[-1] for c in plan["curve"])]
+    assert {s.get("backbone") for s in every} == {"toy_sd3"}
+
+
+def test_the_backbone_config_sits_between_the_experiment_and_the_method_preset(tmp_path):
+    argv = bench.cli_args("kicking", "pplus", 3, 300, 4, tmp_path, ["--data.root=x"], backbone="toy_sd3")
+    models = [argv[i + 1] for i, a in enumerate(argv) if a == "--model"]
+    assert models == [str(bench.PRESETS / "toy_sd3.yaml"), str(bench.PRESETS / "pplus.yaml")]
+    assert argv.index("--config") < argv.index("--model") and argv[-1] == "--data.root=x"
+    assert [a for a in bench.cli_args("kicking", "pplus", 3, 300, 4, tmp_path, []) if a == "--model"] == ["--model"]
+    for backbone in bench.BACKBONES:  # each names a pipeline and keeps the toy judge
+        config = load(backbone)
+        assert config["pretrained_model_name_or_path"].startswith("adi_lightning/toy/assets/")
+        assert config["judge"]["class_path"] == "adi_lightning.evaluation.ToyJudge"
+
+
+def test_a_backbone_not_built_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "toy_sd3.yaml").write_text("pretrained_model_name_or_path: adi_lightning/toy/assets/not_built\n")
+    monkeypatch.setattr(bench, "PRESETS", presets)
+    monkeypatch.setattr(sys, "argv", ["actionbench_toy.py", "--backbone", "toy_sd3", "--curve-methods",
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--backbone toy_sd3: adi_lightning/toy/assets/not_built is not built" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ presets
 def load(name):
     return yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text()) or {}
