@@ -275,6 +275,11 @@ def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
 
     path, table = _flux_identifier(flux_module, tmp_path / "ti.safetensors", layerwise=False)
     out = tmp_path / "corgi_jump.safetensors"
+    # Nothing to distill: a measurement flag typed is refused by name, not ignored.
+    assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out), "--pipeline",
+                        str(flux_folder)]) == 1
+    assert f"error: --pipeline: the identifier {path} has one row, nothing to distill" in capsys.readouterr().err
+    assert not out.exists()
     assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out)]) == 0
     assert "lossless" in capsys.readouterr().out
     parts = load_file(str(out))
