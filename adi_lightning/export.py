@@ -287,8 +287,9 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
     makes the vector of a multi-row identifier; every such vector is measured on ``pipeline``
     (default: the file's ``base_model``; ``settings``: the distillation budget and draws). A one-row
     identifier (or rows all equal) is written as it is; ``typed``, the :data:`MEASUREMENT_FLAGS` the
-    user typed, is then refused (:func:`check_nothing_to_distill`). ValueError when the format does not fit the identifier's family or text encoders
-    (:func:`check_format_fits`), ``row`` is out of range, the method and row
+    user typed, is then refused (:func:`check_nothing_to_distill`). ValueError when the format does
+    not fit the identifier's family or text encoders (:func:`check_format_fits`), ``row`` is out of
+    range, the method and row
     do not go together or the pipeline does not fit; :class:`LossyExport` when the vector's
     residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when ``out`` is the
     identifier, or exists and is not an earlier export replaced with ``overwrite`` (:func:`check_out`).
