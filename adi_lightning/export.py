@@ -12,7 +12,8 @@ learned on (``--pipeline``, default its recorded ``base_model``; ``--device``): 
 (:func:`adi_lightning.distill.residual`, 0 = the identifier's predictions, 1 = the untrained
 identifier's) is printed, and above :data:`MAX_RESIDUAL` (the vector loses the action) the export
 is refused unless ``--lossy``. A Textual-Inversion identifier (one shared row, or rows all equal)
-exports losslessly, unmeasured.
+exports losslessly, unmeasured: there is nothing to distill, so ``--pipeline``, ``--device``,
+``--steps``, ``--seed`` and ``--subjects`` typed with it are refused by name.
 
 Formats, by the backbone family the file records (metadata ``family``): ``ti`` (diffusers,
 ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x identifiers; ``sdxl`` for
@@ -81,6 +82,10 @@ METHODS = ("distill", "mean", "row")
 DEFAULT_METHOD = "distill"
 #: The largest residual (:func:`adi_lightning.distill.residual`) written without ``--lossy``.
 MAX_RESIDUAL = 0.04
+#: The flags that only feed the measurement and distillation of a multi-row identifier. A one-row
+#: identifier (or rows all equal) is written as it is, so any of them typed is refused by name
+#: (:func:`check_nothing_to_distill`) rather than ignored.
+MEASUREMENT_FLAGS = ("--pipeline", "--device", "--steps", "--seed", "--subjects")
 
 
 def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
@@ -225,6 +230,17 @@ def resolve_method(method: str | None, row: int | None) -> str:
     return method
 
 
+def check_nothing_to_distill(identifier: str | Path, rows: int, typed: list[str] | tuple[str, ...]) -> None:
+    """Refuse (ValueError, one line naming them) the :data:`MEASUREMENT_FLAGS` in ``typed`` for an
+    identifier whose ``rows`` rows are one vector: it is written as it is, nothing is distilled or measured."""
+    typed = [flag for flag in MEASUREMENT_FLAGS if flag in typed]
+    if typed:
+        shape = "one row" if rows == 1 else f"{rows} equal rows"
+        raise ValueError(f"{', '.join(typed)}: the identifier {identifier} has {shape}, nothing to distill or "
+                         "measure (it is written as it is, losslessly, without loading a pipeline): drop "
+                         + ("it" if len(typed) == 1 else "them"))
+
+
 def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str], method: str, row: int | None,
                token: str, pipeline: str | None, device: str | None, settings: DistillSettings,
                subjects=DEFAULT_SUBJECTS, log=print) -> tuple[torch.Tensor, dict]:
@@ -262,15 +278,18 @@ def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str]
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None,
                       token: str | None = None, overwrite: bool = False, method: str | None = None,
                       pipeline: str | None = None, lossy: bool = False, settings: DistillSettings | None = None,
-                      subjects=DEFAULT_SUBJECTS, device: str | None = None, log=print) -> ExportReport:
+                      subjects=DEFAULT_SUBJECTS, device: str | None = None, typed: tuple[str, ...] = (),
+                      log=print) -> ExportReport:
     """Write a one-vector embedding file (``fmt`` in :data:`FORMATS`) atomically; returns what it
     wrote and measured (:class:`ExportReport`).
 
     ``method`` (:data:`METHODS`; None: ``row`` when ``row`` is given, else :data:`DEFAULT_METHOD`)
     makes the vector of a multi-row identifier; every such vector is measured on ``pipeline``
-    (default: the file's ``base_model``; ``settings``: the distillation budget and draws).
-    ValueError when the format does not fit the identifier's family or text encoders
-    (:func:`check_format_fits`), ``row`` is out of range, the method and row
+    (default: the file's ``base_model``; ``settings``: the distillation budget and draws). A one-row
+    identifier (or rows all equal) is written as it is; ``typed``, the :data:`MEASUREMENT_FLAGS` the
+    user typed, is then refused (:func:`check_nothing_to_distill`). ValueError when the format does
+    not fit the identifier's family or text encoders (:func:`check_format_fits`), ``row`` is out of
+    range, the method and row
     do not go together or the pipeline does not fit; :class:`LossyExport` when the vector's
     residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when ``out`` is the
     identifier, or exists and is not an earlier export replaced with ``overwrite`` (:func:`check_out`).
@@ -295,6 +314,7 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
                          "does not run on FLUX yet (docs/method.md 'FLUX'). Use the rows with "
                          "adi_lightning.install_identifier, or train with model.row_groups=shared")
     if lossless:  # one row (Textual Inversion), or rows all equal: nothing is lost
+        check_nothing_to_distill(identifier, table.shape[0], typed)
         report = ExportReport(Path(out), "lossless", f"the single shared row of {table.shape[0]} (lossless)")
         vector = table[:1].float().contiguous()
         log(f"{identifier}: one shared row, exported as it is (lossless; --method {method} has nothing to do)")
@@ -378,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = DistillSettings(**{k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
         report = export_identifier(args.identifier, args.out, args.format, args.row, args.token, args.overwrite,
                                    method, args.pipeline, args.lossy, settings,
-                                   tuple(args.subjects or DEFAULT_SUBJECTS), args.device)
+                                   tuple(args.subjects or DEFAULT_SUBJECTS), args.device,
+                                   typed=tuple(f for f in MEASUREMENT_FLAGS if getattr(args, f[2:]) is not None))
     except (OSError, ValueError) as err:
         print(f"adi_lightning: error: {err}", file=sys.stderr)
         return 1

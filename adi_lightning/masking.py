@@ -19,6 +19,14 @@ MASK_COMBINES: tuple[str, ...] = get_args(MaskCombine)
 MASK_STATISTICS: tuple[str, ...] = get_args(MaskStatistic)
 UPDATE_FROMS: tuple[str, ...] = get_args(UpdateFrom)
 EPS = 1e-12
+#: :func:`change_basis_update` drops the ``u_a`` axis when the action change's part orthogonal to the
+#: context change is at most this fraction of the action change's norm (an angle of about 1e-4 rad
+#: between the two). The changes are fp32 (unit roundoff 2^-24, about 6e-8): removing the component
+#: along ``u_c`` of a parallel change leaves a rounding residual of at most order sqrt(D) * 2^-24 of its
+#: norm (below 4e-6 up to D = 4096), whose direction is noise; 1e-4 stays above that with margin and far
+#: below any genuinely oblique change. The changes are differences of gradients, so their own rounding is
+#: relative to the gradients: a change smaller than about 1e-3 of them carries noise near this tolerance.
+CHANGE_BASIS_RTOL = 1e-4
 
 
 QUANTILE_STATISTICS: tuple[str, ...] = ("absolute", "relative")  # β is a per-row quantile
@@ -260,23 +268,27 @@ def change_basis_update(g: torch.Tensor, context_change: torch.Tensor, action_ch
     context there), the action test keeps ``u_c`` and ``u_a`` (it changes with the action there).
     ``and`` keeps ``u_a`` alone: ``(g · u_a) u_a``; ``context_only`` drops ``u_c``; ``action_only``
     keeps ``u_c`` and ``u_a``. ``or`` would keep every axis (P+) and is refused. An axis whose change
-    is zero is left out of the basis (its coordinate is dropped). All tensors ``[N, L, D]``.
+    is zero is left out of the basis (its coordinate is dropped): ``u_c`` when the context change's norm
+    is at most :data:`EPS`, ``u_a`` when the residual's norm is at most :data:`EPS` or at most
+    :data:`CHANGE_BASIS_RTOL` times the action change's norm (an action change parallel to the context
+    change up to rounding, whose residual's direction is noise). All tensors ``[N, L, D]``.
 
     On the same axis as :func:`project_update`'s ``and`` (both lie along ``u_a``), with another signed
     length: the coordinate ``g · u_a`` instead of ``(g · â) sin θ`` (θ the angle between the two changes;
-    the two can differ in sign). An action change parallel to the context change up to rounding leaves a
-    residual above the tolerance whose direction is noise; no relative tolerance guards that case yet.
+    the two can differ in sign).
     """
     if combine == "or":
         raise ValueError("model.mask_combine=or under model.mask_statistic=change_basis keeps every axis (P+): "
                          "use and, context_only or action_only")
 
-    def unit(x: torch.Tensor) -> torch.Tensor:
+    def unit(x: torch.Tensor, floor: torch.Tensor | float = EPS) -> torch.Tensor:
+        """``x`` normalised along D; zero where its norm is at most ``floor`` (or :data:`EPS`)."""
         norm = x.norm(dim=-1, keepdim=True)
-        return torch.where(norm > EPS, x / norm.clamp_min(EPS), torch.zeros_like(x))
+        return torch.where((norm > EPS) & (norm > floor), x / norm.clamp_min(EPS), torch.zeros_like(x))
 
     u_c = unit(context_change)
-    u_a = unit(action_change - (action_change * u_c).sum(-1, keepdim=True) * u_c)
+    u_a = unit(action_change - (action_change * u_c).sum(-1, keepdim=True) * u_c,
+               CHANGE_BASIS_RTOL * action_change.norm(dim=-1, keepdim=True))
     along_c = (g * u_c).sum(-1, keepdim=True) * u_c
     along_a = (g * u_a).sum(-1, keepdim=True) * u_a
     if combine == "context_only":

@@ -104,7 +104,10 @@ class ADIModule(L.LightningModule):
             and predict without it (and without ``--ckpt_path``) are refused, unless it is ``untrained``: the
             untrained identifier, every row the initializer word, on purpose (a baseline; as null in fit). The
             word is never read as a file (write ``./untrained`` for a file of that name).
-        guidance_scale: Classifier-free guidance for generated images.
+        guidance_scale: Guidance scale of generated images: classifier-free guidance (SD 1.x/2.x, SDXL, SD3), or
+            FLUX's embedded guidance. None (default) is the backbone family's default
+            (``BackboneFamily.default_guidance_scale``: 7.5, and for FLUX 3.5, the guidance it trains with); the
+            value in force is what the run's hparams and image grids record.
         num_inference_steps: Denoising steps for generated images.
         image_size: Side of generated images in pixels; None = the denoiser's native size.
         judge: Names the action, subject and every appearance factor it sees in validation / test images (e.g.
@@ -140,7 +143,7 @@ class ADIModule(L.LightningModule):
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None, revision: str | None = None, local_files_only: bool | None = None,
         identifier_path: str | None = None,
-        guidance_scale: float = 7.5, num_inference_steps: int = 50, image_size: int | None = None,
+        guidance_scale: float | None = None, num_inference_steps: int = 50, image_size: int | None = None,
         judge: Judge | None = None,
         cache_latents: bool = True, share_text_encoding: bool = True,
         channels_last: bool = False, compile_unet: bool = False, gradient_checkpointing: bool = False,
@@ -149,11 +152,13 @@ class ADIModule(L.LightningModule):
         check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
                              learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min,
                              starts, start_steps)
+        self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
+        if guidance_scale is None:  # the family's default; the hparams (saved next, from the locals) record it
+            guidance_scale = self.family.default_guidance_scale
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
 
-        self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
         self.info = bb.describe_pipeline(self.family.pipe, pretrained_model_name_or_path)
         log.info(self.info.describe())
         for name, part in self.family.modules().items():  # unet / transformer, vae, text_encoder(s): diffusers' names

@@ -369,11 +369,12 @@ def toy_cache_folder_not_written_by_adi_lightning(data: Path, tmp: Path):
             "the command again")
 
 
-def _identifier(tmp: Path) -> Path:
-    """A small adi-lightning identifier file (16 rows, D=32) for the export cases."""
+def _identifier(tmp: Path, rows: int = 16) -> Path:
+    """A small adi-lightning identifier file (16 layers, D=32; ``rows``: 16, one per layer, or 1 shared) for
+    the export cases."""
     path = tmp / "identifier.safetensors"
     meta = {"format": "adi-lightning-identifier", "layer_paths": json.dumps([f"l{i}" for i in range(16)])}
-    save_file({"identifier": torch.randn(16, 32), "layer_to_row": torch.arange(16)}, str(path), meta)
+    save_file({"identifier": torch.randn(rows, 32), "layer_to_row": torch.arange(16) % rows}, str(path), meta)
     return path
 
 
@@ -390,6 +391,14 @@ def export_onto_its_own_identifier(data: Path, tmp: Path):
     identifier = _identifier(tmp)
     return ({"export": ["--identifier", str(identifier), "--out", str(identifier), "--overwrite"]},
             f"--out {identifier} is the identifier being exported")
+
+
+def export_distillation_flags_for_a_one_row_identifier(data: Path, tmp: Path):
+    """`python -m adi_lightning.export` of a one-row identifier with `--pipeline`, `--device`, `--steps`, `--seed` or `--subjects` typed"""
+    identifier = _identifier(tmp, rows=1)
+    return ({"export": ["--identifier", str(identifier), "--out", str(tmp / "ti.safetensors"), "--steps", "50",
+                        "--subjects", "dog"]},
+            f"--steps, --subjects: the identifier {identifier} has one row, nothing to distill or measure")
 
 
 def ckpt_path_last(data: Path, tmp: Path):
@@ -490,7 +499,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
          misspelt_key_in_a_group_file_on_the_command_line, dangling_symbolic_link,
          toy_cache_folder_not_written_by_adi_lightning, export_onto_an_existing_file,
-         export_onto_its_own_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint,
+         export_onto_its_own_identifier, export_distillation_flags_for_a_one_row_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint,
          abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
          predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context,
          threshold_zero_under_a_quantile_statistic,

@@ -315,6 +315,19 @@ def test_p_plus_fit_needs_only_the_target_action(short_fit, tiny_data, tmp_path,
         assert torch.isfinite(table).all()
 
 
+def test_guidance_scale_parses_as_a_number_or_null_from_yaml_and_the_command_line(tiny_pipeline, tiny_data,
+                                                                                    tmp_path, capsys):
+    """``model.guidance_scale: float | None``: null means the family's default (resolved by the module); a
+    config's value (experiments/tiny.yaml: 3.0) is kept as it is."""
+    args = ["fit", *base_args(tiny_pipeline, tmp_path, tiny_data)]
+    assert print_config(args, capsys)["model"]["guidance_scale"] == 3.0
+    assert print_config([*args, "--model.guidance_scale=5"], capsys)["model"]["guidance_scale"] == 5.0
+    assert print_config([*args, "--model.guidance_scale=null"], capsys)["model"]["guidance_scale"] is None
+    config = tmp_path / "guidance.yaml"
+    config.write_text("model:\n  guidance_scale: 4.5\n")
+    assert print_config([*args, "--config", str(config)], capsys)["model"]["guidance_scale"] == 4.5
+
+
 # ------------------------------------------------------------------------ omegaconf+ interpolation
 def test_command_line_override_reaches_interpolated_keys(tiny_pipeline, tiny_data, tmp_path, capsys):
     config = tmp_path / "interp.yaml"

@@ -11,6 +11,7 @@ from adi_lightning import distill
 from adi_lightning.backbone import load_backbone
 from adi_lightning.conditioning import cross_attention_layers
 from adi_lightning.export import MAX_RESIDUAL, export_identifier, main as export_main
+from adi_lightning.identifier import read_identifier
 
 # A short budget: the mechanics, not the figures (docs/report.md "One-vector exports" has those).
 QUICK = dict(batch_size=4, images_per_prompt=1, sample_steps=4, eval_draws=8, learning_rate=0.05)
@@ -94,6 +95,26 @@ def test_export_flags_that_do_not_go_together_are_refused(make_module, tmp_path,
     assert not out.exists()
 
 
+def test_a_one_row_identifier_refuses_the_distillation_flags_typed_and_only_those(make_module, tmp_path, capsys):
+    """Nothing is distilled or measured for one row: each measurement flag typed (even at its default
+    value) is refused by name; left out, the export writes the row as it is."""
+    identifier = make_module(layerwise=False).save_identifier(tmp_path / "ti.safetensors")
+    out = tmp_path / "x.safetensors"
+    base = ["--identifier", str(identifier), "--out", str(out)]
+    capsys.readouterr()  # the pipeline's loading bars
+    for argv, named in [(["--seed", "0"], "--seed"), (["--pipeline", "elsewhere", "--device", "cpu"],
+                                                       "--pipeline, --device"),
+                        (["--subjects", "dog", "--steps", "200"], "--steps, --subjects")]:
+        assert export_main(base + argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"adi_lightning: error: {named}: the identifier {identifier} has "
+                                                   "one row, nothing to distill or measure"), err
+        assert not out.exists()
+    assert export_main(base + ["--method", "distill"]) == 0  # the default method: reported, nothing to refuse
+    assert "--method distill has nothing to do" in capsys.readouterr().out
+    assert torch.equal(load_file(str(out))["<A>"], read_identifier(identifier)[0])
+
+
 def test_sdxl_distilled_export_splits_the_distilled_vector(make_module, tiny_sdxl_pipeline, tmp_path):
     identifier = _lossy_identifier(make_module, tmp_path, pretrained_model_name_or_path=tiny_sdxl_pipeline)
     out = tmp_path / "xl.safetensors"
@@ -102,8 +123,6 @@ def test_sdxl_distilled_export_splits_the_distilled_vector(make_module, tiny_sdx
     parts = load_file(str(out))
     assert report.method == "distill" and len(report.losses) == 3
     assert parts["clip_l"].shape == (1, 32) and parts["clip_g"].shape == (1, 48)
-    from adi_lightning.identifier import read_identifier
-
     assert not torch.allclose(torch.cat([parts["clip_l"], parts["clip_g"]], -1), read_identifier(identifier)[0].mean(0))
 
 

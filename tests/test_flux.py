@@ -254,6 +254,24 @@ def test_generate_and_install_identifier_draw_the_same_images_and_remove_restore
                           before)
 
 
+def test_the_guidance_scale_defaults_to_the_family_s_and_a_typed_one_is_honoured(flux_module, make_module,
+                                                                                 monkeypatch):
+    """Unset, FLUX generates at the embedded guidance it trains with (3.5), an SD backbone at 7.5 as
+    before; the value in force is in the hparams and reaches the stock pipeline; a typed value wins."""
+    from adi_lightning import generation
+    from adi_lightning.families.flux import TRAINING_GUIDANCE
+
+    used = []
+    monkeypatch.setattr(generation, "run_seeded", lambda pipe, inputs, seeds, **kwargs: used.append(kwargs))
+    for module, expected in [(flux_module(guidance_scale=None, image_size=32), TRAINING_GUIDANCE),
+                             (flux_module(guidance_scale=5.0, image_size=32), 5.0),
+                             (make_module(guidance_scale=None), 7.5)]:
+        assert module.hparams.guidance_scale == module.hparams_initial.guidance_scale == expected  # logged too
+        module.generate(["a photo of a cat <A>"], [1])
+        assert used.pop()["guidance_scale"] == expected
+    assert TRAINING_GUIDANCE == 3.5
+
+
 def _flux_identifier(flux_module, path, **settings):
     module = flux_module(**settings)
     with torch.no_grad():
@@ -275,6 +293,11 @@ def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
 
     path, table = _flux_identifier(flux_module, tmp_path / "ti.safetensors", layerwise=False)
     out = tmp_path / "corgi_jump.safetensors"
+    # Nothing to distill: a measurement flag typed is refused by name, not ignored.
+    assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out), "--pipeline",
+                        str(flux_folder)]) == 1
+    assert f"error: --pipeline: the identifier {path} has one row, nothing to distill" in capsys.readouterr().err
+    assert not out.exists()
     assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out)]) == 0
     assert "lossless" in capsys.readouterr().out
     parts = load_file(str(out))

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from adi_lightning.masking import (
+    CHANGE_BASIS_RTOL,
+    change_basis_update,
     channel_mask,
     check_threshold,
     kept_energy_fraction,
@@ -261,6 +263,36 @@ def test_change_basis_refuses_or_and_survives_a_zero_change():
         masked_update(grads, 0.0, "or", statistic="change_basis")
     same = torch.stack([g_a, g_a, g_a]).reshape(1, 3, 1, 4)  # no change at all: nothing passes the action test
     assert torch.equal(masked_update(same, 0.0, statistic="change_basis").update, torch.zeros(1, 4))
+
+
+def _changes(relative_residual: float, d: int = 768):
+    """fp32 ``(g, context change c, action change a = 3 c + r)`` of one row, ``[1, 1, d]``, with ``r``
+    orthogonal to ``c`` and ``|r| = relative_residual * |3 c|``."""
+    gen = torch.Generator().manual_seed(5)
+    g, c, r = (torch.randn(d, generator=gen) for _ in range(3))
+    r = r - (r @ c) / (c @ c) * c
+    r = r / r.norm() * relative_residual * (3 * c).norm()
+    return g.reshape(1, 1, d), c.reshape(1, 1, d), (3 * c + r).reshape(1, 1, d)
+
+
+def test_change_basis_drops_u_a_when_the_action_change_is_parallel_to_the_context_change_up_to_rounding():
+    g, c, a = _changes(1e-7)  # the residual is fp32 rounding's size: its direction is noise
+    assert torch.equal(change_basis_update(g, c, a, "and"), torch.zeros_like(g))
+    u_c = c / c.norm()
+    torch.testing.assert_close(change_basis_update(g, c, a, "action_only"), (g * u_c).sum(-1, keepdim=True) * u_c)
+    torch.testing.assert_close(change_basis_update(g, c, a, "context_only"), g - (g * u_c).sum(-1, keepdim=True) * u_c)
+
+
+@pytest.mark.parametrize("relative_residual", [100 * CHANGE_BASIS_RTOL, 1.0])
+def test_change_basis_keeps_u_a_of_a_genuinely_oblique_action_change(relative_residual):
+    g, c, a = _changes(relative_residual)
+    g64, c64, a64 = g.double(), c.double(), a.double()
+    residual = a64 - (a64 * c64).sum(-1, keepdim=True) / (c64 * c64).sum(-1, keepdim=True) * c64
+    u_a = residual / residual.norm(dim=-1, keepdim=True)
+    expected = ((g64 * u_a).sum(-1, keepdim=True) * u_a).float()
+    update = change_basis_update(g, c, a, "and")
+    assert update.norm() > 0.01 * g.norm()
+    torch.testing.assert_close(update, expected, rtol=1e-3, atol=1e-5)
 
 
 def test_check_model_settings_refuses_or_under_change_basis_by_name():

@@ -96,6 +96,9 @@ class BackboneFamily:
     denoiser_part: ClassVar[str] = "unet"
     #: What the identifier's layers are, for messages and ``run_info.json``.
     layer_kind: ClassVar[str] = "cross-attention layers"
+    #: The guidance scale of generated images when ``model.guidance_scale`` is unset: classifier-free
+    #: guidance for the SD 1.x/2.x, SDXL and SD3 families.
+    default_guidance_scale: ClassVar[float] = 7.5
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -95,6 +95,8 @@ class FluxFamily(BackboneFamily):
     layer_kind = "double- and single-stream blocks"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     training_guidance = TRAINING_GUIDANCE
+    #: Generation uses the embedded guidance the identifier was trained with (also ``FluxPipeline``'s default).
+    default_guidance_scale = TRAINING_GUIDANCE
 
     # ---------------------------------------------------------------- denoiser
     def identifier_layers(self) -> list[str]:
