@@ -91,15 +91,21 @@ def test_exemplar_only_folder_trains_with_masking_on(make_module, tiny_dir, tmp_
     assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
 
 
-def _generating_datamodule(folder, pipeline, **hparams):
+def _generating_datamodule(folder, pipeline, family_guidance=7.5, generate_guidance=None, **hparams):
     """A datamodule that generates partners, attached to a stand-in module: the backbone's
-    hyperparameters and a counting img2img (prepare_data reads nothing else of the module)."""
+    hyperparameters, its family's default guidance and a counting img2img that records the guidance
+    it was called with (prepare_data reads nothing else of the module)."""
     gen = CountingGenerator()
-    module = SimpleNamespace(img2img=lambda images, prompts, seeds, **_: gen(images, prompts, seeds),
+
+    def img2img(images, prompts, seeds, guidance, **_):
+        gen.guidance = guidance
+        return gen(images, prompts, seeds)
+
+    module = SimpleNamespace(img2img=img2img, family=SimpleNamespace(default_guidance_scale=family_guidance),
                              hparams=SimpleNamespace(pretrained_model_name_or_path=str(pipeline), variant=None,
                                                      revision=None, weight_dtype="float32", **hparams))
     dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, action_different="generate",
-                                generate_steps=2, generate_per_anchor=1)
+                                generate_steps=2, generate_per_anchor=1, generate_guidance=generate_guidance)
     dm.trainer = SimpleNamespace(lightning_module=module)
     return dm, module, gen
 
@@ -137,3 +143,14 @@ def test_a_damaged_partner_cache_is_rebuilt(tiny_dir, tmp_path, capsys):
     (cache / MANIFEST).write_text("{not json")
     dm.prepare_data()
     assert gen.calls == 12 and json.loads((cache / MANIFEST).read_text())["settings"]["weight_dtype"] == "float32"
+
+
+@pytest.mark.parametrize("typed, family, used", [(None, 7.5, 7.5), (None, 3.5, 3.5), (5.0, 3.5, 5.0)])
+def test_partner_guidance_is_the_familys_unless_typed(tiny_dir, tmp_path, typed, family, used):
+    """data.generate_guidance unset takes the backbone family's default (FLUX: its embedded 3.5), as
+    model.guidance_scale does; a typed value is used as typed; the manifest records the value in force."""
+    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline", family_guidance=family, generate_guidance=typed)
+    dm.prepare_data()
+    manifest = json.loads((folder / ".adi_cache" / "partners-jumping" / MANIFEST).read_text())
+    assert gen.guidance == used and manifest["settings"]["guidance"] == used

@@ -101,7 +101,8 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_strength: Image-to-image strength in (0, 1]: higher changes the pose more but
             keeps less of the anchor's context.
         generate_steps: Denoising steps of the image-to-image run (times strength are run).
-        generate_guidance: Classifier-free guidance of the image-to-image run.
+        generate_guidance: Guidance of the image-to-image run; ``None``: the backbone family's default
+            (``BackboneFamily.default_guidance_scale``, as for ``model.guidance_scale``).
         eval_subjects: Subjects never in the exemplars (human-like and animal-like) that
             validation and test prompt with the identifier; with a ``model.judge`` their images
             are judged (action / subject accuracy, leaks). Empty: ``validation_prompts`` as given.
@@ -142,7 +143,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         generate_per_anchor: int = 2,
         generate_strength: float = 0.6,
         generate_steps: int = 30,
-        generate_guidance: float = 7.5,
+        generate_guidance: float | None = None,
         cache_dir: str | None = None,
         export_toy_if_missing: bool = False,
         toy_difficulty: ToyDifficulty = "shared",
@@ -196,7 +197,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         self.generate_per_anchor = generate_per_anchor
         self.generate_strength = float(generate_strength)
         self.generate_steps = generate_steps
-        self.generate_guidance = float(generate_guidance)
+        self.generate_guidance = None if generate_guidance is None else float(generate_guidance)
         self.cache_dir = cache_dir
         if eval_subjects and eval_template.count("{}") != 1:
             raise ValueError(f"data.eval_template needs exactly one '{{}}' for the subject, got {eval_template!r}")
@@ -218,7 +219,7 @@ class ActionTripleDataModule(L.LightningDataModule):
     def generates_partners(self) -> bool:
         return self.action_different == "generate" and self.with_partners
 
-    def _partner_settings(self, hparams) -> PartnerSettings:
+    def _partner_settings(self, hparams, guidance: float) -> PartnerSettings:
         """The partner cache's key: these settings and the module's backbone (path, model files'
         sizes and mtimes, variant, revision) and weight dtype."""
         from adi_lightning.backbone import backbone_identity
@@ -226,7 +227,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         source = str(hparams.pretrained_model_name_or_path)
         variant, revision = getattr(hparams, "variant", None), getattr(hparams, "revision", None)
         return PartnerSettings(tuple(self.generate_actions), self.generate_per_anchor, self.generate_strength,
-                               self.generate_steps, self.generate_guidance, self.resolution, self.seed, source,
+                               self.generate_steps, guidance, self.resolution, self.seed, source,
                                str(getattr(hparams, "weight_dtype", "float32")),
                                backbone_identity(source, variant, revision))
 
@@ -255,9 +256,10 @@ class ActionTripleDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "img2img"):
             raise ValueError("data.action_different=generate needs the ADI model's backbone (run it through fit)")
         anchors = records_of_action(read_action_folder(self.root), self.action)
-        settings = self._partner_settings(module.hparams)
+        guidance = module.family.default_guidance_scale if self.generate_guidance is None else self.generate_guidance
+        settings = self._partner_settings(module.hparams, guidance)  # the value in force keys the cache
         generate = partial(module.img2img, strength=self.generate_strength, steps=self.generate_steps,
-                           guidance=self.generate_guidance)
+                           guidance=guidance)
         folder, made = ensure_partners(anchors, self.action, settings, self._cache_dir(), generate)
         log.info("%s generated partners in %s", "made" if made else "reusing", folder)
 
