@@ -30,23 +30,20 @@ identifier can steer the global modulation, as it does in SD3 and SDXL.
 
 ``install_identifier`` on a stock ``FluxPipeline``: :meth:`FluxFamily.install_text` shadows the pipeline's
 ``encode_prompt`` with an instance attribute that encodes a prompt block-wise (as :meth:`prompt_inputs`);
-removing the attribute restores the stock method.
+removing the attribute restores the stock method. What FLUX shares with SD3 (the block-wise routing,
+``install_text``) is :mod:`adi_lightning.families.mmdit`'s.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from adi_lightning.blockwise import install_blockwise_routing, remove_blockwise_routing, stream_blocks
 from adi_lightning.conditioning import call_with_rows, count_layers, layer_rows, spread_over_layers
-from adi_lightning.families.base import BackboneFamily, Features
-from adi_lightning.families.sd3 import group_stream_blocks
-from adi_lightning.families.sdxl import pooled_layer_index
-from adi_lightning.identifier import get_token_embedding, install_overlay
+from adi_lightning.families.base import Features
+from adi_lightning.families.mmdit import BlockwiseEncodePrompt, MMDiTFamily
+from adi_lightning.identifier import get_token_embedding
 from adi_lightning.objective import FlowMatchingObjective
-from adi_lightning.prompts import check_identifier_prompts, tokenize
+from adi_lightning.prompts import tokenize
 
 #: T5 tokens of one encoding: ``FluxPipeline``'s default ``max_sequence_length``.
 MAX_SEQUENCE_LENGTH = 512
@@ -81,7 +78,20 @@ def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) 
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxFamily(BackboneFamily):
+class _FluxEncodePrompt(BlockwiseEncodePrompt):
+    """``FluxPipeline.encode_prompt`` while an identifier is installed: a prompt (with or without the
+    placeholder) encoded block-wise by the family, ``([N, B*S, J], [N, P], txt_ids [B*S, 3])``; the
+    block-wise routing cuts ``txt_ids`` to S. ``prompt_2`` other than ``prompt`` and another
+    ``max_sequence_length`` are refused (ValueError)."""
+
+    other_prompts = ("prompt_2",)
+
+    def finish(self, outputs: tuple, copies: int) -> tuple:
+        embeds, pooled, text_ids = outputs
+        return embeds.repeat_interleave(copies, dim=0), pooled.repeat_interleave(copies, dim=0), text_ids
+
+
+class FluxFamily(MMDiTFamily):
     """FLUX.1: features are ``(context [N, B*S, J], pooled [N, P])``; the transformer gets packed latents,
     ``encoder_hidden_states``, ``pooled_projections``, ``img_ids``, ``txt_ids`` and ``guidance``.
     ``text_parts`` are CLIP-L (pooled only) and T5 (the stream)."""
@@ -91,37 +101,22 @@ class FluxFamily(BackboneFamily):
     name = "flux"
     text_parts = ("text_encoder", "text_encoder_2")
     tokenizer_parts = ("tokenizer", "tokenizer_2")
-    denoiser_part = "transformer"
     layer_kind = "double- and single-stream blocks"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     training_guidance = TRAINING_GUIDANCE
     #: Generation uses the embedded guidance the identifier was trained with (also ``FluxPipeline``'s default).
     default_guidance_scale = TRAINING_GUIDANCE
+    encode_prompt_class = _FluxEncodePrompt
+
+    @property
+    def tokens_per_prompt(self) -> int:
+        """T = S: one encoding is T5's :attr:`max_sequence_length` tokens (CLIP-L only makes the pooled vector)."""
+        return self.max_sequence_length
 
     # ---------------------------------------------------------------- denoiser
-    def identifier_layers(self) -> list[str]:
-        """The double-stream then the single-stream blocks (:func:`~adi_lightning.blockwise.stream_blocks`)."""
-        return stream_blocks(self.denoiser)
-
-    def group_identifier_layers(self, layer_paths: list[str], row_groups: str) -> torch.Tensor:
-        """``layer`` / ``attention``: one row per block; ``shared``: one row; ``resolution`` refused (ValueError)."""
-        return group_stream_blocks(len(layer_paths), row_groups, "FLUX", "double- and single-stream blocks")
-
-    def install_routing(self):
-        """Block-wise hooks on the transformer, one ``[S, J]`` T5 chunk per block."""
-        return install_blockwise_routing(self.denoiser, self.max_sequence_length)
-
-    def remove_routing(self, handle) -> None:
-        remove_blockwise_routing(self.denoiser)
-
     def training_objective(self):
         """Flow matching with the scheduler's dynamic shift over 2x2-packed latents; ``timestep`` = sigma."""
         return FlowMatchingObjective(self.pipe.scheduler.config, timestep_scale=1.0, patch_size=2)
-
-    @property
-    def pooled_layer(self) -> int:
-        """The block whose row's CLIP-L part the pooled vector sees: the middle one, ``B // 2``."""
-        return pooled_layer_index(self.identifier_layers())
 
     def predict(self, denoiser, noisy: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
         """The velocity ``[N, C, h, w]`` for ``noisy`` ``[N, C, h, w]``: packed in, unpacked out."""
@@ -173,64 +168,3 @@ class FluxFamily(BackboneFamily):
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         """``prompt_embeds`` and ``pooled_prompt_embeds`` (no negatives: FLUX.1 is guidance-distilled)."""
         return {"prompt_embeds": features[0].to(dtype), "pooled_prompt_embeds": features[1].to(dtype)}
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(mode - shift_factor) * scaling_factor`` fp32 ``[N, 16, h, w]`` (unpacked; the inverse of the
-        FLUX pipeline's decoding)."""
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float()
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    # -------------------------------------------------------------- pipelines
-    def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
-        """A copy of each tokenizer with ``token``, the overlay in each text encoder, and the pipeline's
-        ``encode_prompt`` shadowed by a block-wise one (see the module docstring)."""
-        saved, tokenizers, ids = self._placeholder_tokenizers(token)
-        for tokenizer_name, tokenizer, placeholder_id, encoder_name in zip(
-                self.tokenizer_parts, tokenizers, ids, self.text_parts):
-            install_overlay(saved[encoder_name], placeholder_id)
-            setattr(self.pipe, tokenizer_name, tokenizer)
-        self.pipe.encode_prompt = _BlockwiseEncodePrompt(self, rows.detach().float().clone(), layers, token, ids[0])
-        return saved
-
-    def remove_text(self, saved: dict) -> None:
-        self.pipe.__dict__.pop("encode_prompt", None)
-        super().remove_text(saved)
-
-
-class _BlockwiseEncodePrompt:
-    """``FluxPipeline.encode_prompt`` while an identifier is installed: a prompt (with or without the
-    placeholder) encoded block-wise by the family, ``([N, B*S, J], [N, P], txt_ids [B*S, 3])``; the
-    block-wise routing cuts ``txt_ids`` to S. ``prompt_2`` other than ``prompt`` and another
-    ``max_sequence_length`` are refused (ValueError)."""
-
-    def __init__(self, family: FluxFamily, rows: torch.Tensor, layers, token: str, placeholder_id: int):
-        self.family, self.rows, self.layers = family, rows, layers
-        self.token, self.placeholder_id = token, placeholder_id
-        self.stock = type(family.pipe).encode_prompt.__get__(family.pipe)
-        self.signature = inspect.signature(self.stock)
-
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        copies = 1
-        if call["prompt_embeds"] is None:
-            prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
-            other = call["prompt_2"]
-            if other is not None and ([other] if isinstance(other, str) else list(other)) != prompts:
-                raise ValueError("prompt_2 differs from prompt: with an adi-lightning identifier installed, every "
-                                 "text encoder reads the same prompt")
-            if call["max_sequence_length"] != self.family.max_sequence_length:
-                raise ValueError(f"max_sequence_length={call['max_sequence_length']}: the installed identifier's "
-                                 f"block-wise routing reads {self.family.max_sequence_length} T5 tokens per encoding")
-            family = self.family
-            device = call["device"] or family.pipe._execution_device
-            carrying = check_identifier_prompts(family.tokenizer, self.token, self.placeholder_id, prompts, "prompt")
-            table = self.rows.to(device)
-            rows = table.unsqueeze(0).expand(len(prompts), *table.shape) if carrying else None
-            context, pooled = family.encode_text(family.tokenize(prompts, device), rows, self.layers)
-            call.update(prompt=None, prompt_2=None, prompt_embeds=context, pooled_prompt_embeds=pooled)
-            copies = call["num_images_per_prompt"]
-        embeds, pooled, text_ids = self.stock(**call)
-        return embeds.repeat_interleave(copies, dim=0), pooled.repeat_interleave(copies, dim=0), text_ids

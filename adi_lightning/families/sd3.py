@@ -26,41 +26,49 @@ tokens before all T5 tokens, so text-encoder stand-ins returning B encodings eac
 wrongly. Instead :meth:`StableDiffusion3Family.install_text` shadows the pipeline's ``encode_prompt``
 with an instance attribute that encodes the prompt block-wise (as :meth:`prompt_inputs`) and lets the
 stock method encode the negative prompt, repeated over the blocks; removing the attribute restores the
-stock method.
+stock method. What SD3 shares with FLUX (the block-wise routing, ``install_text``) is
+:mod:`adi_lightning.families.mmdit`'s.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
-from adi_lightning.blockwise import install_blockwise_routing, remove_blockwise_routing, stream_blocks
 from adi_lightning.conditioning import call_with_rows, count_layers, layer_rows, spread_over_layers
-from adi_lightning.families.base import BackboneFamily, Features
-from adi_lightning.families.sdxl import pooled_layer_index
-from adi_lightning.identifier import get_token_embedding, install_overlay
+from adi_lightning.families.base import Features
+from adi_lightning.families.mmdit import BlockwiseEncodePrompt, MMDiTFamily
+from adi_lightning.identifier import get_token_embedding
 from adi_lightning.objective import FlowMatchingObjective
-from adi_lightning.prompts import check_identifier_prompts, tokenize
+from adi_lightning.prompts import tokenize
 
 #: T5 tokens of one encoding: ``StableDiffusion3Pipeline``'s default ``max_sequence_length``.
 MAX_SEQUENCE_LENGTH = 256
 
 
-def group_stream_blocks(blocks: int, row_groups: str, backbone: str, kind: str) -> torch.Tensor:
-    """``layer_to_row`` ``[B]`` over an MMDiT's ``blocks`` stream blocks for ``model.row_groups``: ``layer`` and
-    ``attention`` one row per block, ``shared`` one row; ValueError for ``resolution`` (every block of an MMDiT
-    runs at one resolution), naming the ``backbone`` and its block ``kind``."""
-    if row_groups in ("layer", "attention"):
-        return torch.arange(blocks)
-    if row_groups == "shared":
-        return torch.zeros(blocks, dtype=torch.int64)
-    raise ValueError(f"model.row_groups={row_groups} has no meaning for an MMDiT ({backbone}): its {blocks} {kind} "
-                     "run at one resolution; use layer (one row per block), attention (the same) or shared")
+class _SD3EncodePrompt(BlockwiseEncodePrompt):
+    """``StableDiffusion3Pipeline.encode_prompt`` while an identifier is installed: the prompt encoded
+    block-wise, ``[N, B*T, J]``; the negative prompt by the stock method (plain ``[N, T, J]``), then
+    repeated over the B blocks (equal chunks: no block-wise term). ``prompt_2`` / ``prompt_3`` other
+    than ``prompt``, ``clip_skip`` and another ``max_sequence_length`` are refused (ValueError) for
+    prompts the block-wise encoder makes."""
+
+    other_prompts = ("prompt_2", "prompt_3")
+
+    def check_call(self, call: dict) -> None:
+        if call["clip_skip"] is not None:
+            raise ValueError("clip_skip is not supported with a block-wise identifier")
+
+    def finish(self, outputs: tuple, copies: int) -> tuple:
+        positive, negative, pooled, negative_pooled = outputs
+        positive = positive.repeat_interleave(copies, dim=0)
+        pooled = pooled.repeat_interleave(copies, dim=0)
+        if negative is not None and negative.shape[1] != positive.shape[1]:
+            negative = negative.repeat(1, positive.shape[1] // negative.shape[1], 1)
+        return positive, negative, pooled, negative_pooled
 
 
-class StableDiffusion3Family(BackboneFamily):
+class StableDiffusion3Family(MMDiTFamily):
     """SD3: features are ``(context [N, B*T, J], pooled [N, P1 + P2])``; the MMDiT gets
     ``encoder_hidden_states`` and ``pooled_projections``. ``text_parts`` are CLIP-L and CLIP-G, plus
     T5 (``text_encoder_3``) when the pipeline has it."""
@@ -71,9 +79,9 @@ class StableDiffusion3Family(BackboneFamily):
     #: The parts every SD3 folder has; T5 joins them per pipeline (see ``__init__``).
     text_parts = ("text_encoder", "text_encoder_2")
     tokenizer_parts = ("tokenizer", "tokenizer_2")
-    denoiser_part = "transformer"
     layer_kind = "joint blocks"
     max_sequence_length = MAX_SEQUENCE_LENGTH
+    encode_prompt_class = _SD3EncodePrompt
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -98,31 +106,8 @@ class StableDiffusion3Family(BackboneFamily):
         return self.tokenizer.model_max_length + self.max_sequence_length
 
     # ---------------------------------------------------------------- denoiser
-    def identifier_layers(self) -> list[str]:
-        """The joint blocks, ``transformer_blocks.<b>`` (:func:`~adi_lightning.blockwise.stream_blocks`)."""
-        return stream_blocks(self.denoiser)
-
-    def group_identifier_layers(self, layer_paths: list[str], row_groups: str) -> torch.Tensor:
-        """``layer``: one row per joint block; ``attention``: the same (a joint block is one attention
-        module); ``shared``: one row (Textual Inversion); ``resolution`` is refused (ValueError): an
-        MMDiT runs every block at one resolution."""
-        return group_stream_blocks(len(layer_paths), row_groups, "SD3", "joint blocks")
-
-    def install_routing(self):
-        """Block-wise hooks on the MMDiT (:func:`~adi_lightning.blockwise.install_blockwise_routing`), one
-        ``[T, J]`` chunk per joint block."""
-        return install_blockwise_routing(self.denoiser, self.tokens_per_prompt)
-
-    def remove_routing(self, handle) -> None:
-        remove_blockwise_routing(self.denoiser)
-
     def training_objective(self):
         return FlowMatchingObjective(self.pipe.scheduler.config)
-
-    @property
-    def pooled_layer(self) -> int:
-        """The joint block whose row the pooled embedding sees: the middle one, ``B // 2``."""
-        return pooled_layer_index(self.identifier_layers())
 
     # --------------------------------------------------------------- encoding
     def tokenize(self, prompts: list[str], device: torch.device | None = None) -> torch.Tensor:
@@ -184,72 +169,3 @@ class StableDiffusion3Family(BackboneFamily):
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         return {"prompt_embeds": features[0].to(dtype), "negative_prompt_embeds": negative[0].to(dtype),
                 "pooled_prompt_embeds": features[1].to(dtype), "negative_pooled_prompt_embeds": negative[1].to(dtype)}
-
-    @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(mode - shift_factor) * scaling_factor`` fp32 (the inverse of the SD3 pipeline's decoding)."""
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float()
-        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
-
-    # -------------------------------------------------------------- pipelines
-    def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
-        """A copy of each tokenizer with ``token``, the overlay in each text encoder, and the pipeline's
-        ``encode_prompt`` shadowed by a block-wise one (see the module docstring). ``prompt_2`` /
-        ``prompt_3`` other than ``prompt`` and ``clip_skip`` are refused (ValueError) for prompts the
-        block-wise encoder makes."""
-        saved, tokenizers, ids = self._placeholder_tokenizers(token)
-        for tokenizer_name, tokenizer, placeholder_id, encoder_name in zip(
-                self.tokenizer_parts, tokenizers, ids, self.text_parts):
-            install_overlay(saved[encoder_name], placeholder_id)
-            setattr(self.pipe, tokenizer_name, tokenizer)
-        self.pipe.encode_prompt = _BlockwiseEncodePrompt(self, rows.detach().float().clone(), layers, token, ids[0])
-        return saved
-
-    def remove_text(self, saved: dict) -> None:
-        self.pipe.__dict__.pop("encode_prompt", None)
-        super().remove_text(saved)
-
-
-class _BlockwiseEncodePrompt:
-    """The pipeline's ``encode_prompt`` while an identifier is installed: the prompt (with or without
-    the placeholder) encoded block-wise by the family, ``[N, B*T, J]``; the negative prompt by the stock
-    method (plain ``[N, T, J]``), then repeated over the B blocks (equal chunks: no block-wise term)."""
-
-    def __init__(self, family: StableDiffusion3Family, rows: torch.Tensor, layers, token: str, placeholder_id: int):
-        self.family, self.rows, self.layers = family, rows, layers
-        self.token, self.placeholder_id = token, placeholder_id
-        self.stock = type(family.pipe).encode_prompt.__get__(family.pipe)
-        self.signature = inspect.signature(self.stock)
-
-    def __call__(self, *args, **kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        call = dict(bound.arguments)
-        if call["prompt_embeds"] is None:
-            prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
-            for key in ("prompt_2", "prompt_3"):
-                other = call[key]
-                if other is not None and ([other] if isinstance(other, str) else list(other)) != prompts:
-                    raise ValueError(f"{key} differs from prompt: with an adi-lightning identifier installed, every "
-                                     "text encoder reads the same prompt")
-            if call["clip_skip"] is not None:
-                raise ValueError("clip_skip is not supported with a block-wise identifier")
-            if call["max_sequence_length"] != self.family.max_sequence_length:
-                raise ValueError(f"max_sequence_length={call['max_sequence_length']}: the installed identifier's "
-                                 f"block-wise routing reads {self.family.max_sequence_length} T5 tokens per encoding")
-            family = self.family
-            device = call["device"] or family.pipe._execution_device
-            carrying = check_identifier_prompts(family.tokenizer, self.token, self.placeholder_id, prompts, "prompt")
-            table = self.rows.to(device)
-            rows = table.unsqueeze(0).expand(len(prompts), *table.shape) if carrying else None
-            context, pooled = family.encode_text(family.tokenize(prompts, device), rows, self.layers)
-            call.update(prompt=None, prompt_2=None, prompt_3=None, prompt_embeds=context, pooled_prompt_embeds=pooled)
-            copies = call["num_images_per_prompt"]
-        else:
-            copies = 1
-        positive, negative, pooled, negative_pooled = self.stock(**call)
-        positive = positive.repeat_interleave(copies, dim=0)
-        pooled = pooled.repeat_interleave(copies, dim=0)
-        if negative is not None and negative.shape[1] != positive.shape[1]:
-            negative = negative.repeat(1, positive.shape[1] // negative.shape[1], 1)
-        return positive, negative, pooled, negative_pooled
