@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import DEFAULT_WORDS, _text_encoder, _vae
-from .sd3 import _t5_encoder
+from .pipeline import DEFAULT_WORDS, _text_encoder
+from .sd3 import _mmdit_vae, _t5_encoder
 from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
 FLUX_VAE_SCALING = 0.3611
@@ -75,8 +75,7 @@ def build_tiny_flux_pipeline(
     tokenizer_2 = build_t5_tokenizer(words, out / "tokenizer_2")
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
         text_encoder = _text_encoder(tokenizer, clip_width, text_layers, text_heads, seed)  # CLIPTextModel
-        vae = _vae(vae_channels, seed + 2, scaling_factor=FLUX_VAE_SCALING, latent_channels=FLUX_LATENT_CHANNELS,
-                   shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+        vae = _mmdit_vae(vae_channels, seed + 2, FLUX_VAE_SCALING, FLUX_VAE_SHIFT, FLUX_LATENT_CHANNELS)
         transformer = build_tiny_flux_transformer(
             num_layers=num_layers, num_single_layers=num_single_layers, seed=seed + 3,
             joint_attention_dim=t5_width, pooled_projection_dim=clip_width, heads=attention_heads,

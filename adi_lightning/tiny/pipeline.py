@@ -76,6 +76,24 @@ def _text_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, pro
     return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()
 
 
+def _clip_pair(words: Iterable[str], out: Path, widths: tuple[int, int], projection_dims: tuple[int | None, int],
+               text_layers: int | tuple[int, int], text_heads: int | tuple[int, int], text_acts: tuple[str, str],
+               seed: int) -> dict:
+    """SDXL's and SD3's two CLIP text encoders (ViT-L, then OpenCLIP bigG) of ``widths``, with their tokenizers
+    built into ``out / "tokenizer"`` and ``out / "tokenizer_2"`` (``tokenizer_2`` pads with ``!``, as
+    OpenCLIP bigG's): the pipeline's ``tokenizer``, ``tokenizer_2``, ``text_encoder`` and ``text_encoder_2``
+    by component name. ``projection_dims``: each encoder's projection width, None for a ``CLIPTextModel``
+    (:func:`_text_encoder`); ``text_layers`` / ``text_heads``: one value for both or one per encoder. The
+    weights are seeded ``seed`` and ``seed + 1`` (they reseed the global RNG: call under ``fork_rng``)."""
+    tokenizer = build_clip_tokenizer(words, out / "tokenizer")
+    tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
+    tokenizer_2.pad_token = "!"  # OpenCLIP bigG pads with "!" (SDXL's and SD3's tokenizer_2)
+    layers, heads = ((v, v) if isinstance(v, int) else tuple(v) for v in (text_layers, text_heads))
+    encoders = [_text_encoder(tok, widths[i], layers[i], heads[i], seed + i, projection_dims[i],
+                              hidden_act=text_acts[i]) for i, tok in enumerate((tokenizer, tokenizer_2))]
+    return dict(tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder=encoders[0], text_encoder_2=encoders[1])
+
+
 def _vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float = 0.18215, latent_channels: int = 4,
          layers_per_block: int = 1, norm_num_groups: int | None = None, **config):
     """A random ``AutoencoderKL`` (``norm_num_groups`` defaults to the narrowest block's width); ``config``

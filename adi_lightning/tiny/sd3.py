@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import DEFAULT_WORDS, _text_encoder, _vae
-from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
+from .pipeline import DEFAULT_WORDS, _clip_pair, _vae
+from .tokenizer import build_t5_tokenizer
 
 SD3_VAE_SCALING = 1.5305
 SD3_VAE_SHIFT = 0.0609
@@ -64,6 +64,15 @@ def _t5_encoder(tokenizer, width: int, layers: int, heads: int, seed: int, ff: i
     )
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()
+
+
+def _mmdit_vae(block_out_channels: Sequence[int], seed: int, scaling_factor: float, shift_factor: float,
+               latent_channels: int = SD3_LATENT_CHANNELS, **config):
+    """SD3's and FLUX's ``AutoencoderKL`` (:func:`~adi_lightning.tiny.pipeline._vae`): latents ``(mode -
+    shift_factor) * scaling_factor``, no quant convs, upcast to fp32; ``config``: its other settings."""
+    return _vae(block_out_channels, seed, scaling_factor=scaling_factor, latent_channels=latent_channels,
+                shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+                **config)
 
 
 def build_tiny_sd3_pipeline(
@@ -108,7 +117,7 @@ def build_tiny_sd3_pipeline(
     latent, in patches), ``vae_layers_per_block`` and ``vae_norm_groups`` (default: the narrowest VAE block)
     the same function builds SD3-Medium's shapes at real size (``benchmarks/step_time.py --sd3-shaped``).
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     patch = 2
     latent = sample_size // 2 ** (len(vae_channels) - 1)
@@ -121,45 +130,23 @@ def build_tiny_sd3_pipeline(
         raise ValueError(f"dual_attention_layers {tuple(dual_attention_layers)} must be block indices < {num_layers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_clip_tokenizer(words, out / "tokenizer")
-    tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
-    tokenizer_2.pad_token = "!"  # OpenCLIP bigG pads with "!" (SDXL's and SD3's tokenizer_2)
     tokenizer_3 = build_t5_tokenizer(words, out / "tokenizer_3") if with_t5 else None
-    layers, heads = ((v, v) if isinstance(v, int) else tuple(v) for v in (text_layers, text_heads))
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        text_encoder = _text_encoder(tokenizer, text_widths[0], layers[0], heads[0], seed, projection_dims[0],
-                                     hidden_act=text_acts[0])
-        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], layers[1], heads[1], seed + 1,
-                                       projection_dims[1], hidden_act=text_acts[1])
-        vae = _vae(vae_channels, seed + 2, scaling_factor=SD3_VAE_SCALING, latent_channels=SD3_LATENT_CHANNELS,
-                   layers_per_block=vae_layers_per_block, norm_num_groups=vae_norm_groups,
-                   shift_factor=SD3_VAE_SHIFT, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
-        torch.manual_seed(seed + 3)
-        transformer = SD3Transformer2DModel(
-            sample_size=latent,
-            patch_size=patch,
-            in_channels=SD3_LATENT_CHANNELS,
-            out_channels=SD3_LATENT_CHANNELS,
-            num_layers=num_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=attention_heads,
-            joint_attention_dim=t5_width,
-            caption_projection_dim=attention_heads * attention_head_dim,  # the text stream's width = the image's
-            pooled_projection_dim=sum(projection_dims),
-            pos_embed_max_size=pos_embed_max_size or 2 * latent // patch,  # default: images up to twice sample_size
-            dual_attention_layers=tuple(dual_attention_layers),
-            qk_norm=qk_norm,
-        ).eval()
+        clip = _clip_pair(words, out, text_widths, projection_dims, text_layers, text_heads, text_acts, seed)
+        vae = _mmdit_vae(vae_channels, seed + 2, SD3_VAE_SCALING, SD3_VAE_SHIFT, layers_per_block=vae_layers_per_block,
+                         norm_num_groups=vae_norm_groups)
+        transformer = build_tiny_sd3_transformer(
+            num_layers=num_layers, dual_attention_layers=dual_attention_layers, seed=seed + 3, sample_size=latent,
+            in_channels=SD3_LATENT_CHANNELS, joint_attention_dim=t5_width, pooled_projection_dim=sum(projection_dims),
+            heads=attention_heads, head_dim=attention_head_dim, qk_norm=qk_norm,
+            pos_embed_max_size=pos_embed_max_size or 2 * latent // patch)  # default: images up to twice sample_size
         text_encoder_3 = (_t5_encoder(tokenizer_3, t5_width, t5_layers, t5_heads, seed + 4, t5_ff, t5_buckets)
                           if with_t5 else None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
+        **clip,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
@@ -177,12 +164,14 @@ def build_tiny_sd3_transformer(
     pooled_projection_dim: int = 16,
     heads: int = 2,
     head_dim: int = 8,
+    qk_norm: str | None = None,
+    pos_embed_max_size: int | None = None,
 ):
     """An fp32, eval-mode ``SD3Transformer2DModel``: latents ``[N, in_channels, sample_size,
     sample_size]`` (patch size 2), text ``[N, T, joint_attention_dim]``, pooled
     ``[N, pooled_projection_dim]``; the stream width (``caption_projection_dim``) is ``heads *
-    head_dim``, as the joint attention requires. The same ``seed`` gives the same weights, and the
-    global RNG is left as it was."""
+    head_dim``, as the joint attention requires. ``pos_embed_max_size`` defaults to ``sample_size``.
+    The same ``seed`` gives the same weights, and the global RNG is left as it was."""
     from diffusers import SD3Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -191,6 +180,6 @@ def build_tiny_sd3_transformer(
             sample_size=sample_size, patch_size=2, in_channels=in_channels, num_layers=num_layers,
             attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_attention_dim,
             caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_projection_dim,
-            out_channels=in_channels, pos_embed_max_size=sample_size,
-            dual_attention_layers=tuple(dual_attention_layers))
+            out_channels=in_channels, pos_embed_max_size=pos_embed_max_size or sample_size,
+            dual_attention_layers=tuple(dual_attention_layers), qk_norm=qk_norm)
     return model.float().eval()

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import DEFAULT_WORDS, SD_SCHEDULER, _text_encoder, _vae
-from .tokenizer import build_clip_tokenizer
+from .pipeline import DEFAULT_WORDS, SD_SCHEDULER, _clip_pair, _vae
 
 SDXL_VAE_SCALING = 0.13025
 
@@ -55,14 +54,8 @@ def build_tiny_sdxl_pipeline(
         raise ValueError(f"sample_size {sample_size} px gives latent {latent}, not divisible by 4")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_clip_tokenizer(words, out / "tokenizer")
-    tokenizer_2 = build_clip_tokenizer(words, out / "tokenizer_2")
-    tokenizer_2.pad_token = "!"
-    layers, heads = ((v, v) if isinstance(v, int) else tuple(v) for v in (text_layers, text_heads))
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
-        text_encoder = _text_encoder(tokenizer, text_widths[0], layers[0], heads[0], seed, hidden_act=text_acts[0])
-        text_encoder_2 = _text_encoder(tokenizer_2, text_widths[1], layers[1], heads[1], seed + 1, projection_dim,
-                                       hidden_act=text_acts[1])
+        clip = _clip_pair(words, out, text_widths, (None, projection_dim), text_layers, text_heads, text_acts, seed)
         vae = _vae(vae_channels, seed + 2, scaling_factor=SDXL_VAE_SCALING)
         torch.manual_seed(seed + 3)
         unet = UNet2DConditionModel(
@@ -84,8 +77,7 @@ def build_tiny_sdxl_pipeline(
         ).eval()
     euler = {k: v for k, v in SD_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")}
     scheduler = EulerDiscreteScheduler(**euler, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline(vae=vae, **clip, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
