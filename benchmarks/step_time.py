@@ -137,22 +137,29 @@ def build_sd15_shaped(out: Path) -> Path:
     return out
 
 
+def _build_recorded(out: Path, build, values: dict, record_name: str, built_as: str, dir_flag: str) -> Path:
+    """``build(out, **values)`` with ``values`` recorded in ``out / record_name``; a folder built before is
+    reused only if its record holds the same values (SystemExit naming ``built_as`` and ``dir_flag`` otherwise)."""
+    from adi_lightning.io import atomic_write_json
+
+    values = json.loads(json.dumps(values))  # tuples as lists, as the record reads back
+    record = out / record_name
+    if (out / "model_index.json").is_file():
+        if not record.is_file() or json.loads(record.read_text()) != values:
+            raise SystemExit(f"{out} was not built as {built_as}; give another {dir_flag} or remove it")
+        return out
+    build(out, **values)
+    atomic_write_json(record, values)
+    return out
+
+
 def build_sdxl_shaped(out: Path, text_encoders: str = "small") -> Path:
     """An SDXL-topology pipeline folder with random weights (:data:`SDXL_SHAPED` and
     :data:`SDXL_TEXT_ENCODERS`); a folder built before is reused only if built with the same values."""
-    from adi_lightning.io import atomic_write_json
     from adi_lightning.tiny.sdxl import build_tiny_sdxl_pipeline
 
-    values = json.loads(json.dumps({**SDXL_SHAPED, **SDXL_TEXT_ENCODERS[text_encoders]}))  # tuples as lists
-    record = out / "sdxl_shaped.json"
-    if (out / "model_index.json").is_file():
-        if not record.is_file() or json.loads(record.read_text()) != values:
-            raise SystemExit(f"{out} was not built as --text-encoders {text_encoders}; "
-                             "give another --sdxl-dir or remove it")
-        return out
-    build_tiny_sdxl_pipeline(out, **values)
-    atomic_write_json(record, values)
-    return out
+    return _build_recorded(out, build_tiny_sdxl_pipeline, {**SDXL_SHAPED, **SDXL_TEXT_ENCODERS[text_encoders]},
+                           "sdxl_shaped.json", f"--text-encoders {text_encoders}", "--sdxl-dir")
 
 
 # Stable Diffusion 3 Medium config values (stabilityai/stable-diffusion-3-medium-diffusers: transformer,
@@ -175,19 +182,11 @@ def build_sd3_shaped(out: Path, with_t5: bool = False) -> Path:
     """An SD3-Medium-shaped ``StableDiffusion3Pipeline`` folder with random weights (:data:`SD3_MEDIUM`,
     with ``with_t5`` also :data:`SD3_T5_XXL`) through :func:`~adi_lightning.tiny.build_tiny_sd3_pipeline`;
     a folder built before is reused only if built with the same values (SystemExit otherwise)."""
-    from adi_lightning.io import atomic_write_json
     from adi_lightning.tiny.sd3 import build_tiny_sd3_pipeline
 
-    values = json.loads(json.dumps({**SD3_MEDIUM, **(SD3_T5_XXL if with_t5 else {}), "with_t5": with_t5}))
-    record = out / "sd3_shaped.json"
-    if (out / "model_index.json").is_file():
-        if not record.is_file() or json.loads(record.read_text()) != values:
-            raise SystemExit(f"{out} was not built as --sd3-shaped{' --sd3-t5' if with_t5 else ''}; "
-                             "give another --sd3-dir or remove it")
-        return out
-    build_tiny_sd3_pipeline(out, **values)
-    atomic_write_json(record, values)
-    return out
+    return _build_recorded(out, build_tiny_sd3_pipeline,
+                           {**SD3_MEDIUM, **(SD3_T5_XXL if with_t5 else {}), "with_t5": with_t5}, "sd3_shaped.json",
+                           f"--sd3-shaped{' --sd3-t5' if with_t5 else ''}", "--sd3-dir")
 
 
 def sd3_real_size_bytes(with_t5: bool) -> float:
@@ -447,23 +446,24 @@ def _prepare(args, work: Path) -> list[tuple[str, str | None, str]]:
             "weights on disk and again in each method's process, and minutes per step on a CPU. Run it with "
             "--device cuda, or give --allow-cpu-real-size; on the CPU time an MMDiT with a tiny SD3 folder "
             "(--pipeline, adi_lightning.tiny.build_tiny_sd3_pipeline).")
+    def build(kind: str, what: str, build_in, detail: str = "") -> str:
+        """Build the ``kind`` pipeline in ``--<kind>-dir`` (default: ``work / kind``), saying ``what`` it is."""
+        given = getattr(args, f"{kind}_dir")
+        out = Path(given) if given else work / kind
+        print(f"# building an {what} random-weight pipeline{detail} in {out} ...", flush=True)
+        return str(build_in(out))
+
     pipelines = []
     if args.sdxl_shaped:
-        out = Path(args.sdxl_dir) if args.sdxl_dir else work / "sdxl"
-        print(f"# building an SDXL-shaped random-weight pipeline ({args.text_encoders} text encoders) in {out} ...",
-              flush=True)
-        path = str(build_sdxl_shaped(out, args.text_encoders))
+        path = build("sdxl", "SDXL-shaped", lambda out: build_sdxl_shaped(out, args.text_encoders),
+                     f" ({args.text_encoders} text encoders)")
         pipelines.append(("sdxl", f"SDXL-shaped UNet {SDXL_SHAPED}, {args.text_encoders} text encoders "
                                   f"({describe_text_encoders(path)})", path))
     if args.sd15_shaped:
-        out = Path(args.sd15_dir) if args.sd15_dir else work / "sd15"
-        print(f"# building an SD-1.5-shaped random-weight pipeline in {out} ...", flush=True)
-        pipelines.append(("sd15", "SD-1.5-shaped", str(build_sd15_shaped(out))))
+        pipelines.append(("sd15", "SD-1.5-shaped", build("sd15", "SD-1.5-shaped", build_sd15_shaped)))
     if args.sd3_shaped:
-        out = Path(args.sd3_dir) if args.sd3_dir else work / "sd3"
-        print(f"# building an SD3-Medium-shaped random-weight pipeline ({'with' if args.sd3_t5 else 'no'} T5) in "
-              f"{out} ...", flush=True)
-        path = str(build_sd3_shaped(out, args.sd3_t5))
+        path = build("sd3", "SD3-Medium-shaped", lambda out: build_sd3_shaped(out, args.sd3_t5),
+                     f" ({'with' if args.sd3_t5 else 'no'} T5)")
         mmdit = json.loads((Path(path) / "transformer" / "config.json").read_text())
         width = mmdit["num_attention_heads"] * mmdit["attention_head_dim"]
         pipelines.append(("sd3", f"SD3-Medium-shaped MMDiT {mmdit['num_layers']} joint blocks x {width}, "
@@ -544,28 +544,39 @@ def _report(args, kind: str, title: str | None, pipeline: str, resolution: int, 
         print(f"{method_spec(method)[2]:<28}{r['rows']:>5}{median:>14.4f}{low:>9.4f}{high:>9.4f}"
               f"{r['images_per_step'] / median:>10.2f}{share:>15.0%} {memory:>19.0f}")
     print()
-    if args.device == "cuda" and kind == "sd15":
+    estimate = _flop_estimate(args.device, kind, pipeline, resolution, methods, results)
+    if estimate is not None:
+        what, digits, tflops = estimate
+        for method, tflop in tflops.items():
+            mfu = (f"-> {tflop / medians[method] / H100_BF16_TFLOPS:.1%} of {H100_BF16_TFLOPS:.0f} TFLOP/s "
+                   "(H100 bf16 dense)" if args.device == "cuda" else "(MFU on --device cuda only)")
+            print(f"{what} {method_spec(method)[2]}: {tflop:{digits}} TFLOP/step {mfu}")
+    return medians
+
+
+def _flop_estimate(device: str, kind: str, pipeline: str, resolution: int, methods: list[str],
+                   results: dict[str, dict]) -> tuple[str, str, dict[str, float]] | None:
+    """``(what is estimated, number format, TFLOP per step of each method)``, or None without an estimate:
+    SD 1.5-shaped on CUDA from :data:`SD15_UNET_TFLOP_512` and :data:`SD15_TEXT_TFLOP_PROMPT`; an SD3 folder
+    from its configs (:func:`sd3_step_flops`; its MFU on CUDA only)."""
+    if device == "cuda" and kind == "sd15":
         scale = (resolution / 512) ** 2
+        tflops = {}
         for method in methods:
-            r = results[method]
-            images = r["images_per_step"]
+            images = results[method]["images_per_step"]
             prompts = images * (1 if method == "ti" else 16)  # 16 layer-wise prompts per image (SD 1.5)
             forwards = prompts // 3 if method == "adi" else prompts  # shared: one forward per triple
             # 0.027 TFLOP per prompt is forward + backward, about half each.
-            tflop = images * SD15_UNET_TFLOP_512 * scale + (forwards + prompts) / 2 * SD15_TEXT_TFLOP_PROMPT
-            mfu = tflop / medians[method] / H100_BF16_TFLOPS
-            print(f"MFU estimate {LABELS[method]}: {tflop:.3f} TFLOP/step -> {mfu:.1%} of "
-                  f"{H100_BF16_TFLOPS:.0f} TFLOP/s (H100 bf16 dense)")
-    if _is_sd3(pipeline):  # FLOPs from the folder's configs (sd3_step_flops); MFU on CUDA only
+            tflops[method] = images * SD15_UNET_TFLOP_512 * scale + (forwards + prompts) / 2 * SD15_TEXT_TFLOP_PROMPT
+        return "MFU estimate", ".3f", tflops
+    if _is_sd3(pipeline):
+        tflops = {}
         for method in methods:
-            r = results[method]
-            images, rows = r["images_per_step"], r["rows"]
+            images, rows = results[method]["images_per_step"], results[method]["rows"]
             forwards = images * rows // 3 if method.partition(":")[0] == "adi" else images * rows
-            tflop = sd3_step_flops(pipeline, resolution, images, rows, forwards) / 1e12
-            mfu = (f"-> {tflop / medians[method] / H100_BF16_TFLOPS:.1%} of {H100_BF16_TFLOPS:.0f} TFLOP/s "
-                   "(H100 bf16 dense)" if args.device == "cuda" else "(MFU on --device cuda only)")
-            print(f"FLOPs estimate (MMDiT + text encoders) {method_spec(method)[2]}: {tflop:.4g} TFLOP/step {mfu}")
-    return medians
+            tflops[method] = sd3_step_flops(pipeline, resolution, images, rows, forwards) / 1e12
+        return "FLOPs estimate (MMDiT + text encoders)", ".4g", tflops
+    return None
 
 
 def main(argv=None) -> None:
