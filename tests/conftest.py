@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD, SDXL and SD3 pipelines and an action folder, built once per session, offline."""
+"""Shared fixtures: tiny SD, SDXL, SD3 and FLUX pipelines and an action folder, built once per session, offline."""
 
 from __future__ import annotations
 
@@ -75,6 +75,122 @@ def tiny_sd3_pipeline_no_t5(tiny_dir):
     from adi_lightning.tiny import build_tiny_sd3_pipeline
 
     return str(build_tiny_sd3_pipeline(tiny_dir / "pipeline_sd3_no_t5", with_t5=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tiny_dir):
+    """``<tmp>/pipeline_flux``: the tiny FLUX.1 pipeline (2 double- and 2 single-stream blocks, D = 32 + 48,
+    32 px; ``adi_lightning.tiny.build_tiny_flux_pipeline``)."""
+    from adi_lightning.tiny import build_tiny_flux_pipeline
+
+    return str(build_tiny_flux_pipeline(tiny_dir / "pipeline_flux"))
+
+
+@pytest.fixture(scope="session")
+def stock_pipeline():
+    """``stock_pipeline(folder, img2img=False)``: the folder's stock diffusers pipeline (its family's
+    ``pipeline_class``, or the image-to-image one), loaded as a user would (with the family's
+    ``folder_load_kwargs``: a no-T5 SD3 folder needs ``text_encoder_3=None, tokenizer_3=None``), fp32, no
+    progress bar."""
+    import json
+
+    from adi_lightning.backbone import family_class
+
+    def load(folder: str, img2img: bool = False):
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        family = family_class(index["_class_name"])
+        pipe = family.pipeline_class(img2img=img2img).from_pretrained(folder, low_cpu_mem_usage=False,
+                                                                      **family.folder_load_kwargs(index))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def random_identifier():
+    """``random_identifier(module, path)``: add seeded noise (``randn``, seed 0) to the module's identifier rows
+    so that every row differs, save it to ``path``; returns ``(saved path, rows [R, D])``."""
+    import torch
+
+    def save(module, path):
+        with torch.no_grad():
+            module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
+                                                         generator=torch.Generator().manual_seed(0)))
+        return module.save_identifier(path), module.identifier.embedding.detach().clone()
+
+    return save
+
+
+#: ``model`` overrides of each method: ADI masks (threshold 0), P+ and TI never do; TI has one row.
+METHOD_SETTINGS = {"adi": dict(mask_threshold=0.0), "pplus": dict(mask_threshold=1.0),
+                   "ti": dict(mask_threshold=1.0, layerwise=False)}
+
+
+@pytest.fixture()
+def two_steps_change_only_the_identifier(tiny_data, tmp_path):
+    """``check(make, method)``: ``make(learning_rate=0.05, **METHOD_SETTINGS[method])`` (an ADIModule factory)
+    fitted two Trainer steps on the tiny folder's ``jumping`` items (batch 1, triples for ADI) into
+    ``tmp_path``; asserts that the identifier moved and stayed finite, that no other parameter moved and that
+    ``identifier.safetensors`` was written; returns the identifier rows ``[R, D]`` after."""
+    import lightning as L
+    import torch
+
+    from adi_lightning.data import ActionTripleDataModule
+
+    def check(make, method: str):
+        module = make(learning_rate=0.05, **METHOD_SETTINGS[method])
+        frozen = {name: p.detach().clone() for name, p in module.named_parameters()
+                  if not name.startswith("identifier.")}
+        start = module.identifier.embedding.detach().clone()
+        dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=2,
+                                    with_partners=method == "adi")
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            limit_val_batches=0)
+        trainer.fit(module, dm)
+        after = module.identifier.embedding.detach()
+        assert not torch.equal(after, start) and torch.isfinite(after).all()
+        assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if name in frozen)
+        assert (tmp_path / "identifier.safetensors").is_file()
+        return after
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def equal_rows_training_forward(tiny_batch):
+    """``check(make, tokens)``: a P+ module and a TI module from ``make(**overrides)`` (an ADIModule factory on an
+    MMDiT folder, ``tokens`` per block chunk), the P+ rows all set to the TI row (one seeded vector); asserts that
+    the P+ training forward hands the transformer B equal chunks, that it is the stock forward on ONE chunk bit
+    for bit, and that both modules' per-sample losses agree (up to the text encoders' batch-size rounding: P+
+    encodes B rows per prompt in one call); returns the transformer call's ``(args, kwargs)``."""
+    import torch
+
+    def check(make, tokens: int):
+        batch = tiny_batch(with_partners=False)
+        pplus = make(mask_threshold=1.0, cache_latents=False)
+        ti = make(mask_threshold=1.0, layerwise=False, cache_latents=False)
+        calls = []
+        hook = pplus.transformer.register_forward_hook(
+            lambda module, args, kwargs, output: calls.append((args, dict(kwargs), output.sample)), with_kwargs=True)
+        with torch.no_grad():
+            blocks, dim = pplus.identifier.embedding.shape
+            vector = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+            pplus.identifier.embedding.copy_(vector.expand(blocks, -1))
+            ti.identifier.embedding.copy_(vector[None])
+            _, per_pplus = pplus.compute_loss(batch, draw_step=0)
+            _, per_ti = ti.compute_loss(batch, draw_step=0)
+            hook.remove()
+            ((args, kwargs, routed),) = calls
+            chunks = kwargs["encoder_hidden_states"].split(tokens, dim=1)
+            assert len(chunks) == blocks and all(torch.equal(chunk, chunks[0]) for chunk in chunks)
+            plain = pplus.transformer(*args, **{**kwargs, "encoder_hidden_states": chunks[0]}).sample
+        assert torch.equal(routed, plain)
+        torch.testing.assert_close(per_pplus, per_ti, rtol=1e-5, atol=0)
+        return args, kwargs
+
+    return check
 
 
 @pytest.fixture(scope="session")

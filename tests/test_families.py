@@ -59,6 +59,17 @@ def test_a_folder_missing_a_part_of_its_family_is_refused_once_by_name(request, 
     assert str(folder) in message and message.split(str(folder))[-1].count("missing") == 1  # one check, one error
 
 
+@pytest.mark.parametrize("pipeline", ["tiny_sd3_pipeline_no_t5", "tiny_flux_pipeline"])
+def test_mmdit_latents_use_the_vae_shift_factor(request, pipeline):
+    """SD3's and FLUX's latents are ``(mode - shift_factor) * scaling_factor`` (``MMDiTFamily.encode_images``)."""
+    family = load_backbone(request.getfixturevalue(pipeline))
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mode = family.vae.encode(pixels).latent_dist.mode()
+    config = family.vae.config
+    assert config.shift_factor != 0
+    assert torch.equal(family.encode_images(pixels), (mode - config.shift_factor) * config.scaling_factor)
+
+
 def test_family_prompt_inputs_are_the_stock_pipeline_keywords(make_module):
     module = make_module()
     table = module.identifier.embedding.detach()

@@ -5,7 +5,6 @@ through the same module, Trainer and ``install_identifier``, with block-wise row
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -13,7 +12,6 @@ import torch
 import adi_lightning
 from adi_lightning.backbone import load_backbone
 from adi_lightning.blockwise import blockwise_block_to_row
-from adi_lightning.data import ActionTripleDataModule
 from adi_lightning.families import FluxFamily
 from adi_lightning.families.flux import latent_image_ids, pack_latents, unpack_latents
 
@@ -22,34 +20,12 @@ BLOCKS, S = 4, 512
 PATHS = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
 
 
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory):
-    from adi_lightning.tiny import build_tiny_flux_pipeline
-
-    return str(build_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "flux"))
-
-
 @pytest.fixture()
-def flux_module(flux_folder, make_module):
+def flux_module(tiny_flux_pipeline, make_module):
     def make(**overrides):
-        return make_module(pretrained_model_name_or_path=flux_folder, **overrides)
+        return make_module(pretrained_model_name_or_path=tiny_flux_pipeline, **overrides)
 
     return make
-
-
-def _stock(folder: str):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(folder, low_cpu_mem_usage=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _batch(tiny_data, with_partners=True, batch_size=2):
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
-                                with_partners=with_partners, repeats=2, seed=3)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 def test_packing_is_flux_pipelines_and_inverts():
@@ -65,8 +41,8 @@ def test_packing_is_flux_pipelines_and_inverts():
         pack_latents(torch.zeros(1, 16, 5, 8))
 
 
-def test_flux_folder_loads_as_the_flux_family_through_the_project_loader(flux_folder, flux_module):
-    family = load_backbone(flux_folder)
+def test_flux_folder_loads_as_the_flux_family_through_the_project_loader(tiny_flux_pipeline, flux_module):
+    family = load_backbone(tiny_flux_pipeline)
     assert isinstance(family, FluxFamily) and type(family.pipe).__name__ == "FluxPipeline"
     assert family.text_dims == [D1, D3] and family.pooled_layer == 2
     module = flux_module()
@@ -87,11 +63,11 @@ def test_flux_folder_loads_as_the_flux_family_through_the_project_loader(flux_fo
 
 
 @torch.no_grad()
-def test_encodings_are_the_stock_encode_prompt_per_block(flux_folder, flux_module):
+def test_encodings_are_the_stock_encode_prompt_per_block(tiny_flux_pipeline, flux_module, stock_pipeline):
     """Plain prompts and the untrained identifier (each part the embedding of "standing") are exactly
     FluxPipeline.encode_prompt's T5 stream, once per block, and its CLIP-L pooled vector; FLUX gets no negative."""
     module = flux_module()
-    pipe = _stock(flux_folder)
+    pipe = stock_pipeline(tiny_flux_pipeline)
     embeds, pooled, text_ids = pipe.encode_prompt("a photo of a dog", None, device="cpu")
     assert embeds.shape == (1, S, D3) and pooled.shape == (1, D1) and torch.equal(text_ids, torch.zeros(S, 3))
     inputs = module.family.prompt_inputs(["a photo of a dog"], None, BLOCKS, torch.float32)
@@ -123,32 +99,15 @@ def test_row_b_t5_part_reaches_only_chunk_b_and_the_middle_rows_clip_part_only_t
             assert torch.equal(pooled, base_pooled) != (part == 0 and block == family.pooled_layer), (block, part)
 
 
-def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(flux_module, tiny_data):
+def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(flux_module,
+                                                                              equal_rows_training_forward):
     """Every block's row equal: the training forward (B equal T5 chunks through the block-wise hooks, the
     pooled vector from the same row) is the stock FLUX forward on ONE plain encoding, bit for bit."""
-    batch = _batch(tiny_data, with_partners=False)
-    pplus = flux_module(mask_threshold=1.0, cache_latents=False)
-    ti = flux_module(mask_threshold=1.0, layerwise=False, cache_latents=False)
-    calls = []
-    hook = pplus.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((args, dict(kwargs), output.sample)), with_kwargs=True)
-    with torch.no_grad():
-        vector = torch.randn(D1 + D3, generator=torch.Generator().manual_seed(0))
-        pplus.identifier.embedding.copy_(vector.expand(BLOCKS, -1))
-        ti.identifier.embedding.copy_(vector[None])
-        _, per_pplus = pplus.compute_loss(batch, draw_step=0)
-        _, per_ti = ti.compute_loss(batch, draw_step=0)
-        hook.remove()
-        ((args, kwargs, routed),) = calls
-        chunks = kwargs["encoder_hidden_states"].split(S, dim=1)
-        assert len(chunks) == BLOCKS and all(torch.equal(chunk, chunks[0]) for chunk in chunks)
-        assert kwargs["guidance"].tolist() == [3.5] * args[0].shape[0]
-        plain = pplus.transformer(*args, **{**kwargs, "encoder_hidden_states": chunks[0]}).sample
-    assert torch.equal(routed, plain)
-    torch.testing.assert_close(per_pplus, per_ti, rtol=1e-5, atol=0)
+    args, kwargs = equal_rows_training_forward(flux_module, S)
+    assert kwargs["guidance"].tolist() == [3.5] * args[0].shape[0]
 
 
-def test_the_flow_matching_objective_with_the_dynamic_shift_drives_the_loss(flux_module, tiny_data):
+def test_the_flow_matching_objective_with_the_dynamic_shift_drives_the_loss(flux_module, tiny_batch):
     """Packed noisy latents, timestep = sigma (not sigma * 1000), sigma shifted by exp(mu) of the packed
     image's 8*8 tokens, and the velocity target unpacked."""
     import math
@@ -156,7 +115,7 @@ def test_the_flow_matching_objective_with_the_dynamic_shift_drives_the_loss(flux
     from adi_lightning import flow_matching
 
     module = flux_module(mask_threshold=1.0, cache_latents=False, timestep_sampling="logit_normal")
-    batch = _batch(tiny_data, with_partners=False, batch_size=1)
+    batch = tiny_batch(with_partners=False, batch_size=1)
     seen = {}
     hook = module.transformer.register_forward_pre_hook(
         lambda m, args, kwargs: seen.update(noisy=args[0], timestep=kwargs["timestep"], img_ids=kwargs["img_ids"]),
@@ -175,17 +134,8 @@ def test_the_flow_matching_objective_with_the_dynamic_shift_drives_the_loss(flux
     assert torch.equal(seen["img_ids"], latent_image_ids(16, 16))
 
 
-def test_latents_use_the_vae_shift_factor(flux_module):
-    family = flux_module().family
-    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mode = family.vae.encode(pixels).latent_dist.mode()
-    config = family.vae.config
-    assert config.shift_factor != 0
-    assert torch.equal(family.encode_images(pixels), (mode - config.shift_factor) * config.scaling_factor)
-
-
-def test_per_sample_gradients_under_masking_equal_per_sample_autograd(flux_module, tiny_data):
-    batch = _batch(tiny_data)
+def test_per_sample_gradients_under_masking_equal_per_sample_autograd(flux_module, tiny_batch):
+    batch = tiny_batch()
     module = flux_module(mask_threshold=0.5, cache_latents=False)
     loss, per_sample = module.compute_loss(batch)
     table = module.identifier.embedding
@@ -203,40 +153,23 @@ def test_per_sample_gradients_under_masking_equal_per_sample_autograd(flux_modul
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["adi", "pplus", "ti"])
-def test_a_few_training_steps_change_only_the_identifier(method, flux_module, tiny_data, tmp_path):
-    settings = {"adi": dict(mask_threshold=0.0), "pplus": dict(mask_threshold=1.0),
-                "ti": dict(mask_threshold=1.0, layerwise=False)}[method]
-    module = flux_module(learning_rate=0.05, **settings)
-    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not name.startswith("identifier.")}
-    start = module.identifier.embedding.detach().clone()
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=2,
-                                with_partners=method == "adi")
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
-    after = module.identifier.embedding.detach()
-    assert after.shape == (1 if method == "ti" else BLOCKS, D1 + D3) and not torch.equal(after, start)
-    assert torch.isfinite(after).all()
-    assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if name in frozen)
-    assert (tmp_path / "identifier.safetensors").is_file()
+def test_a_few_training_steps_change_only_the_identifier(method, flux_module, two_steps_change_only_the_identifier):
+    after = two_steps_change_only_the_identifier(flux_module, method)
+    assert after.shape == (1 if method == "ti" else BLOCKS, D1 + D3)
 
 
 @torch.no_grad()
 def test_generate_and_install_identifier_draw_the_same_images_and_remove_restores_exactly(
-        flux_folder, flux_module, tmp_path):
+        tiny_flux_pipeline, flux_module, stock_pipeline, random_identifier, tmp_path):
     """module.generate (the stock FluxPipeline with block-wise prompt_embeds) and install_identifier on a
     stock FluxPipeline (its encode_prompt shadowed) draw the same images; removing it restores the stock
     pipeline's images bit for bit."""
     module = flux_module(image_size=32)
-    with torch.no_grad():
-        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
-                                                     generator=torch.Generator().manual_seed(0)))
-    path = module.save_identifier(tmp_path / "rows.safetensors")
+    path, _ = random_identifier(module, tmp_path / "rows.safetensors")
     prompt = "a photo of a cat <A>"
     ours = module.generate([prompt], [1])
     assert ours[0].size == (32, 32)
-    pipe = _stock(flux_folder)
+    pipe = stock_pipeline(tiny_flux_pipeline)
     kwargs = dict(num_inference_steps=2, guidance_scale=2.0, height=32, width=32, output_type="np")
     before = pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
     adi_lightning.install_identifier(pipe, path)
@@ -248,6 +181,9 @@ def test_generate_and_install_identifier_draw_the_same_images_and_remove_restore
     assert not np.allclose(installed, before, atol=1e-4)
     with pytest.raises(ValueError, match="prompt_2 differs from prompt"):
         pipe(prompt, prompt_2="a dog", generator=torch.Generator().manual_seed(1), **kwargs)
+    with pytest.raises(ValueError, match="max_sequence_length=256: the installed identifier's block-wise routing "
+                                         "reads 512 T5 tokens"):
+        pipe(prompt, max_sequence_length=256, generator=torch.Generator().manual_seed(1), **kwargs)
     adi_lightning.remove_identifier(pipe)
     assert "encode_prompt" not in pipe.__dict__ and blockwise_block_to_row(pipe.transformer) is None
     assert np.array_equal(pipe("a photo of a cat", generator=torch.Generator().manual_seed(1), **kwargs).images,
@@ -272,17 +208,9 @@ def test_the_guidance_scale_defaults_to_the_family_s_and_a_typed_one_is_honoured
     assert TRAINING_GUIDANCE == 3.5
 
 
-def _flux_identifier(flux_module, path, **settings):
-    module = flux_module(**settings)
-    with torch.no_grad():
-        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
-                                                     generator=torch.Generator().manual_seed(0)))
-    return module.save_identifier(path), module.identifier.embedding.detach().clone()
-
-
 @torch.no_grad()
-def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(flux_folder, flux_module, tmp_path,
-                                                                               capsys):
+def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
+        tiny_flux_pipeline, flux_module, stock_pipeline, random_identifier, tmp_path, capsys):
     """--format flux writes a one-row FLUX identifier as clip_l + t5xxl, exactly its row split by text
     encoder; each key set into its stock encoder's token embedding draws, in the stock FluxPipeline,
     exactly what install_identifier draws."""
@@ -291,11 +219,11 @@ def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
 
     from adi_lightning.export import WRITTEN_BY, main as export_main
 
-    path, table = _flux_identifier(flux_module, tmp_path / "ti.safetensors", layerwise=False)
+    path, table = random_identifier(flux_module(layerwise=False), tmp_path / "ti.safetensors")
     out = tmp_path / "corgi_jump.safetensors"
     # Nothing to distill: a measurement flag typed is refused by name, not ignored.
     assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out), "--pipeline",
-                        str(flux_folder)]) == 1
+                        str(tiny_flux_pipeline)]) == 1
     assert f"error: --pipeline: the identifier {path} has one row, nothing to distill" in capsys.readouterr().err
     assert not out.exists()
     assert export_main(["--identifier", str(path), "--format", "flux", "--out", str(out)]) == 0
@@ -308,10 +236,10 @@ def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
     assert meta["written_by"] == WRITTEN_BY and meta["method"] == "lossless" and meta["token"] == "<A>"
 
     kwargs = dict(num_inference_steps=2, guidance_scale=3.5, height=32, width=32, output_type="np")
-    installed = _stock(flux_folder)
+    installed = stock_pipeline(tiny_flux_pipeline)
     adi_lightning.install_identifier(installed, path)
     expected = installed("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
-    stock = _stock(flux_folder)
+    stock = stock_pipeline(tiny_flux_pipeline)
     for key, tokenizer, encoder in zip(["clip_l", "t5xxl"], [stock.tokenizer, stock.tokenizer_2],
                                        [stock.text_encoder, stock.text_encoder_2]):
         tokenizer.add_tokens(["<A>"])
@@ -322,15 +250,15 @@ def test_a_textual_inversion_flux_identifier_exports_losslessly_as_clip_l_t5xxl(
 
 
 def test_a_block_wise_flux_identifier_is_refused_by_name_and_the_formats_refuse_other_families(
-        flux_module, make_module, tmp_path):
+        flux_module, make_module, random_identifier, tmp_path):
     from adi_lightning.export import export_identifier
 
-    rows, _ = _flux_identifier(flux_module, tmp_path / "rows.safetensors")
+    rows, _ = random_identifier(flux_module(), tmp_path / "rows.safetensors")
     out = tmp_path / "x.safetensors"
     with pytest.raises(ValueError, match=r"block-wise FLUX identifier \(4 different rows\): --format flux writes "
                                          r"one-row .* distillation does not run on FLUX yet"):
         export_identifier(rows, out, "flux")
-    flux_file, _ = _flux_identifier(flux_module, tmp_path / "flux.safetensors", layerwise=False)
+    flux_file, _ = random_identifier(flux_module(layerwise=False), tmp_path / "flux.safetensors")
     for fmt in ("ti", "webui", "sdxl", "sd3"):
         with pytest.raises(ValueError, match=r"flux\.safetensors was trained on a flux backbone: .*--format flux"):
             export_identifier(flux_file, out, fmt)

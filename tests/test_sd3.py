@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -24,13 +25,9 @@ BLOCKS, T = 3, 77 + 256
 VARIANTS = ["t5", "no_t5"]
 
 
-@pytest.fixture(scope="module")
-def sd3_folders(tmp_path_factory):
-    from adi_lightning.tiny import build_tiny_sd3_pipeline
-
-    root = tmp_path_factory.mktemp("sd3")
-    return {"t5": str(build_tiny_sd3_pipeline(root / "sd3")),
-            "no_t5": str(build_tiny_sd3_pipeline(root / "sd3_no_t5", with_t5=False))}
+@pytest.fixture(scope="session")
+def sd3_folders(tiny_sd3_pipeline, tiny_sd3_pipeline_no_t5):
+    return {"t5": tiny_sd3_pipeline, "no_t5": tiny_sd3_pipeline_no_t5}
 
 
 def _dim(variant: str) -> int:
@@ -43,24 +40,6 @@ def sd3_module(sd3_folders, make_module):
         return make_module(pretrained_model_name_or_path=sd3_folders[variant], **overrides)
 
     return make
-
-
-def _stock(folder: str):
-    """The stock pipeline, loaded as a user would (a no-T5 folder needs text_encoder_3=None, tokenizer_3=None)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, low_cpu_mem_usage=False,
-                                                    **StableDiffusion3Family.folder_load_kwargs(index))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _batch(tiny_data, with_partners=True, batch_size=2):
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=batch_size,
-                                with_partners=with_partners, repeats=2, seed=3)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -89,12 +68,12 @@ def test_sd3_folder_loads_as_the_sd3_family_through_the_project_loader(variant, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()  # as the pipeline's __call__ (CPU attention picks other kernels under autograd)
-def test_encodings_are_the_stock_encode_prompt_per_block(variant, sd3_folders, sd3_module):
+def test_encodings_are_the_stock_encode_prompt_per_block(variant, sd3_folders, sd3_module, stock_pipeline):
     """Plain prompts, the negative "" and the untrained identifier (each part the embedding of
     "standing") are exactly what StableDiffusion3Pipeline.encode_prompt makes, once per joint block."""
     module = sd3_module(variant)
     family = module.family
-    pipe = _stock(sd3_folders[variant])
+    pipe = stock_pipeline(sd3_folders[variant])
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a dog", None, None, device="cpu")
     assert embeds.shape == (1, T, D3)
     inputs = family.prompt_inputs(["a photo of a dog"], None, BLOCKS, torch.float32)
@@ -136,38 +115,21 @@ def test_row_b_reaches_only_block_b_chunk_in_every_part_and_the_middle_row_the_p
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(variant, sd3_module, tiny_data):
+def test_equal_rows_are_textual_inversion_bit_for_bit_in_the_training_forward(variant, sd3_module,
+                                                                              equal_rows_training_forward):
     """With every block's row equal, the training forward (B equal chunks through the block-wise hooks)
     is the stock MMDiT forward on ONE plain encoding, bit for bit; the loss equals the TI module's up to
     the text encoders' batch-size rounding (P+ encodes B rows per prompt in one call, TI one)."""
-    batch = _batch(tiny_data, with_partners=False)
-    pplus = sd3_module(variant, mask_threshold=1.0, cache_latents=False)
-    ti = sd3_module(variant, mask_threshold=1.0, layerwise=False, cache_latents=False)
-    calls = []
-    hook = pplus.transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((args, dict(kwargs), output.sample)), with_kwargs=True)
-    with torch.no_grad():
-        vector = torch.randn(_dim(variant), generator=torch.Generator().manual_seed(0))
-        pplus.identifier.embedding.copy_(vector.expand(BLOCKS, -1))
-        ti.identifier.embedding.copy_(vector[None])
-        _, per_pplus = pplus.compute_loss(batch, draw_step=0)
-        _, per_ti = ti.compute_loss(batch, draw_step=0)
-        hook.remove()
-        ((args, kwargs, routed),) = calls
-        chunks = kwargs["encoder_hidden_states"].split(T, dim=1)
-        assert len(chunks) == BLOCKS and all(torch.equal(chunk, chunks[0]) for chunk in chunks)
-        plain = pplus.transformer(*args, **{**kwargs, "encoder_hidden_states": chunks[0]}).sample
-    assert torch.equal(routed, plain)
-    torch.testing.assert_close(per_pplus, per_ti, rtol=1e-5, atol=0)
+    equal_rows_training_forward(partial(sd3_module, variant), T)
 
 
-def test_flow_matching_objective_drives_the_loss(sd3_module, tiny_data):
+def test_flow_matching_objective_drives_the_loss(sd3_module, tiny_batch):
     """The noisy latents, timestep and target are rectified flow's (sigma shifted by the scheduler's 3.0)."""
     from adi_lightning import flow_matching
 
     module = sd3_module("no_t5", mask_threshold=1.0, cache_latents=False, timestep_sampling="logit_normal")
     assert module.objective.name == "flow_matching" and module.objective.shift == 3.0
-    batch = _batch(tiny_data, with_partners=False, batch_size=1)
+    batch = tiny_batch(with_partners=False, batch_size=1)
     seen = {}
     hook = module.transformer.register_forward_pre_hook(
         lambda m, args, kwargs: seen.update(noisy=args[0], timestep=kwargs["timestep"]), with_kwargs=True)
@@ -182,18 +144,9 @@ def test_flow_matching_objective_drives_the_loss(sd3_module, tiny_data):
     assert torch.equal(seen["noisy"], flow_matching.flow_noisy_latents(latents, noise, sigmas))
 
 
-def test_latents_use_the_vae_shift_factor(sd3_module):
-    family = sd3_module("no_t5").family
-    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    mode = family.vae.encode(pixels).latent_dist.mode()
-    config = family.vae.config
-    assert config.shift_factor != 0
-    assert torch.equal(family.encode_images(pixels), (mode - config.shift_factor) * config.scaling_factor)
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_per_sample_gradients_under_masking_equal_per_sample_autograd(variant, sd3_module, tiny_data):
-    batch = _batch(tiny_data)
+def test_per_sample_gradients_under_masking_equal_per_sample_autograd(variant, sd3_module, tiny_batch):
+    batch = tiny_batch()
     for share in (False, True):
         module = sd3_module(variant, mask_threshold=0.5, share_text_encoding=share, cache_latents=False)
         loss, per_sample = module.compute_loss(batch)
@@ -212,22 +165,10 @@ def test_per_sample_gradients_under_masking_equal_per_sample_autograd(variant, s
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("variant,method", [("t5", "adi"), ("no_t5", "adi"), ("t5", "pplus"), ("no_t5", "ti")])
-def test_a_few_training_steps_change_only_the_identifier(variant, method, sd3_module, tiny_data, tmp_path):
-    settings = {"adi": dict(mask_threshold=0.0), "pplus": dict(mask_threshold=1.0),
-                "ti": dict(mask_threshold=1.0, layerwise=False)}[method]
-    module = sd3_module(variant, learning_rate=0.05, **settings)
-    frozen = {name: p.detach().clone() for name, p in module.named_parameters() if not name.startswith("identifier.")}
-    start = module.identifier.embedding.detach().clone()
-    dm = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1, repeats=2,
-                                with_partners=method == "adi")
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
-    after = module.identifier.embedding.detach()
-    assert after.shape == (1 if method == "ti" else BLOCKS, _dim(variant)) and not torch.equal(after, start)
-    assert all(torch.equal(p, frozen[name]) for name, p in module.named_parameters() if name in frozen)
-    assert (tmp_path / "identifier.safetensors").is_file()
+def test_a_few_training_steps_change_only_the_identifier(variant, method, sd3_module,
+                                                          two_steps_change_only_the_identifier):
+    after = two_steps_change_only_the_identifier(partial(sd3_module, variant), method)
+    assert after.shape == (1 if method == "ti" else BLOCKS, _dim(variant))
 
 
 @pytest.mark.parametrize("row_groups,rows", [("layer", BLOCKS), ("attention", BLOCKS), ("shared", 1)])
@@ -281,12 +222,10 @@ def test_validate_and_predict_generate_through_the_stock_pipeline(sd3_module, ti
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_install_identifier_draws_what_the_module_draws_and_remove_restores_the_pipeline(
-        variant, sd3_folders, sd3_module, tmp_path):
+        variant, sd3_folders, sd3_module, stock_pipeline, random_identifier, tmp_path):
     module = sd3_module(variant, image_size=32, guidance_scale=3.0)
-    with torch.no_grad():
-        module.identifier.embedding.add_(torch.randn(BLOCKS, _dim(variant), generator=torch.Generator().manual_seed(0)))
-    path = module.save_identifier(tmp_path / "sd3.safetensors")
-    pipe = _stock(sd3_folders[variant])
+    path, _ = random_identifier(module, tmp_path / "sd3.safetensors")
+    pipe = stock_pipeline(sd3_folders[variant])
 
     def draw(prompt, **kwargs):
         return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np",
@@ -303,6 +242,12 @@ def test_install_identifier_draws_what_the_module_draws_and_remove_restores_the_
     two = pipe("a photo of a cat <A>", num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
                num_images_per_prompt=2, output_type="np", generator=torch.Generator().manual_seed(1)).images
     assert two.shape == (2, 32, 32, 3)
+    for bad, message in ((dict(prompt_3="a dog"), "prompt_3 differs from prompt"),
+                         (dict(clip_skip=1), "clip_skip is not supported with a block-wise identifier"),
+                         (dict(max_sequence_length=128), "max_sequence_length=128: the installed identifier's "
+                                                         "block-wise routing reads 256 T5 tokens")):
+        with pytest.raises(ValueError, match=message):
+            pipe.encode_prompt("a photo of a cat <A>", **{"prompt_2": None, "prompt_3": None, "device": "cpu", **bad})
     adi_lightning.remove_identifier(pipe)
     assert "encode_prompt" not in pipe.__dict__ and blockwise_block_to_row(pipe.transformer) is None
     assert [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3] == tokenizers and "<A>" not in pipe.tokenizer.get_vocab()
@@ -314,7 +259,7 @@ def test_install_identifier_draws_what_the_module_draws_and_remove_restores_the_
 
 
 @torch.no_grad()
-def test_equal_rows_generate_what_one_shared_row_generates(sd3_folders, sd3_module, tmp_path):
+def test_equal_rows_generate_what_one_shared_row_generates(sd3_folders, sd3_module, stock_pipeline, tmp_path):
     """An installed one-row (TI) identifier draws, bit for bit, what the stock pipeline draws from ONE
     plain encoding of the prompt with that vector (textual inversion); a row per block, all equal, draws
     the same up to the text encoders' batch-size rounding (its B rows are encoded in one call)."""
@@ -327,7 +272,7 @@ def test_equal_rows_generate_what_one_shared_row_generates(sd3_folders, sd3_modu
     kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
     images = []
     for path in paths:
-        pipe = _stock(sd3_folders["t5"])
+        pipe = stock_pipeline(sd3_folders["t5"])
         adi_lightning.install_identifier(pipe, path)
         images.append(pipe("a photo of a dog <A>", generator=torch.Generator().manual_seed(3), **kwargs).images)
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt("a photo of a dog <A>", None, None, device="cpu")
@@ -458,12 +403,12 @@ def test_resume_on_sd3_is_bit_identical_to_an_uninterrupted_fit(variant, stop_at
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
-def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(variant, sd3_folders, sd3_module):
+def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(variant, sd3_folders, sd3_module,
+                                                                                 stock_pipeline):
     """module.img2img (what data.action_different=generate calls) runs StableDiffusion3Img2ImgPipeline over
     the family's components with the family's plain-prompt inputs (B equal block-wise chunks through the
     routing hooks) and draws what the stock img2img pipeline, loaded as a user would, draws from the prompt
     string (1/255 per pixel: the family's text encoders run batched per chunk)."""
-    from diffusers import StableDiffusion3Img2ImgPipeline
     from PIL import Image
 
     module = sd3_module(variant)
@@ -473,10 +418,8 @@ def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(
     prompts = ["a photo of a person sitting", "a photo of a person standing"]
     settings = dict(strength=0.6, num_inference_steps=4, guidance_scale=3.0)
     ours = module.img2img(images, prompts, [3, 4], strength=0.6, steps=4, guidance=3.0)
-    index = json.loads((Path(sd3_folders[variant]) / "model_index.json").read_text())
-    stock = StableDiffusion3Img2ImgPipeline.from_pretrained(sd3_folders[variant], low_cpu_mem_usage=False,
-                                                             **StableDiffusion3Family.folder_load_kwargs(index))
-    stock.set_progress_bar_config(disable=True)
+    stock = stock_pipeline(sd3_folders[variant], img2img=True)
+    assert type(stock).__name__ == "StableDiffusion3Img2ImgPipeline"
     for image, prompt, seed, mine in zip(images, prompts, [3, 4], ours):
         expected = stock(prompt, image=image, generator=torch.Generator().manual_seed(seed), **settings).images[0]
         assert mine.size == (32, 32)
@@ -572,18 +515,10 @@ def test_the_sd3_student_loss_decreases(sd3_folders):
     assert distill.residual(teacher, vector, untrained) < distill.residual(teacher, mean, untrained)
 
 
-def _sd3_identifier(sd3_module, variant, path, **settings):
-    module = sd3_module(variant, **settings)
-    with torch.no_grad():
-        module.identifier.embedding.add_(torch.randn(module.identifier.embedding.shape,
-                                                     generator=torch.Generator().manual_seed(0)))
-    return module.save_identifier(path), module.identifier.embedding.detach().clone()
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 @torch.no_grad()
 def test_a_textual_inversion_sd3_identifier_exports_losslessly_as_clip_l_clip_g_t5xxl(
-        variant, sd3_folders, sd3_module, tmp_path, capsys):
+        variant, sd3_folders, sd3_module, stock_pipeline, random_identifier, tmp_path, capsys):
     """--format sd3 writes a one-row SD3 identifier as ComfyUI's SD3 keys (clip_l, clip_g, and t5xxl with
     T5), exactly its row split by text encoder, with the written_by marker; each key set into its stock
     encoder's token embedding (plain transformers: SD3 pipelines have no load_textual_inversion) draws,
@@ -593,7 +528,7 @@ def test_a_textual_inversion_sd3_identifier_exports_losslessly_as_clip_l_clip_g_
 
     from adi_lightning.export import WRITTEN_BY, main as export_main
 
-    path, table = _sd3_identifier(sd3_module, variant, tmp_path / "ti.safetensors", layerwise=False)
+    path, table = random_identifier(sd3_module(variant, layerwise=False), tmp_path / "ti.safetensors")
     out = tmp_path / "corgi_jump.safetensors"
     assert export_main(["--identifier", str(path), "--format", "sd3", "--out", str(out)]) == 0
     assert "lossless" in capsys.readouterr().out
@@ -606,10 +541,10 @@ def test_a_textual_inversion_sd3_identifier_exports_losslessly_as_clip_l_clip_g_
     assert meta["written_by"] == WRITTEN_BY and meta["method"] == "lossless" and meta["token"] == "<A>"
 
     kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=32, width=32, output_type="np")
-    installed = _stock(sd3_folders[variant])
+    installed = stock_pipeline(sd3_folders[variant])
     adi_lightning.install_identifier(installed, path)
     expected = installed("a photo of a cat <A>", generator=torch.Generator().manual_seed(1), **kwargs).images
-    stock = _stock(sd3_folders[variant])
+    stock = stock_pipeline(sd3_folders[variant])
     for key, tokenizer, encoder in zip(keys, [stock.tokenizer, stock.tokenizer_2, stock.tokenizer_3],
                                        [stock.text_encoder, stock.text_encoder_2, stock.text_encoder_3]):
         tokenizer.add_tokens(["<A>"])
@@ -627,7 +562,8 @@ def test_a_textual_inversion_sd3_identifier_exports_losslessly_as_clip_l_clip_g_
     assert foreign.read_bytes() == b"not ours"
 
 
-def test_a_block_wise_sd3_identifier_exports_one_distilled_vector_measured_on_sd3(sd3_folders, sd3_module, tmp_path):
+def test_a_block_wise_sd3_identifier_exports_one_distilled_vector_measured_on_sd3(sd3_module, random_identifier,
+                                                                                    tmp_path):
     """A row per joint block has no token-embedding form; --format sd3 writes the one vector that the
     distillation fits on the SD3 pipeline (the textual-inversion student against the block-wise teacher),
     with its residual measured and gated like every multi-row export."""
@@ -636,7 +572,7 @@ def test_a_block_wise_sd3_identifier_exports_one_distilled_vector_measured_on_sd
     from adi_lightning import distill
     from adi_lightning.export import LossyExport, export_identifier
 
-    path, table = _sd3_identifier(sd3_module, "t5", tmp_path / "rows.safetensors")
+    path, table = random_identifier(sd3_module("t5"), tmp_path / "rows.safetensors")
     assert table.shape == (BLOCKS, _dim("t5"))
     out = tmp_path / "distilled.safetensors"
     settings = distill.DistillSettings(steps=3, **QUICK_DISTILL)
@@ -652,10 +588,10 @@ def test_a_block_wise_sd3_identifier_exports_one_distilled_vector_measured_on_sd
     assert not (tmp_path / "mean.safetensors").exists()
 
 
-def test_each_format_refuses_the_other_families_by_name(sd3_module, make_module, tmp_path):
+def test_each_format_refuses_the_other_families_by_name(sd3_module, make_module, random_identifier, tmp_path):
     from adi_lightning.export import export_identifier
 
-    sd3_file, _ = _sd3_identifier(sd3_module, "no_t5", tmp_path / "sd3.safetensors", layerwise=False)
+    sd3_file, _ = random_identifier(sd3_module("no_t5", layerwise=False), tmp_path / "sd3.safetensors")
     sd_file = make_module(layerwise=False).save_identifier(tmp_path / "sd.safetensors")
     out = tmp_path / "x.safetensors"
     for fmt in ("ti", "webui", "sdxl"):  # a no-T5 SD3 file has two widths, as an SDXL one
