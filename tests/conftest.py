@@ -199,6 +199,57 @@ def tiny_data(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def exemplar_only(tiny_data):
+    """``exemplar_only(dest)``: the tiny folder's ``jumping`` images copied into ``dest`` (created) with their
+    ``metadata.jsonl`` rows without pair ids, what a researcher brings (no action-different partners);
+    returns ``dest``."""
+    import json
+    import shutil
+
+    def copy(dest: Path) -> Path:
+        source = Path(tiny_data)
+        dest.mkdir()
+        rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()]
+        kept = []
+        for row in rows:
+            if row["action"] == "jumping":
+                shutil.copy(source / row["file_name"], dest)
+                row.pop("pair_id")
+                kept.append(row)
+        (dest / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return dest
+
+    return copy
+
+
+@pytest.fixture()
+def fit_on_generated_partners(exemplar_only, tmp_path):
+    """``fit(module)``: two Trainer steps of ``module`` on an :func:`exemplar_only` folder in ``tmp_path`` with
+    ``data.action_different=generate`` (2 img2img steps, one partner per anchor, batch 2); asserts that
+    ``prepare_data`` made a 32 px partner of another action for each of the 4 anchors and that the fit ran its
+    two steps and wrote ``identifier.safetensors``."""
+    import lightning as L
+    from PIL import Image
+
+    from adi_lightning.data import ActionTripleDataModule, read_action_folder
+
+    def fit(module) -> None:
+        folder = exemplar_only(tmp_path / "exemplars")
+        dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, batch_size=2, repeats=2,
+                                    action_different="generate", generate_steps=2, generate_per_anchor=1)
+        trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            limit_val_batches=0)
+        trainer.fit(module, dm)
+        generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
+        assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
+        assert all(r.action != "jumping" for r in generated)
+        assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
+
+    return fit
+
+
+@pytest.fixture(scope="session")
 def tiny_batch(tiny_data):
     """``tiny_batch(batch_size=2, with_partners=True, repeats=2, seed=3, num_workers=0)``: the first
     training batch of the tiny folder's ``jumping`` triples at 32 px (``images`` ``[B, 3, C, H, W]``

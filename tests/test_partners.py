@@ -5,26 +5,11 @@ import os
 import shutil
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 from PIL import Image
 
 from adi_lightning.data import ActionTripleDataModule, read_action_folder, records_of_action
 from adi_lightning.data.partners import MANIFEST, PartnerSettings, ensure_partners, partner_prompt
-
-
-def exemplar_only(tiny_data, dest):
-    """The tiny folder's jumping images only, without pair ids: what a researcher brings."""
-    dest.mkdir()
-    rows = [json.loads(line) for line in (tiny_data / "metadata.jsonl").read_text().splitlines()]
-    kept = []
-    for row in rows:
-        if row["action"] == "jumping":
-            shutil.copy(tiny_data / row["file_name"], dest)
-            row.pop("pair_id")
-            kept.append(row)
-    (dest / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return dest
 
 
 class CountingGenerator:
@@ -43,8 +28,8 @@ def settings(**overrides):
     return PartnerSettings(**values)
 
 
-def test_partners_are_cached_reused_and_regenerated_on_change(tiny_dir, tmp_path):
-    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+def test_partners_are_cached_reused_and_regenerated_on_change(exemplar_only, tiny_dir, tmp_path):
+    folder = exemplar_only(tmp_path / "exemplars")
     anchors = records_of_action(read_action_folder(folder), "jumping")
     gen = CountingGenerator()
     out, made = ensure_partners(anchors, "jumping", settings(), tmp_path / "cache", gen)
@@ -77,18 +62,8 @@ def test_prompt_swaps_the_action_word_in_the_caption(tiny_dir):
 
 
 @pytest.mark.e2e
-def test_exemplar_only_folder_trains_with_masking_on(make_module, tiny_dir, tmp_path):
-    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
-    module = make_module(mask_threshold=0.5)
-    dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, batch_size=2, repeats=2,
-                                action_different="generate", generate_steps=2, generate_per_anchor=1)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
-    generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
-    assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
-    assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
+def test_exemplar_only_folder_trains_with_masking_on(make_module, fit_on_generated_partners):
+    fit_on_generated_partners(make_module(mask_threshold=0.5))
 
 
 def _generating_datamodule(folder, pipeline, family_guidance=7.5, generate_guidance=None, **hparams):
@@ -110,10 +85,10 @@ def _generating_datamodule(folder, pipeline, family_guidance=7.5, generate_guida
     return dm, module, gen
 
 
-def test_partners_are_regenerated_for_another_weight_dtype_or_new_weights(tiny_dir, tmp_path, capsys):
+def test_partners_are_regenerated_for_another_weight_dtype_or_new_weights(exemplar_only, tiny_dir, tmp_path, capsys):
     """The cache key holds the backbone's identity (model files' sizes and mtimes) and the dtype:
     the same path with another ``model.weight_dtype``, or new weights there, never reuses it."""
-    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    folder = exemplar_only(tmp_path / "exemplars")
     pipeline = shutil.copytree(tiny_dir / "pipeline", tmp_path / "pipeline")
     dm, module, gen = _generating_datamodule(folder, pipeline)
     dm.prepare_data()
@@ -131,8 +106,8 @@ def test_partners_are_regenerated_for_another_weight_dtype_or_new_weights(tiny_d
     assert "(backbone_identity)" in capsys.readouterr().err
 
 
-def test_a_damaged_partner_cache_is_rebuilt(tiny_dir, tmp_path, capsys):
-    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+def test_a_damaged_partner_cache_is_rebuilt(exemplar_only, tiny_dir, tmp_path, capsys):
+    folder = exemplar_only(tmp_path / "exemplars")
     dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline")
     dm.prepare_data()
     cache = folder / ".adi_cache" / "partners-jumping"

@@ -429,31 +429,10 @@ def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(
 
 
 @pytest.mark.e2e
-def test_an_exemplar_only_folder_trains_on_sd3_with_generated_partners(sd3_folders, sd3_module, tiny_dir, tmp_path):
+def test_an_exemplar_only_folder_trains_on_sd3_with_generated_partners(sd3_module, fit_on_generated_partners):
     """data.action_different=generate on SD3: prepare_data makes the partners with the frozen SD3 backbone's
     img2img (StableDiffusion3Img2ImgPipeline), and a masked fit trains on them."""
-    from PIL import Image
-
-    from adi_lightning.data import read_action_folder
-
-    source, folder = Path(tiny_dir) / "data", tmp_path / "exemplars"  # the jumping images, without pair ids
-    folder.mkdir()
-    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()]
-    kept = [{k: v for k, v in row.items() if k != "pair_id"} for row in rows if row["action"] == "jumping"]
-    for row in kept:
-        (folder / row["file_name"]).write_bytes((source / row["file_name"]).read_bytes())
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
-    module = sd3_module("no_t5", mask_threshold=0.5)
-    dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, batch_size=2, repeats=2,
-                                action_different="generate", generate_steps=2, generate_per_anchor=1)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        limit_val_batches=0)
-    trainer.fit(module, dm)
-    generated = read_action_folder(folder / ".adi_cache" / "partners-jumping")
-    assert len(generated) == 4 and all(Image.open(r.path).size == (32, 32) for r in generated)
-    assert all(r.action != "jumping" for r in generated)
-    assert trainer.global_step == 2 and (tmp_path / "identifier.safetensors").is_file()
+    fit_on_generated_partners(sd3_module("no_t5", mask_threshold=0.5))
 
 
 QUICK_DISTILL = dict(batch_size=4, images_per_prompt=1, sample_steps=4, eval_draws=8, learning_rate=0.05)
