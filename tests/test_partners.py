@@ -121,10 +121,10 @@ def test_a_damaged_partner_cache_is_rebuilt(exemplar_only, tiny_dir, tmp_path, c
 
 
 @pytest.mark.parametrize("typed, family, used", [(None, 7.5, 7.5), (None, 3.5, 3.5), (5.0, 3.5, 5.0)])
-def test_partner_guidance_is_the_familys_unless_typed(tiny_dir, tmp_path, typed, family, used):
+def test_partner_guidance_is_the_familys_unless_typed(exemplar_only, tiny_dir, tmp_path, typed, family, used):
     """data.generate_guidance unset takes the backbone family's default (FLUX: its embedded 3.5), as
     model.guidance_scale does; a typed value is used as typed; the manifest records the value in force."""
-    folder = exemplar_only(tiny_dir / "data", tmp_path / "exemplars")
+    folder = exemplar_only(tmp_path / "exemplars")
     dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline", family_guidance=family, generate_guidance=typed)
     dm.prepare_data()
     manifest = json.loads((folder / ".adi_cache" / "partners-jumping" / MANIFEST).read_text())
