@@ -24,14 +24,17 @@ import torch
 from adi_lightning.identifier import read_identifier, rows_for_layers
 
 
-def run_seeded(pipe, inputs: dict[str, torch.Tensor], seeds: list[int], image=None, **kwargs) -> list:
+def run_seeded(pipe, inputs: dict[str, torch.Tensor], seeds: list[int], per_seed: list[dict] | None = None,
+               **kwargs) -> list:
     """One image per (prompt, seed), each from its own seeded generator (so a grid cell does not
     depend on the batch it was generated in). ``inputs``: the family's stock-pipeline inputs
-    (:meth:`~adi_lightning.families.BackboneFamily.prompt_inputs`), each ``[N, ...]``."""
+    (:meth:`~adi_lightning.families.BackboneFamily.prompt_inputs`), each ``[N, ...]``; ``per_seed``: more
+    keyword arguments of each seed's call (image-to-image: its input image,
+    :meth:`~adi_lightning.families.BackboneFamily.img2img_inputs`); ``kwargs``: those of every call."""
     outputs = []
     for i, seed in enumerate(seeds):
         generator = torch.Generator(pipe.device).manual_seed(int(seed))
-        extra = {} if image is None else {"image": image[i]}
+        extra = {} if per_seed is None else per_seed[i]
         one = {name: value[i : i + 1] for name, value in inputs.items()}
         out = pipe(**one, generator=generator, output_type="pil", **extra, **kwargs)
         outputs.append(out.images[0])

@@ -441,14 +441,19 @@ class ADIModule(L.LightningModule):
 
     @torch.no_grad()
     def img2img(self, images, prompts: list[str], seeds: list[int], strength: float = 0.6,
-                steps: int = 30, guidance: float = 7.5):
+                steps: int = 30, guidance: float | None = None):
         """Image-to-image with the frozen backbone and plain prompts (no identifier): used to
-        make action-different partners that keep the anchor's context."""
+        make action-different partners that keep the anchor's context. One PIL image per (image, prompt,
+        seed), drawn at the input image's size (rounded down to the pipeline's latent grid); ``guidance`` is
+        the stock img2img pipeline's ``guidance_scale`` (FLUX: the embedded guidance); ``None``: the family's
+        ``default_guidance_scale``."""
         if self._trainer is not None:
             self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
         inputs = self.family.prompt_inputs(prompts, None, self.identifier.num_layers, self.denoiser.dtype)
-        return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds, image=images,
-                                     strength=strength, num_inference_steps=steps, guidance_scale=guidance)
+        return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds,
+                                     per_seed=[self.family.img2img_inputs(image) for image in images],
+                                     strength=strength, num_inference_steps=steps,
+                                     guidance_scale=self.family.default_guidance_scale if guidance is None else guidance)
 
     def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict | None:
         """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them.

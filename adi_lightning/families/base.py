@@ -279,6 +279,11 @@ class BackboneFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def img2img_inputs(self, image) -> dict:
+        """Keyword arguments of one call of the image-to-image pipeline (:meth:`stock_pipeline`) for one input
+        ``image`` (PIL): the image itself; the stock img2img pipelines draw at its size."""
+        return {"image": image}
+
     def layerwise_text_encoder(self, index: int, encoder: nn.Module, rows: torch.Tensor, placeholder_id: int,
                                layers: int | torch.Tensor) -> nn.Module:
         """A stand-in for text encoder ``index`` of a stock pipeline that turns placeholder prompts
