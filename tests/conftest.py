@@ -250,6 +250,153 @@ def fit_on_generated_partners(exemplar_only, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def img2img_is_the_stock_pipeline(stock_pipeline):
+    """``check(module, folder, guidance, **stock)``: ``module.img2img`` (what ``data.action_different=generate``
+    calls) of two seeded random 32 px images with plain prompts (strength 0.6, 4 steps, ``guidance``) draws
+    what the ``folder``'s stock img2img pipeline, loaded as a user would, draws from the prompt strings with
+    the ``stock`` keyword arguments added (1/255 per pixel: the family's text encoders run batched per
+    chunk), at 32 px and changed from the input; returns that stock pipeline."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    @torch.no_grad()
+    def check(module, folder: str, guidance: float, **stock):
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+        prompts, seeds = ["a photo of a person sitting", "a photo of a person standing"], [3, 4]
+        ours = module.img2img(images, prompts, seeds, strength=0.6, steps=4, guidance=guidance)
+        pipe = stock_pipeline(folder, img2img=True)
+        for image, prompt, seed, mine in zip(images, prompts, seeds, ours):
+            expected = pipe(prompt, image=image, generator=torch.Generator().manual_seed(seed), strength=0.6,
+                            num_inference_steps=4, guidance_scale=guidance, **stock).images[0]
+            assert mine.size == expected.size == (32, 32)
+            difference = np.abs(np.asarray(mine, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+            assert difference.max() <= 1, difference.max()
+            assert (np.asarray(mine) != np.asarray(image)).any()
+        return pipe
+
+    return check
+
+
+@pytest.fixture()
+def resumed_fit_is_the_straight_fit(short_fit, tmp_path):
+    """``check(folder, stop_at, steps)``: a masked ADI fit (:meth:`ShortFit.trainer`) of ``steps`` steps on the
+    pipeline ``folder`` with a checkpoint every step, and the same fit resumed from its step-``stop_at``
+    checkpoint, in ``tmp_path``; asserts that the resumed fit ends at ``steps`` with the uninterrupted fit's
+    identifier bit for bit and that its resumed steps moved the identifier; returns ``(identifier [R, D],
+    resumed trainer)``. 4 anchors x 2 repeats in batches of 2: 4 batches an epoch."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def check(folder: str, stop_at: int, steps: int):
+        fit = ShortFit(folder, short_fit.data)
+
+        def every_step(root):
+            return ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
+
+        straight, _ = fit.trainer(tmp_path / "straight", steps, callbacks=[every_step(tmp_path / "straight")])
+        ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
+        resumed, trainer = fit.trainer(tmp_path / "resumed", steps, callbacks=[every_step(tmp_path / "resumed")],
+                                       ckpt_path=str(ckpt))
+        assert trainer.global_step == steps
+        assert torch.equal(resumed, straight)
+        interrupted = torch.load(ckpt, weights_only=True)["state_dict"]["identifier.embedding"]
+        assert not torch.equal(interrupted, straight)  # the resumed steps did move the identifier
+        return straight, trainer
+
+    return check
+
+
+@pytest.fixture()
+def multi_start_continues_the_lowest(tiny_data, tmp_path, monkeypatch):
+    """``check(module)``: a 3-step fit of ``module`` (``model.starts=2``, ``start_steps=1``) on the tiny folder's
+    ``jumping`` triples (batch 1) in which each start is scored by the real large-t anchor loss (4 draws);
+    asserts that both starts begin at the initial rows, that they saw other data and scored differently,
+    that step 3 goes on from the lower-scored start and that the choice is recorded (``start_selection``
+    and the identifier file's ``starts`` metadata)."""
+    import json
+
+    import lightning as L
+    import torch
+
+    from adi_lightning.callbacks import multi_start
+    from adi_lightning.data import ActionTripleDataModule
+
+    def check(module) -> None:
+        real, scored = multi_start.large_t_anchor_loss, []
+
+        def score(pl_module, dataset, *args, **kwargs):
+            rows = pl_module.identifier.embedding.detach().clone()
+            scored.append((rows, real(pl_module, dataset, draws=4, batch_size=4)))
+            return scored[-1][1]
+
+        monkeypatch.setattr(multi_start, "large_t_anchor_loss", score)
+        assert (module.hparams.starts, module.hparams.start_steps) == (2, 1)
+        initial = module.identifier.embedding.detach().clone()
+        tables = {}
+
+        class Spy(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                tables[trainer.global_step] = pl_module.identifier.embedding.detach().clone()
+
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                            limit_val_batches=0, callbacks=[Spy()])
+        trainer.fit(module, ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1,
+                                                   repeats=2, seed=1))
+        assert torch.equal(tables[0], initial) and torch.equal(tables[1], initial)  # start 2 from the initial rows
+        (rows_1, loss_1), (rows_2, loss_2) = scored
+        assert not torch.equal(rows_1, rows_2) and loss_1 != loss_2  # the starts saw other data
+        chosen = 1 if loss_1 <= loss_2 else 2
+        assert torch.equal(tables[2], (rows_1, rows_2)[chosen - 1])  # step 3 goes on from the lower-scored start
+        assert module.start_selection == {"chosen": chosen, "large_t_losses": [round(loss_1, 6), round(loss_2, 6)]}
+        assert json.loads(module.identifier_metadata()["starts"])["chosen"] == chosen
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def large_t_score_draws_shifted_flow_times(tiny_data):
+    """``check(module, shift, timestep_scale)``: multi-start's score (``large_t_anchor_loss``, 8 draws) of a
+    flow-matching ``module`` on the tiny folder's ``jumping`` anchors is positive and finite, and hands the
+    transformer exactly flow matching's large-t draws for the score's keys at step 0: flow time ``u`` uniform in
+    ``[model.large_t_min, 1)``, shifted by ``shift`` (sigma in ``[shift(large_t_min), 1)``, never the unshifted
+    band nor ``model.timestep_sampling``'s density), as timestep ``sigma * timestep_scale``."""
+    import numpy as np
+    import torch
+
+    from adi_lightning import flow_matching
+    from adi_lightning.callbacks import multi_start
+    from adi_lightning.data import ActionTripleDataModule
+
+    @torch.no_grad()
+    def check(module, shift: float, timestep_scale: float) -> None:
+        data = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2,
+                                      seed=1)
+        data.setup("fit")
+        seen = []
+        hook = module.transformer.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+        try:
+            score = multi_start.large_t_anchor_loss(module, data.train_dataset, draws=8, batch_size=4)
+        finally:
+            hook.remove()
+        timesteps = torch.cat(seen)
+        assert len(timesteps) == 8 and np.isfinite(score) and score > 0
+        large_t_min = module.hparams.large_t_min
+        low = float(flow_matching.shift_sigma(torch.tensor(large_t_min, dtype=torch.float64), shift))
+        assert timesteps.min() >= (low - 1e-6) * timestep_scale and timesteps.max() < timestep_scale
+        keys = (multi_start.SELECTION_KEY + torch.arange(8)).tolist()
+        _, sigmas = flow_matching.keyed_noise_and_sigmas(keys, 0, 1, torch.zeros(8, 16, 4, 4),
+                                                         module.hparams.timestep_sampling, shift, large_t_steps=1,
+                                                         large_t_min=large_t_min)
+        assert torch.equal(timesteps, sigmas * timestep_scale)
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def tiny_batch(tiny_data):
     """``tiny_batch(batch_size=2, with_partners=True, repeats=2, seed=3, num_workers=0)``: the first
     training batch of the tiny folder's ``jumping`` triples at 32 px (``images`` ``[B, 3, C, H, W]``

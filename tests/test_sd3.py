@@ -311,121 +311,45 @@ def test_the_cli_fits_sd3_with_logit_normal_and_refuses_it_for_sd(sd3_folders, t
 
 
 # ------------------------------------------------------------------ multi-start, resume, partners, export
-@torch.no_grad()
-def test_the_large_t_score_draws_flow_times_in_the_large_t_band_then_shifts_them(sd3_module, tiny_data):
+def test_the_large_t_score_draws_flow_times_in_the_large_t_band_then_shifts_them(
+        sd3_module, large_t_score_draws_shifted_flow_times):
     """Multi-start's score on SD3 (large_t_anchor_loss) draws flow time u uniform in [large_t_min, 1),
     then the scheduler's shift (3.0): sigma in [shift(large_t_min), 1), never the unshifted band nor
-    model.timestep_sampling's density (docs/method.md, "Flow matching")."""
-    from adi_lightning import flow_matching
-    from adi_lightning.callbacks import multi_start
-
+    model.timestep_sampling's density (docs/method.md, "Flow matching"); the MMDiT gets sigma * 1000."""
     module = sd3_module("no_t5", mask_threshold=0.5, large_t_min=0.6, timestep_sampling="logit_normal")
-    data = ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=2, repeats=2, seed=1)
-    data.setup("fit")
-    seen = []
-    hook = module.transformer.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
-    try:
-        score = multi_start.large_t_anchor_loss(module, data.train_dataset, draws=8, batch_size=4)
-    finally:
-        hook.remove()
-    timesteps = torch.cat(seen)
-    assert len(timesteps) == 8 and np.isfinite(score) and score > 0
-    low = float(flow_matching.shift_sigma(torch.tensor(0.6, dtype=torch.float64), 3.0)) * 1000  # 818.2
-    assert timesteps.min() >= low - 1e-3 and timesteps.max() < 1000
-    # The draws are exactly flow_matching's large-t draws for the score's keys at step 0.
-    keys = (multi_start.SELECTION_KEY + torch.arange(8)).tolist()
-    _, sigmas = flow_matching.keyed_noise_and_sigmas(keys, 0, 1, torch.zeros(8, 16, 4, 4), "logit_normal", 3.0,
-                                                     large_t_steps=1, large_t_min=0.6)
-    assert torch.equal(timesteps, sigmas * 1000)
+    large_t_score_draws_shifted_flow_times(module, 3.0, 1000.0)
 
 
 @pytest.mark.e2e
-def test_multi_start_scores_each_start_and_continues_the_lowest_on_sd3(sd3_module, tiny_data, tmp_path, monkeypatch):
+def test_multi_start_scores_each_start_and_continues_the_lowest_on_sd3(sd3_module, multi_start_continues_the_lowest):
     """model.starts=2 on SD3 (rows with T5 parts, flow matching): both starts begin at the initial rows,
     each is scored by the real large-t anchor loss (fewer draws), the lower is continued and recorded."""
-    from adi_lightning.callbacks import multi_start
-
-    real, scored = multi_start.large_t_anchor_loss, []
-
-    def score(pl_module, dataset, *args, **kwargs):
-        rows = pl_module.identifier.embedding.detach().clone()
-        scored.append((rows, real(pl_module, dataset, draws=4, batch_size=4)))
-        return scored[-1][1]
-
-    monkeypatch.setattr(multi_start, "large_t_anchor_loss", score)
-    module = sd3_module("t5", mask_threshold=0.5, learning_rate=0.05, starts=2, start_steps=1)
-    initial = module.identifier.embedding.detach().clone()
-    tables = {}
-
-    class Spy(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            tables[trainer.global_step] = pl_module.identifier.embedding.detach().clone()
-
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        limit_val_batches=0, callbacks=[Spy()])
-    trainer.fit(module, ActionTripleDataModule(root=tiny_data, action="jumping", resolution=32, batch_size=1,
-                                               repeats=2, seed=1))
-    assert torch.equal(tables[0], initial) and torch.equal(tables[1], initial)  # start 2 from the initial rows
-    (rows_1, loss_1), (rows_2, loss_2) = scored
-    assert not torch.equal(rows_1, rows_2) and loss_1 != loss_2  # the starts saw other data
-    chosen = 1 if loss_1 <= loss_2 else 2
-    assert torch.equal(tables[2], (rows_1, rows_2)[chosen - 1])  # step 3 goes on from the lower-scored start
-    assert module.start_selection == {"chosen": chosen, "large_t_losses": [round(loss_1, 6), round(loss_2, 6)]}
-    assert json.loads(module.identifier_metadata()["starts"])["chosen"] == chosen
+    multi_start_continues_the_lowest(sd3_module("t5", mask_threshold=0.5, learning_rate=0.05, starts=2,
+                                                start_steps=1))
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("variant,stop_at", [("t5", 2), ("no_t5", 3)])
-def test_resume_on_sd3_is_bit_identical_to_an_uninterrupted_fit(variant, stop_at, sd3_folders, short_fit, tmp_path):
+def test_resume_on_sd3_is_bit_identical_to_an_uninterrupted_fit(variant, stop_at, sd3_folders,
+                                                                 resumed_fit_is_the_straight_fit):
     """A masked ADI fit on SD3 stopped at a checkpoint and resumed gives the uninterrupted fit's identifier,
     bit for bit (the keyed flow-time and noise draws, the sampler position and AdamW state all restored);
-    4 anchors x 2 repeats in batches of 2: 4 batches an epoch, so stop_at=3 resumes mid-epoch and 5 steps
-    cross an epoch."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    fit = type(short_fit)(sd3_folders[variant], short_fit.data)  # tests/conftest.py ShortFit on the SD3 folder
-
-    def every_step(root):
-        return ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_top_k=-1)
-
-    straight, _ = fit.trainer(tmp_path / "straight", 5, callbacks=[every_step(tmp_path / "straight")])
-    assert straight.shape == (BLOCKS, _dim(variant))
-    ckpt = next((tmp_path / "straight" / "ckpt").glob(f"*step={stop_at}.ckpt"))
-    resumed, trainer = fit.trainer(tmp_path / "resumed", 5, callbacks=[every_step(tmp_path / "resumed")],
-                                   ckpt_path=str(ckpt))
-    assert trainer.global_step == 5 and trainer.lightning_module.family.name == "sd3"
-    assert torch.equal(resumed, straight)
-    interrupted = torch.load(ckpt, weights_only=True)["state_dict"]["identifier.embedding"]
-    assert not torch.equal(interrupted, straight)  # the resumed steps did move the identifier
+    4 batches an epoch, so stop_at=3 resumes mid-epoch and 5 steps cross an epoch."""
+    straight, trainer = resumed_fit_is_the_straight_fit(sd3_folders[variant], stop_at, steps=5)
+    assert straight.shape == (BLOCKS, _dim(variant)) and trainer.lightning_module.family.name == "sd3"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@torch.no_grad()
 def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(variant, sd3_folders, sd3_module,
-                                                                                 stock_pipeline):
+                                                                                 img2img_is_the_stock_pipeline):
     """module.img2img (what data.action_different=generate calls) runs StableDiffusion3Img2ImgPipeline over
     the family's components with the family's plain-prompt inputs (B equal block-wise chunks through the
     routing hooks) and draws what the stock img2img pipeline, loaded as a user would, draws from the prompt
-    string (1/255 per pixel: the family's text encoders run batched per chunk)."""
-    from PIL import Image
-
+    string."""
     module = sd3_module(variant)
     assert type(module.family.stock_pipeline(img2img=True)).__name__ == "StableDiffusion3Img2ImgPipeline"
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
-    prompts = ["a photo of a person sitting", "a photo of a person standing"]
-    settings = dict(strength=0.6, num_inference_steps=4, guidance_scale=3.0)
-    ours = module.img2img(images, prompts, [3, 4], strength=0.6, steps=4, guidance=3.0)
-    stock = stock_pipeline(sd3_folders[variant], img2img=True)
+    stock = img2img_is_the_stock_pipeline(module, sd3_folders[variant], 3.0)
     assert type(stock).__name__ == "StableDiffusion3Img2ImgPipeline"
-    for image, prompt, seed, mine in zip(images, prompts, [3, 4], ours):
-        expected = stock(prompt, image=image, generator=torch.Generator().manual_seed(seed), **settings).images[0]
-        assert mine.size == (32, 32)
-        difference = np.abs(np.asarray(mine, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
-        assert difference.max() <= 1, difference.max()
-        assert (np.asarray(mine) != np.asarray(image)).any()
 
 
 @pytest.mark.e2e
