@@ -267,3 +267,85 @@ def test_a_block_wise_flux_identifier_is_refused_by_name_and_the_formats_refuse_
                                          r"sd backbone: use --format ti or webui"):
         export_identifier(sd_file, out, "flux")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ generated partners, resume, multi-start
+def test_img2img_partners_are_the_stock_flux_img2img_pipeline_at_the_image_s_size_and_embedded_guidance(
+        tiny_flux_pipeline, flux_module, img2img_is_the_stock_pipeline):
+    """module.img2img (what data.action_different=generate calls) runs FluxImg2ImgPipeline over the family's
+    components with the plain-prompt inputs (B equal T5 chunks, no negatives) at the input image's size (the
+    stock pipeline resizes it to its default size unless given height and width) and hands ``guidance`` to
+    the transformer as FLUX's embedded guidance: it draws what the stock img2img pipeline, loaded as a user
+    would, draws from the prompt string at that size and guidance_scale. Unset, the guidance is FLUX's 3.5."""
+    from PIL import Image
+
+    from adi_lightning.families.flux import TRAINING_GUIDANCE
+
+    module = flux_module()
+    assert type(module.family.stock_pipeline(img2img=True)).__name__ == "FluxImg2ImgPipeline"
+    guidance = []
+    hook = module.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: guidance.append(kwargs["guidance"]), with_kwargs=True)
+    try:
+        stock = img2img_is_the_stock_pipeline(module, tiny_flux_pipeline, 2.0, height=32, width=32)
+        assert guidance and set(torch.cat(guidance).tolist()) == {2.0}
+        guidance.clear()
+        (image,) = module.img2img([Image.new("RGB", (32, 32))], ["a photo of a person sitting"], [0], steps=2)
+        assert guidance and set(torch.cat(guidance).tolist()) == {TRAINING_GUIDANCE} and image.size == (32, 32)
+    finally:
+        hook.remove()
+    assert type(stock).__name__ == "FluxImg2ImgPipeline"
+
+
+@pytest.mark.e2e
+def test_an_exemplar_only_folder_trains_on_flux_with_partners_generated_at_the_embedded_guidance(
+        flux_module, fit_on_generated_partners):
+    """data.action_different=generate on FLUX: prepare_data makes the 32 px partners with the frozen backbone's
+    FluxImg2ImgPipeline at data.generate_guidance's default, FLUX's embedded 3.5 (the guidance it trains
+    with), one anchor per transformer call, and a masked fit trains on them."""
+    from adi_lightning.families.flux import TRAINING_GUIDANCE
+
+    module = flux_module(mask_threshold=0.5)
+    calls = []
+    hook = module.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(((args[0] if args else kwargs["hidden_states"]).shape[0],
+                                              kwargs["guidance"])), with_kwargs=True)
+    try:
+        fit_on_generated_partners(module)
+    finally:
+        hook.remove()
+    assert sum(rows == 1 for rows, _ in calls) >= 4  # img2img: each of the 4 anchors, alone
+    assert {rows for rows, _ in calls} == {1, 6}  # and the training forward: 2 triples
+    assert set(torch.cat([guidance for _, guidance in calls]).tolist()) == {TRAINING_GUIDANCE}
+
+
+@pytest.mark.e2e
+def test_resume_on_flux_is_bit_identical_to_an_uninterrupted_fit(tiny_flux_pipeline, resumed_fit_is_the_straight_fit):
+    """A masked ADI fit on FLUX stopped at its step-2 checkpoint (mid-epoch) and resumed gives the uninterrupted
+    4-step fit's identifier bit for bit (the keyed flow-time draws under the dynamic shift, the noise, the
+    sampler position and AdamW state all restored)."""
+    straight, trainer = resumed_fit_is_the_straight_fit(tiny_flux_pipeline, 2, steps=4)
+    assert straight.shape == (BLOCKS, D1 + D3) and trainer.lightning_module.family.name == "flux"
+
+
+def test_the_large_t_score_draws_flow_times_in_the_large_t_band_then_the_dynamic_shift(
+        flux_module, large_t_score_draws_shifted_flow_times):
+    """Multi-start's score on FLUX draws flow time u uniform in [large_t_min, 1), then the dynamic shift of the
+    32 px anchors' 8*8 packed tokens, exp(mu(64)), not the scheduler config's static shift; the transformer
+    gets timestep = sigma."""
+    import math
+
+    from adi_lightning import flow_matching
+
+    module = flux_module(mask_threshold=0.5, large_t_min=0.6, timestep_sampling="logit_normal")
+    shift = math.exp(flow_matching.dynamic_shift_mu(64))
+    assert shift != module.family.pipe.scheduler.config.shift  # the config's static shift, which FLUX does not use
+    large_t_score_draws_shifted_flow_times(module, shift, 1.0)
+
+
+@pytest.mark.e2e
+def test_multi_start_scores_each_start_and_continues_the_lowest_on_flux(flux_module, multi_start_continues_the_lowest):
+    """model.starts=2 on FLUX (T5 rows per double- and single-stream block, the dynamic shift): both starts
+    begin at the initial rows, each is scored by the real large-t anchor loss (fewer draws), the lower is
+    continued and recorded."""
+    multi_start_continues_the_lowest(flux_module(mask_threshold=0.5, learning_rate=0.05, starts=2, start_steps=1))
