@@ -444,9 +444,10 @@ class ADIModule(L.LightningModule):
                 steps: int = 30, guidance: float | None = None):
         """Image-to-image with the frozen backbone and plain prompts (no identifier): used to
         make action-different partners that keep the anchor's context. One PIL image per (image, prompt,
-        seed), drawn at the input image's size (rounded down to the pipeline's latent grid); ``guidance`` is
-        the stock img2img pipeline's ``guidance_scale`` (FLUX: the embedded guidance); ``None``: the family's
-        ``default_guidance_scale``."""
+        seed), drawn at the input image's size (rounded down to the pipeline's latent grid; the family's
+        ``img2img_inputs`` passes that size where the pipeline would draw at its default size: SD3, FLUX);
+        ``guidance`` is the stock img2img pipeline's ``guidance_scale`` (FLUX: the embedded guidance); ``None``:
+        the family's ``default_guidance_scale``."""
         if self._trainer is not None:
             self.to(self.trainer.strategy.root_device)  # prepare_data runs before the model is placed
         inputs = self.family.prompt_inputs(prompts, None, self.identifier.num_layers, self.denoiser.dtype)

@@ -251,26 +251,27 @@ def fit_on_generated_partners(exemplar_only, tmp_path):
 
 @pytest.fixture(scope="session")
 def img2img_is_the_stock_pipeline(stock_pipeline):
-    """``check(module, folder, guidance, **stock)``: ``module.img2img`` (what ``data.action_different=generate``
-    calls) of two seeded random 32 px images with plain prompts (strength 0.6, 4 steps, ``guidance``) draws
-    what the ``folder``'s stock img2img pipeline, loaded as a user would, draws from the prompt strings with
-    the ``stock`` keyword arguments added (1/255 per pixel: the family's text encoders run batched per
-    chunk), at 32 px and changed from the input; returns that stock pipeline."""
+    """``check(module, folder, guidance, size=32, **stock)``: ``module.img2img`` (what
+    ``data.action_different=generate`` calls) of two seeded random ``size`` px images with plain prompts
+    (strength 0.6, 4 steps, ``guidance``) draws what the ``folder``'s stock img2img pipeline, loaded as a user
+    would, draws from the prompt strings with the ``stock`` keyword arguments added (1/255 per pixel: the
+    family's text encoders run batched per chunk), at ``size`` px and changed from the input; returns that
+    stock pipeline."""
     import numpy as np
     import torch
     from PIL import Image
 
     @torch.no_grad()
-    def check(module, folder: str, guidance: float, **stock):
+    def check(module, folder: str, guidance: float, size: int = 32, **stock):
         rng = np.random.default_rng(0)
-        images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+        images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(2)]
         prompts, seeds = ["a photo of a person sitting", "a photo of a person standing"], [3, 4]
         ours = module.img2img(images, prompts, seeds, strength=0.6, steps=4, guidance=guidance)
         pipe = stock_pipeline(folder, img2img=True)
         for image, prompt, seed, mine in zip(images, prompts, seeds, ours):
             expected = pipe(prompt, image=image, generator=torch.Generator().manual_seed(seed), strength=0.6,
                             num_inference_steps=4, guidance_scale=guidance, **stock).images[0]
-            assert mine.size == expected.size == (32, 32)
+            assert mine.size == expected.size == (size, size)
             difference = np.abs(np.asarray(mine, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
             assert difference.max() <= 1, difference.max()
             assert (np.asarray(mine) != np.asarray(image)).any()

@@ -344,12 +344,19 @@ def test_img2img_partners_are_the_stock_sd3_img2img_pipeline_with_plain_prompts(
                                                                                  img2img_is_the_stock_pipeline):
     """module.img2img (what data.action_different=generate calls) runs StableDiffusion3Img2ImgPipeline over
     the family's components with the family's plain-prompt inputs (B equal block-wise chunks through the
-    routing hooks) and draws what the stock img2img pipeline, loaded as a user would, draws from the prompt
-    string."""
+    routing hooks) at the input image's size, here 64 px where the folder's default is 32 px (the stock
+    pipeline resizes the image to its default size unless given height and width), and draws what the stock
+    img2img pipeline, loaded as a user would, draws from the prompt string at that size. A size off the
+    4 px image-token grid (2x VAE, 2x2 patches) is rounded down to it (the stock pipeline refuses it)."""
+    from PIL import Image
+
     module = sd3_module(variant)
     assert type(module.family.stock_pipeline(img2img=True)).__name__ == "StableDiffusion3Img2ImgPipeline"
-    stock = img2img_is_the_stock_pipeline(module, sd3_folders[variant], 3.0)
+    assert module.generation_size == 32
+    stock = img2img_is_the_stock_pipeline(module, sd3_folders[variant], 3.0, size=64, height=64, width=64)
     assert type(stock).__name__ == "StableDiffusion3Img2ImgPipeline"
+    (image,) = module.img2img([Image.new("RGB", (50, 47))], ["a photo of a person sitting"], [0], steps=2)
+    assert image.size == (48, 44)
 
 
 @pytest.mark.e2e

@@ -281,7 +281,9 @@ class BackboneFamily:
 
     def img2img_inputs(self, image) -> dict:
         """Keyword arguments of one call of the image-to-image pipeline (:meth:`stock_pipeline`) for one input
-        ``image`` (PIL): the image itself; the stock img2img pipelines draw at its size."""
+        ``image`` (PIL): the image itself; the stock UNet img2img pipelines draw at its size (rounded down to
+        their latent grid). The MMDiT families add ``height`` and ``width``
+        (:meth:`~adi_lightning.families.mmdit.MMDiTFamily.img2img_inputs`)."""
         return {"image": image}
 
     def layerwise_text_encoder(self, index: int, encoder: nn.Module, rows: torch.Tensor, placeholder_id: int,

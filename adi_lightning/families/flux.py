@@ -168,8 +168,3 @@ class FluxFamily(MMDiTFamily):
     def pipeline_inputs(self, features: Features, negative: Features, dtype: torch.dtype) -> dict:
         """``prompt_embeds`` and ``pooled_prompt_embeds`` (no negatives: FLUX.1 is guidance-distilled)."""
         return {"prompt_embeds": features[0].to(dtype), "pooled_prompt_embeds": features[1].to(dtype)}
-
-    def img2img_inputs(self, image) -> dict:
-        """The ``image`` (PIL) with its ``height`` and ``width``: without them ``FluxImg2ImgPipeline`` resizes the
-        image to its default size (1024 px for FLUX.1) and draws at that size."""
-        return {"image": image, "height": image.height, "width": image.width}

@@ -105,6 +105,8 @@ class MMDiTFamily(BackboneFamily):
     max_sequence_length: ClassVar[int]
     #: The pipeline's ``encode_prompt`` while an identifier is installed (:meth:`install_text`).
     encode_prompt_class: ClassVar[type[BlockwiseEncodePrompt]]
+    #: The side, in latent pixels, of one image token: SD3's ``patch_size``, FLUX's 2x2 packing.
+    latent_patch: ClassVar[int] = 2
 
     @property
     def tokens_per_prompt(self) -> int:
@@ -144,6 +146,14 @@ class MMDiTFamily(BackboneFamily):
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     # -------------------------------------------------------------- pipelines
+    def img2img_inputs(self, image) -> dict:
+        """The ``image`` (PIL) with its ``height`` and ``width`` rounded down to the image-token grid
+        (``vae_scale_factor * latent_patch`` px): without them the stock MMDiT img2img pipelines
+        (``StableDiffusion3Img2ImgPipeline``, ``FluxImg2ImgPipeline``) resize the image to their default
+        size (1024 px for SD3 and FLUX.1) and draw at that size; SD3's refuses a size off that grid."""
+        grid = self.pipe.vae_scale_factor * self.latent_patch
+        return {"image": image, "height": image.height // grid * grid, "width": image.width // grid * grid}
+
     def install_text(self, rows: torch.Tensor, token: str, layers: int | torch.Tensor) -> dict:
         """A copy of each tokenizer with ``token``, the overlay in each text encoder, and the pipeline's
         ``encode_prompt`` shadowed by :attr:`encode_prompt_class` over ``rows`` ``[R, D]``. Returns what
