@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from adi_lightning.data import ActionTripleDataModule, read_action_folder, records_of_action
-from adi_lightning.data.partners import MANIFEST, PartnerSettings, ensure_partners, partner_prompt
+from adi_lightning.data.partners import MANIFEST, MANIFEST_FORMAT, PartnerSettings, ensure_partners, partner_prompt
 
 
 class CountingGenerator:
@@ -104,6 +104,25 @@ def test_partners_are_regenerated_for_another_weight_dtype_or_new_weights(exempl
     dm.prepare_data()
     assert gen.calls == 12
     assert "(backbone_identity)" in capsys.readouterr().err
+
+
+def test_a_partner_cache_without_the_manifest_format_is_regenerated(exemplar_only, tiny_dir, tmp_path, capsys):
+    """A cache written before the manifest had a format (SD3 and FLUX partners then came out at the img2img
+    pipeline's default size) is never reused: it is made again, with the note naming the manifest format."""
+    folder = exemplar_only(tmp_path / "exemplars")
+    dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline")
+    dm.prepare_data()
+    cache = folder / ".adi_cache" / "partners-jumping"
+    manifest = json.loads((cache / MANIFEST).read_text())
+    assert manifest["format"] == MANIFEST_FORMAT
+    del manifest["format"]
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+    dm.prepare_data()
+    assert gen.calls == 8 and json.loads((cache / MANIFEST).read_text())["format"] == MANIFEST_FORMAT
+    assert (f"the generated partners in {cache} were made with other settings (manifest format); generating them "
+            "again") in capsys.readouterr().err
+    dm.prepare_data()
+    assert gen.calls == 8  # then reused
 
 
 def test_a_damaged_partner_cache_is_rebuilt(exemplar_only, tiny_dir, tmp_path, capsys):

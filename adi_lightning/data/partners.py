@@ -4,8 +4,9 @@ Exemplar sets rarely show the same person doing another action. Image-to-image f
 keeps its background, clothing and colours while a prompt with another action word changes the
 pose. Generated once before training, cached as an ordinary action folder (images +
 ``metadata.jsonl``) with a ``manifest.json``. The cache is reused while the manifest matches
-(same anchors, prompts, seeds, strength, steps, guidance, resolution, package versions, and the
-backbone: its path, the model files' sizes and mtimes, variant, revision and ``model.weight_dtype``)
+(same anchors, prompts, seeds, strength, steps, guidance, resolution, package versions, manifest
+format (:data:`MANIFEST_FORMAT`), and the backbone: its path, the model files' sizes and mtimes,
+variant, revision and ``model.weight_dtype``)
 and every listed image is there. Otherwise it is regenerated, atomically, with one line on stderr
 saying why; a folder at that path that this project did not write is refused by name.
 """
@@ -29,6 +30,10 @@ from .layout import ImageRecord
 from .triples import load_image, triple_key
 
 MANIFEST = "manifest.json"
+#: The partner manifest's format, part of the cache key: a cache written under another format (or none:
+#: before 2) is regenerated. 2: SD3 and FLUX partners are drawn at the anchor's size (before, their img2img
+#: pipelines drew at their default size).
+MANIFEST_FORMAT = 2
 # (anchor image, prompt, seed) -> generated image
 GenerateFn = Callable[[list[Image.Image], list[str], list[int]], list[Image.Image]]
 
@@ -84,7 +89,7 @@ def partner_folder(cache_dir: str | Path, action: str) -> Path:
 
 
 def manifest_for(plan: list[dict], settings: PartnerSettings) -> dict:
-    return {"settings": asdict(settings), "images": plan, "packages": package_versions()}
+    return {"format": MANIFEST_FORMAT, "settings": asdict(settings), "images": plan, "packages": package_versions()}
 
 
 def ensure_partners(
@@ -150,7 +155,8 @@ def stale_reason(folder: Path, manifest: dict) -> str | None:
         changed = [key for key in new if old.get(key) != new[key]]
         changed += ["anchors or prompts"] if found.get("images") != manifest["images"] else []
         changed += ["package versions"] if found.get("packages") != manifest["packages"] else []
-        return f"were made with other settings ({', '.join(changed) or 'manifest format'})"
+        changed += ["manifest format"] if found.get("format") != manifest["format"] else []
+        return f"were made with other settings ({', '.join(changed) or 'manifest'})"
     missing = [e["file_name"] for e in manifest["images"] if not (folder / e["file_name"]).is_file()]
     missing += [] if (folder / "metadata.jsonl").is_file() else ["metadata.jsonl"]
     if missing:
