@@ -153,8 +153,7 @@ class ADIModule(L.LightningModule):
                              learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min,
                              starts, start_steps)
         self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
-        if guidance_scale is None:  # the family's default; the hparams (saved next, from the locals) record it
-            guidance_scale = self.family.default_guidance_scale
+        guidance_scale = self.family.guidance(guidance_scale)  # the hparams (saved next, from the locals) record it
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
         self.judge = judge
         self.strict_loading = False  # checkpoints hold the identifier only, not the frozen backbone
@@ -454,7 +453,7 @@ class ADIModule(L.LightningModule):
         return generation.run_seeded(self.family.stock_pipeline(img2img=True), inputs, seeds,
                                      per_seed=[self.family.img2img_inputs(image) for image in images],
                                      strength=strength, num_inference_steps=steps,
-                                     guidance_scale=self.family.default_guidance_scale if guidance is None else guidance)
+                                     guidance_scale=self.family.guidance(guidance))
 
     def generation_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict | None:
         """Seeded images of a prompt-seed batch (validate, test and predict alike); callbacks judge and save them.

@@ -10,6 +10,8 @@ from PIL import Image
 
 from adi_lightning.data import ActionTripleDataModule, read_action_folder, records_of_action
 from adi_lightning.data.partners import MANIFEST, MANIFEST_FORMAT, PartnerSettings, ensure_partners, partner_prompt
+from adi_lightning.families.flux import FluxFamily
+from adi_lightning.families.sd import StableDiffusionFamily
 
 
 class CountingGenerator:
@@ -66,17 +68,17 @@ def test_exemplar_only_folder_trains_with_masking_on(make_module, fit_on_generat
     fit_on_generated_partners(make_module(mask_threshold=0.5))
 
 
-def _generating_datamodule(folder, pipeline, family_guidance=7.5, generate_guidance=None, **hparams):
+def _generating_datamodule(folder, pipeline, family=StableDiffusionFamily, generate_guidance=None, **hparams):
     """A datamodule that generates partners, attached to a stand-in module: the backbone's
-    hyperparameters, its family's default guidance and a counting img2img that records the guidance
-    it was called with (prepare_data reads nothing else of the module)."""
+    hyperparameters, its ``family`` (a BackboneFamily class: its guidance default) and a counting img2img
+    that records the guidance it was called with (prepare_data reads nothing else of the module)."""
     gen = CountingGenerator()
 
     def img2img(images, prompts, seeds, guidance, **_):
         gen.guidance = guidance
         return gen(images, prompts, seeds)
 
-    module = SimpleNamespace(img2img=img2img, family=SimpleNamespace(default_guidance_scale=family_guidance),
+    module = SimpleNamespace(img2img=img2img, family=family,
                              hparams=SimpleNamespace(pretrained_model_name_or_path=str(pipeline), variant=None,
                                                      revision=None, weight_dtype="float32", **hparams))
     dm = ActionTripleDataModule(root=str(folder), action="jumping", resolution=32, action_different="generate",
@@ -139,12 +141,13 @@ def test_a_damaged_partner_cache_is_rebuilt(exemplar_only, tiny_dir, tmp_path, c
     assert gen.calls == 12 and json.loads((cache / MANIFEST).read_text())["settings"]["weight_dtype"] == "float32"
 
 
-@pytest.mark.parametrize("typed, family, used", [(None, 7.5, 7.5), (None, 3.5, 3.5), (5.0, 3.5, 5.0)])
+@pytest.mark.parametrize("typed, family, used", [(None, StableDiffusionFamily, 7.5), (None, FluxFamily, 3.5),
+                                                 (5.0, FluxFamily, 5.0)])
 def test_partner_guidance_is_the_familys_unless_typed(exemplar_only, tiny_dir, tmp_path, typed, family, used):
     """data.generate_guidance unset takes the backbone family's default (FLUX: its embedded 3.5), as
     model.guidance_scale does; a typed value is used as typed; the manifest records the value in force."""
     folder = exemplar_only(tmp_path / "exemplars")
-    dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline", family_guidance=family, generate_guidance=typed)
+    dm, _, gen = _generating_datamodule(folder, tiny_dir / "pipeline", family=family, generate_guidance=typed)
     dm.prepare_data()
     manifest = json.loads((folder / ".adi_cache" / "partners-jumping" / MANIFEST).read_text())
     assert gen.guidance == used and manifest["settings"]["guidance"] == used

@@ -256,7 +256,7 @@ class ActionTripleDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "img2img"):
             raise ValueError("data.action_different=generate needs the ADI model's backbone (run it through fit)")
         anchors = records_of_action(read_action_folder(self.root), self.action)
-        guidance = module.family.default_guidance_scale if self.generate_guidance is None else self.generate_guidance
+        guidance = module.family.guidance(self.generate_guidance)
         settings = self._partner_settings(module.hparams, guidance)  # the value in force keys the cache
         generate = partial(module.img2img, strength=self.generate_strength, steps=self.generate_steps,
                            guidance=guidance)

@@ -104,6 +104,13 @@ class BackboneFamily:
         self.pipe = pipe
 
     @classmethod
+    def guidance(cls, value: float | None) -> float:
+        """The guidance scale in force for ``value`` as set (``model.guidance_scale``,
+        ``data.generate_guidance``, ``module.img2img``'s ``guidance``): :attr:`default_guidance_scale` when
+        None (unset), else ``value``."""
+        return cls.default_guidance_scale if value is None else float(value)
+
+    @classmethod
     def folder_load_kwargs(cls, index: dict) -> dict:
         """Keyword arguments of ``from_pretrained`` that a folder's ``model_index.json`` (``index``) calls
         for, beyond :attr:`load_kwargs` (e.g. an optional text encoder saved as null)."""
