@@ -12,8 +12,8 @@ learned on (``--pipeline``, default its recorded ``base_model``; ``--device``): 
 (:func:`adi_lightning.distill.residual`, 0 = the identifier's predictions, 1 = the untrained
 identifier's) is printed, and above :data:`MAX_RESIDUAL` (the vector loses the action) the export
 is refused unless ``--lossy``. A Textual-Inversion identifier (one shared row, or rows all equal)
-exports losslessly, unmeasured: there is nothing to distill, so ``--pipeline``, ``--device``,
-``--steps``, ``--seed`` and ``--subjects`` typed with it are refused by name.
+exports losslessly, unmeasured: there is nothing to distill, measure or lose, so ``--pipeline``,
+``--device``, ``--steps``, ``--seed``, ``--subjects`` and ``--lossy`` typed with it are refused by name.
 
 Formats, by the backbone family the file records (metadata ``family``): ``ti`` (diffusers,
 ``{token: [1, D]}``) and ``webui`` (AUTOMATIC1111 ``.pt``) for SD 1.x/2.x identifiers; ``sdxl`` for
@@ -47,7 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -82,10 +82,8 @@ METHODS = ("distill", "mean", "row")
 DEFAULT_METHOD = "distill"
 #: The largest residual (:func:`adi_lightning.distill.residual`) written without ``--lossy``.
 MAX_RESIDUAL = 0.04
-#: The flags that only feed the measurement and distillation of a multi-row identifier. A one-row
-#: identifier (or rows all equal) is written as it is, so any of them typed is refused by name
-#: (:func:`check_nothing_to_distill`) rather than ignored.
-MEASUREMENT_FLAGS = ("--pipeline", "--device", "--steps", "--seed", "--subjects")
+#: The ``--`` flags of :class:`~adi_lightning.distill.DistillSettings` fields (:func:`check_nothing_to_distill`).
+SETTINGS_FLAGS = ("steps", "seed")
 
 
 def single_vector(table: torch.Tensor, row: int | None = None) -> torch.Tensor:
@@ -230,15 +228,26 @@ def resolve_method(method: str | None, row: int | None) -> str:
     return method
 
 
-def check_nothing_to_distill(identifier: str | Path, rows: int, typed: list[str] | tuple[str, ...]) -> None:
-    """Refuse (ValueError, one line naming them) the :data:`MEASUREMENT_FLAGS` in ``typed`` for an
-    identifier whose ``rows`` rows are one vector: it is written as it is, nothing is distilled or measured."""
-    typed = [flag for flag in MEASUREMENT_FLAGS if flag in typed]
-    if typed:
+def check_nothing_to_distill(identifier: str | Path, rows: int, pipeline: str | None, device: str | None,
+                             settings: DistillSettings | None, subjects, lossy: bool) -> None:
+    """Refuse (ValueError, one line naming them as flags) the measurement and distillation arguments given
+    (not None; ``lossy`` True) for an identifier whose ``rows`` rows are one vector: it is written as it is,
+    nothing is distilled, measured or lost. ``settings`` is named by its fields that differ from
+    :class:`~adi_lightning.distill.DistillSettings`'s defaults (``--steps``, ``--seed``, else
+    ``settings.<field>``), or ``--steps/--seed`` when none does."""
+    named = [flag for flag, value in (("--pipeline", pipeline), ("--device", device)) if value is not None]
+    if settings is not None:
+        default = DistillSettings()
+        changed = [f"--{f.name}" if f.name in SETTINGS_FLAGS else f"settings.{f.name}" for f in fields(settings)
+                   if getattr(settings, f.name) != getattr(default, f.name)]
+        named += changed or ["/".join(f"--{name}" for name in SETTINGS_FLAGS)]
+    named += ["--subjects"] if subjects is not None else []
+    named += ["--lossy"] if lossy else []
+    if named:
         shape = "one row" if rows == 1 else f"{rows} equal rows"
-        raise ValueError(f"{', '.join(typed)}: the identifier {identifier} has {shape}, nothing to distill or "
+        raise ValueError(f"{', '.join(named)}: the identifier {identifier} has {shape}, nothing to distill or "
                          "measure (it is written as it is, losslessly, without loading a pipeline): drop "
-                         + ("it" if len(typed) == 1 else "them"))
+                         + ("it" if len(named) == 1 else "them"))
 
 
 def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str], method: str, row: int | None,
@@ -278,27 +287,26 @@ def one_vector(identifier: str | Path, table: torch.Tensor, meta: dict[str, str]
 def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", row: int | None = None,
                       token: str | None = None, overwrite: bool = False, method: str | None = None,
                       pipeline: str | None = None, lossy: bool = False, settings: DistillSettings | None = None,
-                      subjects=DEFAULT_SUBJECTS, device: str | None = None, typed: tuple[str, ...] = (),
-                      log=print) -> ExportReport:
+                      subjects=None, device: str | None = None, log=print) -> ExportReport:
     """Write a one-vector embedding file (``fmt`` in :data:`FORMATS`) atomically; returns what it
     wrote and measured (:class:`ExportReport`).
 
     ``method`` (:data:`METHODS`; None: ``row`` when ``row`` is given, else :data:`DEFAULT_METHOD`)
     makes the vector of a multi-row identifier; every such vector is measured on ``pipeline``
-    (default: the file's ``base_model``; ``settings``: the distillation budget and draws). A one-row
-    identifier (or rows all equal) is written as it is; ``typed``, the :data:`MEASUREMENT_FLAGS` the
-    user typed, is then refused (:func:`check_nothing_to_distill`). ValueError when the format does
+    (default: the file's ``base_model``) on ``device`` over ``subjects`` (default
+    :data:`~adi_lightning.distill.DEFAULT_SUBJECTS`); ``settings``: the distillation budget and draws
+    (default :class:`~adi_lightning.distill.DistillSettings`). A one-row identifier (or rows all equal)
+    is written as it is: ``pipeline``, ``device``, ``settings``, ``subjects`` given (not None) or
+    ``lossy`` are then refused (:func:`check_nothing_to_distill`). ValueError when the format does
     not fit the identifier's family or text encoders (:func:`check_format_fits`), ``row`` is out of
-    range, the method and row
-    do not go together or the pipeline does not fit; :class:`LossyExport` when the vector's
-    residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when ``out`` is the
-    identifier, or exists and is not an earlier export replaced with ``overwrite`` (:func:`check_out`).
-    Nothing is written unless it returns.
+    range, the method and row do not go together or the pipeline does not fit; :class:`LossyExport`
+    when the vector's residual exceeds :data:`MAX_RESIDUAL` and not ``lossy``; FileExistsError when
+    ``out`` is the identifier, or exists and is not an earlier export replaced with ``overwrite``
+    (:func:`check_out`). Nothing is written unless it returns.
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     method = resolve_method(method, row)
-    settings = settings or DistillSettings()
     check_out(identifier, out, overwrite)
     table, meta = read_identifier(identifier)
     family = meta.get("family", "sd")  # files before the key: SD 1.x/2.x or SDXL
@@ -314,13 +322,15 @@ def export_identifier(identifier: str | Path, out: str | Path, fmt: str = "ti", 
                          "does not run on FLUX yet (docs/method.md 'FLUX'). Use the rows with "
                          "adi_lightning.install_identifier, or train with model.row_groups=shared")
     if lossless:  # one row (Textual Inversion), or rows all equal: nothing is lost
-        check_nothing_to_distill(identifier, table.shape[0], typed)
+        check_nothing_to_distill(identifier, table.shape[0], pipeline, device, settings, subjects, lossy)
         report = ExportReport(Path(out), "lossless", f"the single shared row of {table.shape[0]} (lossless)")
         vector = table[:1].float().contiguous()
         log(f"{identifier}: one shared row, exported as it is (lossless; --method {method} has nothing to do)")
     else:
+        settings = settings or DistillSettings()
         vector, measured = one_vector(identifier, meta=meta, table=table, method=method, row=row, token=token,
-                                      pipeline=pipeline, device=device, settings=settings, subjects=subjects, log=log)
+                                      pipeline=pipeline, device=device, settings=settings,
+                                      subjects=DEFAULT_SUBJECTS if subjects is None else tuple(subjects), log=log)
         if method == "distill":
             kept = f"distilled from {table.shape[0]} rows in {settings.steps} steps"
         elif method == "mean":
@@ -390,16 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         method = resolve_method(args.method, args.row)
-        for flag in ("steps", "seed"):
+        for flag in SETTINGS_FLAGS:
             if getattr(args, flag) is not None and method != "distill":
                 raise ValueError(f"--{flag} is a setting of --method distill, not of --method {method}")
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
-        settings = DistillSettings(**{k: getattr(args, k) for k in ("steps", "seed") if getattr(args, k) is not None})
+        typed = {k: getattr(args, k) for k in SETTINGS_FLAGS if getattr(args, k) is not None}
+        # What was not typed goes in as None (lossy: False), so that export_identifier can refuse what was.
         report = export_identifier(args.identifier, args.out, args.format, args.row, args.token, args.overwrite,
-                                   method, args.pipeline, args.lossy, settings,
-                                   tuple(args.subjects or DEFAULT_SUBJECTS), args.device,
-                                   typed=tuple(f for f in MEASUREMENT_FLAGS if getattr(args, f[2:]) is not None))
+                                   method, args.pipeline, args.lossy, DistillSettings(**typed) if typed else None,
+                                   tuple(args.subjects) if args.subjects is not None else None, args.device)
     except (OSError, ValueError) as err:
         print(f"adi_lightning: error: {err}", file=sys.stderr)
         return 1

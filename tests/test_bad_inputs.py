@@ -394,7 +394,7 @@ def export_onto_its_own_identifier(data: Path, tmp: Path):
 
 
 def export_distillation_flags_for_a_one_row_identifier(data: Path, tmp: Path):
-    """`python -m adi_lightning.export` of a one-row identifier with `--pipeline`, `--device`, `--steps`, `--seed` or `--subjects` typed"""
+    """`python -m adi_lightning.export` of a one-row identifier with a measurement flag or `--lossy` typed"""
     identifier = _identifier(tmp, rows=1)
     return ({"export": ["--identifier", str(identifier), "--out", str(tmp / "ti.safetensors"), "--steps", "50",
                         "--subjects", "dog"]},
@@ -499,7 +499,8 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          empty_predict_prompts, misspelt_key, disk_full_while_writing_a_checkpoint,
          misspelt_key_in_a_group_file_on_the_command_line, dangling_symbolic_link,
          toy_cache_folder_not_written_by_adi_lightning, export_onto_an_existing_file,
-         export_onto_its_own_identifier, export_distillation_flags_for_a_one_row_identifier, ckpt_path_last, ckpt_path_folder_without_a_checkpoint,
+         export_onto_its_own_identifier, export_distillation_flags_for_a_one_row_identifier, ckpt_path_last,
+         ckpt_path_folder_without_a_checkpoint,
          abbreviated_key, resume_at_max_steps, optimizer_on_the_command_line,
          predict_without_an_identifier, validate_without_an_identifier, one_subject_in_one_context,
          threshold_zero_under_a_quantile_statistic,

@@ -1,5 +1,6 @@
 """One-vector exports that keep the action: the distillation (adi_lightning.distill) and the export gate."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -96,15 +97,17 @@ def test_export_flags_that_do_not_go_together_are_refused(make_module, tmp_path,
 
 
 def test_a_one_row_identifier_refuses_the_distillation_flags_typed_and_only_those(make_module, tmp_path, capsys):
-    """Nothing is distilled or measured for one row: each measurement flag typed (even at its default
-    value) is refused by name; left out, the export writes the row as it is."""
+    """Nothing is distilled, measured or lost for one row: each measurement flag typed, and --lossy, is
+    refused by name (a distillation setting typed at its default value as --steps/--seed); left out, the
+    export writes the row as it is."""
     identifier = make_module(layerwise=False).save_identifier(tmp_path / "ti.safetensors")
     out = tmp_path / "x.safetensors"
     base = ["--identifier", str(identifier), "--out", str(out)]
     capsys.readouterr()  # the pipeline's loading bars
-    for argv, named in [(["--seed", "0"], "--seed"), (["--pipeline", "elsewhere", "--device", "cpu"],
+    for argv, named in [(["--seed", "3"], "--seed"), (["--pipeline", "elsewhere", "--device", "cpu"],
                                                        "--pipeline, --device"),
-                        (["--subjects", "dog", "--steps", "200"], "--steps, --subjects")]:
+                        (["--subjects", "dog", "--steps", "50"], "--steps, --subjects"), (["--lossy"], "--lossy"),
+                        (["--seed", "0"], "--steps/--seed")]:
         assert export_main(base + argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"adi_lightning: error: {named}: the identifier {identifier} has "
@@ -113,6 +116,22 @@ def test_a_one_row_identifier_refuses_the_distillation_flags_typed_and_only_thos
     assert export_main(base + ["--method", "distill"]) == 0  # the default method: reported, nothing to refuse
     assert "--method distill has nothing to do" in capsys.readouterr().out
     assert torch.equal(load_file(str(out))["<A>"], read_identifier(identifier)[0])
+
+
+@pytest.mark.parametrize("given, named", [(dict(pipeline="elsewhere"), "--pipeline"), (dict(device="cpu"), "--device"),
+                                          (dict(subjects=("dog",)), "--subjects"), (dict(lossy=True), "--lossy"),
+                                          (dict(settings=distill.DistillSettings(steps=5, batch_size=2)),
+                                           "--steps, settings.batch_size"),
+                                          (dict(settings=distill.DistillSettings()), "--steps/--seed")])
+def test_a_one_row_identifier_refuses_measurement_arguments_given_in_python(make_module, tmp_path, given, named):
+    """export_identifier itself refuses, by name, what a Python caller gives for a one-row identifier (not
+    only the command line): pipeline, device, subjects, settings (None: not given) and lossy."""
+    identifier = make_module(layerwise=False).save_identifier(tmp_path / "ti.safetensors")
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match=rf"^{re.escape(named)}: the identifier .* has one row, nothing to distill"):
+        export_identifier(identifier, out, **given)
+    assert not out.exists()
+    assert export_identifier(identifier, out, log=lambda *_: None).method == "lossless"
 
 
 def test_sdxl_distilled_export_splits_the_distilled_vector(make_module, tiny_sdxl_pipeline, tmp_path):
