@@ -38,10 +38,26 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 # Model keys a checkpoint fixes: a typed value that differs is refused, with the reason.
 UNCHANGEABLE = {"layerwise": "it sets the identifier's row count", "row_groups": "it sets the identifier's rows"}
 BACKBONE = "pretrained_model_name_or_path"
+#: Keys whose None (unset) is the backbone family's default (``BackboneFamily.guidance``): a typed value is
+#: compared with the checkpoint's by the value in force.
+FAMILY_DEFAULT_KEYS = ("model.guidance_scale", "data.generate_guidance")
 
 
 def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def config_family(config) -> type | None:
+    """The :class:`~adi_lightning.families.BackboneFamily` class of ``config.model``'s backbone, read from its
+    ``model_index.json`` (local files only, nothing loaded); None when that cannot be read."""
+    from adi_lightning.backbone import family_class, pipeline_class_name
+    from adi_lightning.paths import resolve_project_path
+
+    try:
+        source = resolve_project_path(config.model[BACKBONE])
+        return family_class(pipeline_class_name(source, True, getattr(config.model, "revision", None)))
+    except Exception:  # noqa: BLE001 - only the wording of a note depends on it; loading the backbone says why
+        return None
 
 
 def typed_keys(options: list[list[str]]) -> set[str]:
@@ -114,7 +130,8 @@ class CheckpointSettings:
     def check_parsed(self, config) -> None:
         """Refuse typed values the checkpoint fixes and a fit with no step left (the checkpoint at or past
         ``trainer.max_steps``: Lightning would exit at once, with no identifier), and say which typed
-        values replace stored ones."""
+        values replace stored ones (:data:`FAMILY_DEFAULT_KEYS` compared by the value in force, so a typed
+        null that resolves to the checkpoint's value replaces nothing)."""
         model, typed = self.stored.get("model", {}), self.typed
         for key, why in UNCHANGEABLE.items():
             if key in model and config.model[key] != model[key]:
@@ -134,11 +151,18 @@ class CheckpointSettings:
                              f"{max_steps}: fit would train nothing; give --trainer.max_steps larger than "
                              f"{self.global_step} to train on")
         replaced = []
+        family = config_family(config) if typed & set(FAMILY_DEFAULT_KEYS) else None
         for key in sorted(typed):
             group, name = key.split(".")
             stored = self.stored.get(group, {})
-            if name in stored and config[key] != stored[name]:
-                replaced.append(f"{key}={_short(config[key])} (checkpoint: {_short(stored[name])})")
+            if name not in stored:
+                continue
+            value, before, shown = config[key], stored[name], _short(config[key])
+            if key in FAMILY_DEFAULT_KEYS and family is not None:  # None: the family's default, the value in force
+                value, before = family.guidance(value), family.guidance(before)
+                shown += f" ({family.name}'s default {value})" if config[key] is None else ""
+            if value != before:
+                replaced.append(f"{key}={shown} (checkpoint: {_short(stored[name])})")
         if replaced and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"adi_lightning: typed over the checkpoint's settings: {', '.join(replaced)}", file=sys.stderr)
 

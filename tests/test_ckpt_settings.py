@@ -197,3 +197,32 @@ def test_ckpt_path_last_names_the_newest_checkpoint_under_the_root(moved, short_
     assert f"--ckpt_path last is ambiguous here: this command's run folder {root}/" in err
     assert f"e.g. the newest under {root}: --ckpt_path {newest}" in err
     assert sorted(root.rglob("*")) == before  # the refused command's new folder is gone
+
+
+@pytest.mark.parametrize("pipeline, key, typed, stored, note", [
+    ("tiny_flux_pipeline", "model.guidance_scale", None, 3.5, None),  # null: FLUX's 3.5, the checkpoint's
+    ("tiny_flux_pipeline", "model.guidance_scale", None, 7.5, "model.guidance_scale=None (flux's default 3.5) "
+                                                              "(checkpoint: 7.5)"),  # a checkpoint from before 3.5
+    ("tiny_pipeline", "model.guidance_scale", None, 7.5, None),
+    ("tiny_flux_pipeline", "model.guidance_scale", 5.0, 3.5, "model.guidance_scale=5.0 (checkpoint: 3.5)"),
+    ("tiny_flux_pipeline", "data.generate_guidance", 3.5, None, None),  # the checkpoint's unset is FLUX's 3.5
+    ("tiny_pipeline", "data.generate_guidance", 3.5, None, "data.generate_guidance=3.5 (checkpoint: None)")])
+def test_a_typed_guidance_is_compared_with_the_checkpoint_by_the_value_in_force(request, pipeline, key, typed, stored,
+                                                                               note, capsys):
+    """model.guidance_scale and data.generate_guidance unset (null) are the backbone family's default: typed over
+    a checkpoint, the note names them only when the value in force differs from the checkpoint's."""
+    from jsonargparse import Namespace
+
+    from adi_lightning.arguments import split_options
+    from adi_lightning.resume import CheckpointSettings
+
+    group, name = key.split(".")
+    flag = f"--{key}={'null' if typed is None else typed}"
+    settings = CheckpointSettings("run.ckpt", "predict", [], split_options([flag]), {group: {name: stored}})
+    config = Namespace(model=Namespace(pretrained_model_name_or_path=request.getfixturevalue(pipeline)),
+                       data=Namespace(), trainer=Namespace(max_steps=-1, max_epochs=None))
+    config[key] = typed
+    capsys.readouterr()  # the pipeline's building bars
+    settings.check_parsed(config)
+    err = capsys.readouterr().err
+    assert err == ("" if note is None else f"adi_lightning: typed over the checkpoint's settings: {note}\n"), err
