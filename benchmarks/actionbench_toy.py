@@ -47,8 +47,9 @@ COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_ch
 # β curves: the shipped default and the channel-mask preset (under both, β blends the raw gradient into the
 # statistic's update, 0 = the update alone); 1.0 is P+ for both.
 CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
-# Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30): process start,
-# seconds per training step (ADI's triples vs anchor-only), and per test seed (7 subjects, + untrained).
+# Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30 on the toy UNet, the
+# default backbone; another backbone's plan says so): process start, seconds per training step (ADI's
+# triples vs anchor-only), and per test seed (7 subjects, + untrained).
 EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
 EST_SCORE_S = 2.5  # one multi-start scoring (96 forward passes), two runs at once
 # --backbone: the model config layered under each method preset (it names the pipeline and its sampling
@@ -68,7 +69,8 @@ def run_key(s: dict) -> str:
     beta = "" if s["beta"] is None else f"-beta{s['beta']:g}".replace(".", "p")  # no dot: keys get suffixes
     starts = "" if s.get("starts", 1) == 1 else f"-{s['starts']}starts"
     backbone = "" if s.get("backbone", DEFAULT_BACKBONE) == DEFAULT_BACKBONE else f"{s['backbone']}-"
-    return f"{backbone}{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-{s['test_seeds']}ts{beta}"
+    return (f"{backbone}{s['method']}-{s['action']}-{s['folder']}-seed{s['seed']}-{s['steps']}steps{starts}-"
+            f"{s['test_seeds']}ts{beta}")
 
 
 def curve_betas(args, method: str) -> list[float]:
@@ -105,6 +107,22 @@ def estimate_s(s: dict) -> float:
     train = 0 if s["method"] == "init" else (s["steps"] * EST_STEP_S["adi" if s["method"].startswith("adi") else "other"]
                                              + EST_SCORE_S * s.get("starts", 1))
     return EST_START_S + train + EST_TEST_SEED_S * s["test_seeds"]
+
+
+def estimate_text(planned_s: float, backbone: str) -> str:
+    """The plan line's estimate: from the toy UNet's per-step timings (:data:`EST_STEP_S`), said so for
+    another backbone."""
+    return f"estimate {planned_s / 60:.0f} min" + ("" if backbone == DEFAULT_BACKBONE else
+                                                   " (UNet timings; the ETA corrects it)")
+
+
+def header_text(args, done: int, planned: int, minutes: float) -> str:
+    """The tables' first line; the backbone is named only when not the default, so the default's tables
+    keep their header."""
+    on = "" if args.backbone == DEFAULT_BACKBONE else f" on the {args.backbone} backbone"
+    return (f"ActionBench-toy v2{on}: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, "
+            f"{args.steps} steps, {args.test_seeds} test seeds per unseen subject; {done}/{planned} runs; "
+            f"this invocation {minutes:.1f} min with {args.jobs} jobs")
 
 
 def metric_order(records: list[dict]) -> list[str]:
@@ -489,7 +507,7 @@ def main() -> int:
     planned_s = sum(map(estimate_s, todo)) / max(1, min(args.jobs, len(todo)))
     print(f"ActionBench-toy v2 -> {out}: {len(runs)} runs ({len(plan['main'])} main, {len(plan['ablations'])} "
           f"ablation, {len(plan['curve'])} curve, shared ones once), {len(records)} already done, {len(todo)} to run "
-          f"with {args.jobs} jobs; estimate {planned_s / 60:.0f} min", flush=True)
+          f"with {args.jobs} jobs; {estimate_text(planned_s, args.backbone)}", flush=True)
     from adi_lightning.toy.export import ensure_action_folder
 
     for folder, action in sorted({(s["folder"], s["action"]) for s in todo}):  # exported once, before the jobs
@@ -515,9 +533,7 @@ def main() -> int:
         pool.shutdown(wait=True, cancel_futures=True)
     rows_of = {k: _images.read_rows(out / "runs" / f"{k}.csv") for k in records if (out / "runs" / f"{k}.csv").is_file()}
     text, data, markdown = report(plan, records, args, rows_of, figures=out)
-    header = (f"ActionBench-toy v2 on the {args.backbone} backbone: actions {args.actions}, seeds {args.seeds}, folders {args.folders}, {args.steps} "
-              f"steps, {args.test_seeds} test seeds per unseen subject; {len(records)}/{len(runs)} runs; "
-              f"this invocation {(time.time() - started) / 60:.1f} min with {args.jobs} jobs")
+    header = header_text(args, len(records), len(runs), (time.time() - started) / 60)
     from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
 
     atomic_write_text(out / "table.txt", header + "\n\n" + text + "\n")

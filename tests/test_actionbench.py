@@ -380,3 +380,15 @@ def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, m
     runs = [line for line in markdown.splitlines() if line.startswith("| adi_channel | kicking |")]
     assert runs == ["| adi_channel | kicking | shared | 3 | preset | 0.80 | - | - | - | - | - | - | ? |",
                     "| adi_channel | kicking | shared | 3 | 0.5 | 0.55 | - | - | - | - | - | - | ? |"]
+
+
+def test_the_default_backbone_keeps_the_v2_header_and_another_is_named_with_its_estimate_labelled():
+    """The tables' header names the backbone only when not the default (the committed v2 tables' header is
+    reproduced), and the plan's estimate, from the toy UNet's timings, says so for another backbone."""
+    table = bench.REPO / "benchmarks" / "results" / "actionbench_toy_v2" / "table.txt"
+    committed = table.read_text().splitlines()[0]
+    assert bench.header_text(args(backbone="toy", jobs=2), 99, 99, 10.9) == committed
+    assert bench.header_text(args(backbone="toy_sd3", jobs=2), 99, 99, 10.9) == committed.replace(
+        "ActionBench-toy v2:", "ActionBench-toy v2 on the toy_sd3 backbone:")
+    assert bench.estimate_text(600, "toy") == "estimate 10 min"
+    assert bench.estimate_text(600, "toy_sd3") == "estimate 10 min (UNet timings; the ETA corrects it)"
