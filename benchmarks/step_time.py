@@ -558,22 +558,27 @@ def _flop_estimate(device: str, kind: str, pipeline: str, resolution: int, metho
                    results: dict[str, dict]) -> tuple[str, str, dict[str, float]] | None:
     """``(what is estimated, number format, TFLOP per step of each method)``, or None without an estimate:
     SD 1.5-shaped on CUDA from :data:`SD15_UNET_TFLOP_512` and :data:`SD15_TEXT_TFLOP_PROMPT`; an SD3 folder
-    from its configs (:func:`sd3_step_flops`; its MFU on CUDA only)."""
+    from its configs (:func:`sd3_step_flops`; its MFU on CUDA only). ``methods`` are ``METHOD`` or
+    ``METHOD:ROW_GROUPS`` names (:func:`method_spec`)."""
+
+    def counts(method: str) -> tuple[int, int, int, int]:
+        """``(images, rows, prompt encodings, text-encoder forwards)`` of one step: a prompt per row and image
+        (SD 1.5 layer-wise: 16; TI: 1); ADI's shared text encoding runs one forward per triple."""
+        images, rows = results[method]["images_per_step"], results[method]["rows"]
+        prompts = images * rows
+        return images, rows, prompts, prompts // 3 if method.partition(":")[0] == "adi" else prompts
+
     if device == "cuda" and kind == "sd15":
-        scale = (resolution / 512) ** 2
-        tflops = {}
+        scale, tflops = (resolution / 512) ** 2, {}
         for method in methods:
-            images = results[method]["images_per_step"]
-            prompts = images * (1 if method == "ti" else 16)  # 16 layer-wise prompts per image (SD 1.5)
-            forwards = prompts // 3 if method == "adi" else prompts  # shared: one forward per triple
+            images, _, prompts, forwards = counts(method)
             # 0.027 TFLOP per prompt is forward + backward, about half each.
             tflops[method] = images * SD15_UNET_TFLOP_512 * scale + (forwards + prompts) / 2 * SD15_TEXT_TFLOP_PROMPT
         return "MFU estimate", ".3f", tflops
     if _is_sd3(pipeline):
         tflops = {}
         for method in methods:
-            images, rows = results[method]["images_per_step"], results[method]["rows"]
-            forwards = images * rows // 3 if method.partition(":")[0] == "adi" else images * rows
+            images, rows, _, forwards = counts(method)
             tflops[method] = sd3_step_flops(pipeline, resolution, images, rows, forwards) / 1e12
         return "FLOPs estimate (MMDiT + text encoders)", ".4g", tflops
     return None

@@ -111,3 +111,19 @@ def test_step_time_refuses_before_building(argv, message, tmp_path, capsys):
         step_time.main([*argv, "--sd3-dir", str(tmp_path / "sd3")])
     assert message in str(error.value)
     assert not (tmp_path / "sd3").exists()
+
+
+def test_sd15_flop_estimate_reads_method_and_row_groups_names_as_the_sd3_one_does():
+    """The SD 1.5-shaped MFU estimate counts a prompt per row and image and, for ADI with any row grouping
+    (``adi:<groups>``), one text-encoder forward per triple, as the SD3 estimate does; TI is one row."""
+    results = {"ti": {"images_per_step": 3, "rows": 1}, "adi": {"images_per_step": 6, "rows": 16},
+               "adi:resolution": {"images_per_step": 6, "rows": 3}, "adi_unshared": {"images_per_step": 6, "rows": 16}}
+    what, digits, tflops = step_time._flop_estimate("cuda", "sd15", "unused", 512, list(results), results)
+    unet, text = step_time.SD15_UNET_TFLOP_512, step_time.SD15_TEXT_TFLOP_PROMPT
+    assert what == "MFU estimate" and digits == ".3f"
+    assert tflops["ti"] == pytest.approx(3 * unet + 3 * text)
+    assert tflops["adi"] == pytest.approx(6 * unet + (32 + 96) / 2 * text)  # 96 prompts, 32 forwards
+    assert tflops["adi:resolution"] == pytest.approx(6 * unet + (6 + 18) / 2 * text)  # 18 prompts, 6 forwards
+    assert tflops["adi_unshared"] == pytest.approx(6 * unet + 96 * text)  # no shared encoding
+    assert step_time._flop_estimate("cpu", "sd15", "unused", 512, list(results), results) is None
+    assert step_time.method_spec("adi:resolution")[2] == "ADI [resolution]"
