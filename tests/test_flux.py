@@ -192,20 +192,22 @@ def test_generate_and_install_identifier_draw_the_same_images_and_remove_restore
 
 def test_the_guidance_scale_defaults_to_the_family_s_and_a_typed_one_is_honoured(flux_module, make_module,
                                                                                  monkeypatch):
-    """Unset, FLUX generates at the embedded guidance it trains with (3.5), an SD backbone at 7.5 as
-    before; the value in force is in the hparams and reaches the stock pipeline; a typed value wins."""
+    """Unset, FLUX generates at the embedded guidance its training forward gives the transformer (3.5), an
+    SD backbone at 7.5 as before; the value in force is in the hparams and reaches the stock pipeline; a
+    typed value wins."""
     from adi_lightning import generation
-    from adi_lightning.families.flux import TRAINING_GUIDANCE
 
     used = []
     monkeypatch.setattr(generation, "run_seeded", lambda pipe, inputs, seeds, **kwargs: used.append(kwargs))
-    for module, expected in [(flux_module(guidance_scale=None, image_size=32), TRAINING_GUIDANCE),
-                             (flux_module(guidance_scale=5.0, image_size=32), 5.0),
+    unset = flux_module(guidance_scale=None, image_size=32)
+    features = (torch.zeros(2, BLOCKS * S, D3), torch.zeros(2, D1))
+    trained = unset.family.denoiser_inputs(features, torch.float32, (32, 32))["guidance"].tolist()
+    for module, expected in [(unset, 3.5), (flux_module(guidance_scale=5.0, image_size=32), 5.0),
                              (make_module(guidance_scale=None), 7.5)]:
         assert module.hparams.guidance_scale == module.hparams_initial.guidance_scale == expected  # logged too
         module.generate(["a photo of a cat <A>"], [1])
         assert used.pop()["guidance_scale"] == expected
-    assert TRAINING_GUIDANCE == 3.5
+    assert trained == [unset.hparams.guidance_scale] * 2
 
 
 @torch.no_grad()
