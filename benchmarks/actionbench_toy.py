@@ -42,8 +42,11 @@ PRESETS = REPO / "configs" / "model"
 PRESET_OF = {"init": "ti"}
 MAIN_METHODS = ("init", "ti", "pplus", "adi_paper", "adi", "adi_channel")
 ABLATIONS = ("adi_no_layerwise", "adi_context_only", "adi_action_only")
+# Candidates: presets under measurement, not shipped; --methods names them (not in the default plan).
+CANDIDATES = ("adi_subject_words",)
 FOLDERS = TOY_DIFFICULTIES
-COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_channel", "pplus"))
+COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_channel", "pplus"),
+               ("adi_subject_words", "adi"), ("adi_subject_words", "pplus"))
 # β curves: the shipped default and the channel-mask preset (under both, β blends the raw gradient into the
 # statistic's update, 0 = the update alone); 1.0 is P+ for both.
 CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
@@ -435,7 +438,7 @@ def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Pa
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--actions", nargs="+", default=["jumping", "kicking", "squatting"], choices=ACTIONS)
-    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=[*MAIN_METHODS, *ABLATIONS])
+    p.add_argument("--methods", nargs="+", default=list(MAIN_METHODS), choices=[*MAIN_METHODS, *ABLATIONS, *CANDIDATES])
     p.add_argument("--folders", nargs="+", default=["shared", "diverse"], choices=FOLDERS, help="data.toy_difficulty")
     p.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5], help="seed_everything and data.seed")
     p.add_argument("--steps", type=int, default=None,

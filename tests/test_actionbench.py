@@ -235,7 +235,7 @@ def load(name):
 
 
 def test_every_benchmarked_method_has_a_preset():
-    for method in (*bench.MAIN_METHODS, *bench.ABLATIONS):
+    for method in (*bench.MAIN_METHODS, *bench.ABLATIONS, *bench.CANDIDATES):
         assert (bench.PRESETS / f"{bench.PRESET_OF.get(method, method)}.yaml").is_file(), method
 
 
