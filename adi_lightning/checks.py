@@ -63,6 +63,25 @@ def check_starts_leave_steps(starts: int, start_steps: int, total_steps: int) ->
             "raise trainer.max_steps or lower model.starts / model.start_steps")
 
 
+def check_subject_words(words: list[str], placeholder_token: str, eval_subjects=()) -> None:
+    """ValueError naming ``model.subject_words`` for a duplicate word, the placeholder itself, or a word of
+    ``data.eval_subjects`` (``eval_subjects``; case-insensitive): keeping the identifier away from a subject
+    the evaluation prompts name would bias that evaluation. (A word of several tokens is refused where its
+    embedding is read, ``BackboneFamily.initializer_row``.)"""
+    lowered = [str(w).strip().lower() for w in words]
+    repeated = sorted({w for w in lowered if lowered.count(w) > 1})
+    if repeated:
+        raise ValueError(f"model.subject_words names {repeated} more than once: list each word once")
+    if placeholder_token.strip().lower() in lowered:
+        raise ValueError(f"model.subject_words contains the placeholder {placeholder_token!r}: list the "
+                         "exemplars' subject words (e.g. [person, man, woman, child]), not the identifier")
+    evaluated = [w for w, low in zip(words, lowered) if low in {str(s).strip().lower() for s in eval_subjects}]
+    if evaluated:
+        raise ValueError(f"model.subject_words {evaluated} are also data.eval_subjects: keeping the identifier "
+                         "away from a subject the evaluation prompts name would bias that evaluation; drop them "
+                         "from model.subject_words (or from data.eval_subjects)")
+
+
 def check_data_fits_model(datamodule, stage: str, mask_threshold: float, update_from: str,
                           mask_combine: str = "and") -> None:
     """ValueError when the data of ``stage`` cannot train these model settings: triples exactly when

@@ -121,13 +121,15 @@ def remove_overlay(text_encoder: nn.Module) -> None:
 
 
 
-def initializer_embedding(tokenizer, token_embedding: nn.Module, word: str) -> torch.Tensor:
-    """The frozen embedding of a single-token initializer word, in fp32."""
+def initializer_embedding(tokenizer, token_embedding: nn.Module, word: str,
+                          key: str = "model.initializer_token") -> torch.Tensor:
+    """The frozen embedding ``[D_i]`` of a single-token word, in fp32; ValueError naming ``key`` (the setting
+    the word came from) when the tokenizer splits it."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ValueError(
-            f"model.initializer_token {word!r} must be a single token, but the tokenizer splits it "
+            f"{key} {word!r} must be a single token, but the tokenizer splits it "
             f"into {len(ids)}: {pieces}"
         )
     return token_embedding.weight[ids[0]].detach().float().clone()

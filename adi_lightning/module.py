@@ -24,7 +24,7 @@ from adi_lightning import backbone as bb
 from adi_lightning import generation
 from adi_lightning.conditioning import RowGroups, resolve_row_groups
 from adi_lightning.checks import (check_data_fits_model, check_identifier_chosen, check_identifier_grouping,
-                                  check_model_settings, check_timestep_sampling, inert_settings)
+                                  check_model_settings, check_subject_words, check_timestep_sampling, inert_settings)
 from adi_lightning.flow_matching import FlowTimeSampling
 from adi_lightning.identifier import UNTRAINED, LayerwiseIdentifier, check_initializer_word
 from adi_lightning.evaluation import Judge
@@ -33,6 +33,7 @@ from adi_lightning.prompts import check_run_prompts
 from adi_lightning.masking import MaskCombine, MaskStatistic, UpdateFrom
 from adi_lightning.resume import check_identifier_fits, rng_states_for_checkpoint
 from adi_lightning import speed
+from adi_lightning.word_directions import word_basis
 
 log = logging.getLogger(__name__)
 IDENTIFIER_FILE = "identifier.safetensors"
@@ -42,7 +43,9 @@ IDENTIFIER_FILE = "identifier.safetensors"
 #: saves after the others' ``on_train_batch_end``); :meth:`ADIModule.configure_callbacks` adds them.
 # In this order: EvaluationCallback before ImageGridCallback (it adds each image's verdict to the
 # step's outputs); PreemptionCallback last (it saves after the others' on_train_batch_end).
-METHOD_CALLBACKS = ("MultiStartCallback", "GradientMaskCallback", "EvaluationCallback", "ImageGridCallback",
+# SubjectWordsCallback after GradientMaskCallback: its projection follows the mask's restore after each step.
+METHOD_CALLBACKS = ("MultiStartCallback", "GradientMaskCallback", "SubjectWordsCallback", "EvaluationCallback",
+                    "ImageGridCallback",
                     "RankConsistencyCallback", "CurvesCallback", "LastGoodIdentifierCallback",
                     "OptimizerSettingsCallback", "ValidationScheduleCallback", "PreemptionCallback")
 
@@ -95,6 +98,11 @@ class ADIModule(L.LightningModule):
             t >= ``large_t_min`` T is continued (:class:`~adi_lightning.callbacks.MultiStartCallback`); ``trainer.
             max_steps`` counts every step. 1 (default) is off; the toy experiments use 8 (docs/method.md "Multi-start").
         start_steps: Optimizer steps per start when ``starts`` > 1 (toy experiments: 50).
+        subject_words: Single-token words naming the exemplars' subjects (e.g. ``[person, man, woman, child]``);
+            after every optimizer step the identifier's change from its untrained table is projected orthogonal
+            to their token embeddings (:class:`~adi_lightning.callbacks.SubjectWordsCallback`; docs/method.md
+            "Subject words"). Empty (default): off. Refused: a word of several tokens, a repeated word, the
+            placeholder, a word of ``data.eval_subjects``.
         weight_dtype: dtype of the frozen backbone weights (float32, bfloat16, float16); the identifier and its
             gradients stay fp32.
         variant: Weight file variant of the pipeline folder (e.g. ``fp16``).
@@ -139,7 +147,7 @@ class ADIModule(L.LightningModule):
         learning_rate: float = 5e-3, weight_decay: float = 0.0,
         timestep_sampling: FlowTimeSampling = "importance",
         large_t_steps: int = 0, large_t_min: float = 0.8,
-        starts: int = 1, start_steps: int = 100,
+        starts: int = 1, start_steps: int = 100, subject_words: list[str] = [],
         weight_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         variant: str | None = None, revision: str | None = None, local_files_only: bool | None = None,
         identifier_path: str | None = None,
@@ -152,6 +160,7 @@ class ADIModule(L.LightningModule):
         check_model_settings(mask_threshold, mask_combine, mask_statistic, update_from, timestep_sampling,
                              learning_rate, weight_decay, num_inference_steps, large_t_steps, large_t_min,
                              starts, start_steps)
+        check_subject_words(subject_words, placeholder_token)
         self.family = bb.load_backbone(pretrained_model_name_or_path, weight_dtype, variant, revision, local_files_only)
         guidance_scale = self.family.guidance(guidance_scale)  # the hparams (saved next, from the locals) record it
         self.save_hyperparameters(ignore=["judge"])  # a judge holds models: not a hyperparameter
@@ -176,6 +185,10 @@ class ADIModule(L.LightningModule):
                                               self.row_groups)
         if identifier_path and identifier_path != UNTRAINED:
             self.load_identifier(identifier_path)
+        # [D, K] orthonormal basis of the subject words' embeddings (None: off); not saved (recomputed from hparams).
+        self.register_buffer("subject_basis", word_basis(torch.stack(
+            [self.family.initializer_row(w, "model.subject_words") for w in subject_words])) if subject_words else None,
+            persistent=False)
         self._role_grads: list[torch.Tensor] = []
         self.start_selection: dict | None = None  # set by MultiStartCallback when it has chosen a start
         # Set by ValidationScheduleCallback for a validation inside the multi-start phase: no images.
@@ -246,6 +259,8 @@ class ADIModule(L.LightningModule):
             subjects = [*getattr(datamodule, "exemplar_subjects", ()), *getattr(datamodule, "eval_subjects", ()),
                         *getattr(self.judge, "subjects", ())]
             check_initializer_word(self.hparams.initializer_token, templates, subjects)
+            check_subject_words(self.hparams.subject_words, self.hparams.placeholder_token,
+                                getattr(datamodule, "eval_subjects", ()))
         if self.trainer.is_global_zero:
             atomic_write_json(self.run_dir / "run_info.json", {
                 "stage": stage,
@@ -296,6 +311,7 @@ class ADIModule(L.LightningModule):
             "update_from": text("update_from"),
             "timestep_sampling": text("timestep_sampling"),
             "large_t_steps": text("large_t_steps"), "large_t_min": text("large_t_min"),
+            "subject_words": json.dumps(list(h.subject_words)),
             "starts": json.dumps({"starts": h.starts, "start_steps": in_force("start_steps", h.start_steps),
                                   **(self.start_selection or {})}),
             **self.family.identifier_metadata(),  # the family and each text encoder's part of a row

@@ -124,6 +124,17 @@ def multi_token_initializer(data: Path, tmp: Path):
     return {"model.initializer_token": "dogcat"}, "model.initializer_token"
 
 
+def multi_token_subject_word(data: Path, tmp: Path):
+    """subject word of several tokens"""
+    return {"model.subject_words": "[person, dogcat]"}, "model.subject_words 'dogcat' must be a single token"
+
+
+def subject_word_that_is_evaluated(data: Path, tmp: Path):
+    """subject word that is also an evaluated subject (`data.eval_subjects`)"""
+    return ({"model.subject_words": "[person, dog]", "data.eval_subjects": "[cat, dog]"},
+            "model.subject_words ['dog'] are also data.eval_subjects")
+
+
 def threshold_out_of_range(data: Path, tmp: Path):
     """`mask_threshold` outside [0, 1]"""
     return {"model.mask_threshold": "1.5"}, "model.mask_threshold must be in [0, 1]"
@@ -485,7 +496,8 @@ def generate_key_typed_without_generated_partners(data: Path, tmp: Path):
 
 CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line, action_not_present,
          anchor_without_partner, unknown_model_path, unknown_hub_id_offline, not_a_pipeline,
-         placeholder_in_vocab, multi_token_initializer, threshold_out_of_range, identifier_mismatch,
+         placeholder_in_vocab, multi_token_initializer, multi_token_subject_word, subject_word_that_is_evaluated,
+         threshold_out_of_range, identifier_mismatch,
          prompts_without_the_placeholder, pool_requested_without_a_pool, training_on_the_context_pool,
          placeholder_only_inside_other_words, placeholder_joined_to_a_word,
          template_pushes_placeholder_past_the_token_limit, validation_prompt_with_placeholder_past_the_token_limit,

@@ -9,8 +9,9 @@ from adi_lightning.callbacks.multi_start import MultiStartCallback, large_t_anch
 from adi_lightning.callbacks.optimizer_settings import OptimizerSettingsCallback
 from adi_lightning.callbacks.preemption import STOPPED_NAME, PreemptionCallback
 from adi_lightning.callbacks.rank_consistency import RankConsistencyCallback
+from adi_lightning.callbacks.subject_words import SubjectWordsCallback
 from adi_lightning.callbacks.validation_schedule import ValidationScheduleCallback
 
 __all__ = ["LAST_GOOD_FILE", "CurvesCallback", "EvaluationCallback", "GradientMaskCallback", "ImageGridCallback", "LastGoodIdentifierCallback",
            "MultiStartCallback", "OptimizerSettingsCallback", "PreemptionCallback", "RankConsistencyCallback", "STOPPED_NAME",
-           "ValidationScheduleCallback", "labelled_grid", "large_t_anchor_loss", "run_results"]
+           "SubjectWordsCallback", "ValidationScheduleCallback", "labelled_grid", "large_t_anchor_loss", "run_results"]

@@ -14,6 +14,7 @@ import logging
 import lightning as L
 import torch
 
+from adi_lightning.callbacks.after_step import AfterStep
 from adi_lightning.distributed import all_gather_tensor
 from adi_lightning.masking import MaskedUpdate, kept_fraction_per_layer, masked_update
 
@@ -35,19 +36,14 @@ class GradientMaskCallback(L.Callback):
     """Masks the identifier's update; configured by the model's ``mask_*`` / ``update_from`` keys."""
 
     def __init__(self) -> None:
-        self._restore_handle = None
+        self._restore = AfterStep()
         self.last_masks: torch.Tensor | None = None
 
-    def _disarm(self) -> None:
-        if self._restore_handle is not None:
-            self._restore_handle.remove()
-            self._restore_handle = None
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._disarm()  # removed here, never from inside the optimizer's own hook loop
+        self._restore.disarm()  # removed here, never from inside the optimizer's own hook loop
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
-        self._disarm()  # a step skipped by the AMP scaler leaves its hook armed
+        self._restore.disarm()  # a step skipped by the AMP scaler leaves its hook armed
         if not pl_module.masking_enabled:
             return
         records = pl_module.pop_role_grads()
@@ -94,14 +90,10 @@ class GradientMaskCallback(L.Callback):
         if bool(never_kept.any()):
             snapshot = param.detach().clone()
 
-            done = []
+            def restore() -> None:
+                with torch.no_grad():
+                    param.copy_(torch.where(never_kept.to(param.device), snapshot, param))
 
-            def restore(_optimizer, _args, _kwargs) -> None:
-                if not done:  # one-shot: a second step before the batch ends must not restore again
-                    with torch.no_grad():
-                        param.copy_(torch.where(never_kept.to(param.device), snapshot, param))
-                    done.append(True)
-
-            self._restore_handle = optimizer.register_step_post_hook(restore)
+            self._restore.arm(optimizer, restore)
 
         return result

@@ -212,9 +212,10 @@ class BackboneFamily:
             install_overlay(encoder, placeholder_id)
         return ids[0]
 
-    def initializer_row(self, word: str) -> torch.Tensor:
-        """``[D]`` fp32: each text encoder's frozen embedding of the single-token ``word``, concatenated."""
-        return torch.cat([initializer_embedding(tokenizer, get_token_embedding(encoder), word)
+    def initializer_row(self, word: str, key: str = "model.initializer_token") -> torch.Tensor:
+        """``[D]`` fp32: each text encoder's frozen embedding of the single-token ``word``, concatenated;
+        ValueError naming ``key`` (the setting the word came from) when a tokenizer splits it."""
+        return torch.cat([initializer_embedding(tokenizer, get_token_embedding(encoder), word, key)
                           for tokenizer, encoder in zip(self.tokenizers, self.text_encoders)])
 
     def identifier_metadata(self) -> dict[str, str]:
