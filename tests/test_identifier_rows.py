@@ -45,3 +45,17 @@ def test_the_copy_holds_the_initializer_rows_and_an_existing_out_is_never_replac
     assert identifier_rows.main([str(tmp_path / "id.safetensors"), "--reset-rows", "0", "--out", str(out)]) == 1
     assert "exists: this script never writes over a file" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_remove_words_leaves_no_change_along_the_words_and_one_edit_per_copy(tiny_pipeline, tmp_path, capsys):
+    table = _identifier(tmp_path / "id.safetensors", tiny_pipeline)
+    out = tmp_path / "nowords.safetensors"
+    assert identifier_rows.main([str(tmp_path / "id.safetensors"), "--words", "man", "--remove-words", "man", "cat",
+                                 "--out", str(out)]) == 0
+    words = identifier_rows.word_embeddings(tiny_pipeline, ["standing", "man", "cat"])
+    change = load_file(str(out))["identifier"] - words["standing"]
+    assert (change @ words["man"]).abs().max() < 1e-5 and (change @ words["cat"]).abs().max() < 1e-5
+    assert not torch.allclose(change, table - words["standing"])
+    assert identifier_rows.main([str(tmp_path / "id.safetensors"), "--remove-words", "man", "--reset-rows", "1",
+                                 "--out", str(tmp_path / "both.safetensors")]) == 1
+    assert "one edit per copy" in capsys.readouterr().err and not (tmp_path / "both.safetensors").exists()
