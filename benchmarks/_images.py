@@ -110,7 +110,7 @@ def _save(plt, fig, path: Path) -> Path:
 
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # a legend beside the axes stays in
     plt.close(fig)
     return Path(path)
 
@@ -150,6 +150,6 @@ def bars_figure(columns: dict[str, dict[str, tuple[float, float, float]]], metri
         ax.bar(xs, means, width, yerr=err, capsize=2, label=label)
     ax.set_xticks(range(len(metrics)), metrics, rotation=30, ha="right", fontsize=8)
     ax.axhline(0.0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=8, ncol=min(len(columns), 5), loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside the axes: clear of the labels
     ax.set_title(title, fontsize=10)
     return _save(plt, fig, path)
