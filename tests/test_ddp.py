@@ -1,4 +1,4 @@
-"""DDP on two CPU processes (gloo) matches one process with the same global batch (SD, SDXL and SD3)."""
+"""DDP on two CPU processes (gloo) matches one process with the same global batch (SD, SDXL, SD3 and FLUX)."""
 
 import json
 from pathlib import Path
@@ -13,8 +13,8 @@ from adi_lightning.identifier import read_identifier
 pytestmark = pytest.mark.e2e  # runs the CLI or a Trainer (pyproject markers)
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "sd3": "tiny_sd3_pipeline"}  # conftest fixtures
-CASES = [("sd", "absolute"), ("sd", "projection"), ("sdxl", "absolute"), ("sd3", "absolute")]
+PIPELINES = {"sd": "tiny_pipeline", "sdxl": "tiny_sdxl_pipeline", "sd3": "tiny_sd3_pipeline", "flux": "tiny_flux_pipeline"}  # conftest fixtures
+CASES = [("sd", "absolute"), ("sd", "projection"), ("sdxl", "absolute"), ("sd3", "absolute"), ("flux", "absolute")]
 # What the code guarantees, and what it does not:
 # - 2 ranks x batch 1 against 1 rank x batch 1 x accumulate_grad_batches=2: every kernel runs on the
 #   same shapes in the same order (one triple per forward), the per-triple role gradients are
