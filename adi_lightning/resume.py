@@ -12,7 +12,7 @@ checkpoint alone (no ``--config``) fills every model and data key it stores.
 ``best`` and ``hpc`` look inside the command's own run folder, which is new for every command, so
 they are refused with the newest checkpoint under ``trainer.default_root_dir`` as the suggestion
 (:func:`resolve_named`); ``last`` and ``hpc`` resolve only in a folder that a requeued SLURM job
-rejoins (README "Resuming and multi-GPU").
+rejoins (docs/distributed.md).
 
 Lightning 2.6's own ``LightningCLI._parse_ckpt_path`` merges the checkpoint's hyperparameters over
 the whole parsed config, typed flags included; :class:`adi_lightning.cli.ADICLI` turns it off.

@@ -8,7 +8,7 @@ of the shipped ADI and the channel-mask preset. Image-level metrics get 95% inte
 (``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
 over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (125 runs of 500 steps), many hours
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (about 140 runs of 500 steps), many hours
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -50,10 +50,11 @@ COMPARISONS = (("adi", "pplus"), ("adi", "ti"), ("adi_paper", "pplus"), ("adi_ch
 # β curves: the shipped default and the channel-mask preset (under both, β blends the raw gradient into the
 # statistic's update, 0 = the update alone); 1.0 is P+ for both.
 CURVE_BETAS = {"adi": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "adi_channel": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
-# Planning estimate per run, two runs at once on the 2-core CPU (measured 2026-11-30 on the toy UNet, the
-# default backbone; another backbone's plan says so): process start, seconds per training step (ADI's
-# triples vs anchor-only), and per test seed (7 subjects, + untrained).
-EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.33, "other": 0.23}, 7.5
+# Planning estimate per run, two runs at once on the 2-core CPU (toy UNet, the default backbone; another
+# backbone's plan says so): process start, seconds per training step (ADI's triples vs anchor-only; ADI's
+# re-measured 2026-12-07 from the median wall time of 69 multi-start runs, the rest 2026-11-30), and per
+# test seed (7 subjects, + untrained).
+EST_START_S, EST_STEP_S, EST_TEST_SEED_S = 10.0, {"adi": 0.5, "other": 0.23}, 7.5
 EST_SCORE_S = 2.5  # one multi-start scoring (96 forward passes), two runs at once
 # --backbone: the model config layered under each method preset (it names the pipeline and its sampling
 # settings); toy = configs/model/toy.yaml, which every experiments/toy_<action>.yaml already uses.

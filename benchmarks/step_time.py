@@ -11,7 +11,7 @@ anchor images. The text-encoder share is measured beside the step: the text-enco
 backward of the same batch shape, timed alone.
 
     python benchmarks/step_time.py                       # tiny test pipeline (built in a temp dir)
-    python benchmarks/step_time.py --pipeline .cache/toy/pipeline --resolution 64
+    python benchmarks/step_time.py --pipeline adi_lightning/toy/assets/pipeline --resolution 64
     python benchmarks/step_time.py --sd15-shaped --resolution 64 --steps 3
     python benchmarks/step_time.py --device cuda --sd15-shaped --resolution 512 --precision bf16-mixed
     python benchmarks/step_time.py --sdxl-shaped --steps 3 --rounds 1   # TI, and P+ / ADI per row grouping

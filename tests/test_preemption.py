@@ -1,4 +1,4 @@
-"""Preemption (README "Resuming and multi-GPU"): SIGTERM is an error (exit 143) with one line naming
+"""Preemption (docs/distributed.md): SIGTERM is an error (exit 143) with one line naming
 the checkpoint to resume from, written at the next optimizer-step boundary; a requeued SLURM job
 (simulated with environment variables, no real cluster) rejoins its run folder and resumes."""
 
