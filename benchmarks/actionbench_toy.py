@@ -407,8 +407,12 @@ def per_run_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_colour_word_excess",
-                  "leak_pattern_word_excess", "leak_background_word_excess")
+FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_subject_word_excess",
+                  "leak_colour_word_excess", "leak_pattern_word_excess", "leak_background_word_excess")
+#: On ``diverse`` every colour, pattern and background is some exemplar's, so the single-factor leaks read 1.00 for
+#: every method; its bars show the whole-look leak instead.
+DIVERSE_FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_subject_word_excess",
+                          "appearance_leak_word_excess")
 
 
 def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Path]:
@@ -416,14 +420,19 @@ def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Pa
     shown = [m for m in FIGURE_METRICS if m in metrics]
     written = []
 
-    def with_interval(cols: dict) -> dict:
+    def with_interval(cols: dict, shown=shown) -> dict:
         return {c: {m: (v[m]["mean"], v[m].get("lo", v[m]["mean"]), v[m].get("hi", v[m]["mean"])) for m in shown}
-                for c, v in cols.items() if all(m in v for m in shown)}
+                for c, v in cols.items() if all(m in v and v[m].get("n", 0) for m in shown)}
 
     for f, cols in data["main"].items():
-        if len(with_interval(cols)) > 1:
-            written.append(_images.bars_figure(with_interval(cols), shown, folder / f"bars_{f}.png",
-                                               f"ActionBench-toy v2, {f}: {', '.join(args.actions)}, seeds {args.seeds}"))
+        metrics_f = [m for m in (DIVERSE_FIGURE_METRICS if f == "diverse" else FIGURE_METRICS) if m in metrics]
+        if len(bars := with_interval(cols, metrics_f)) > 1:  # the legend says how many planned runs each bar has
+            runs = {c: max([v.get("n", 0) for v in cols[c].values()], default=0) for c in bars}
+            planned = len(args.actions) * len(args.seeds)
+            written.append(_images.bars_figure(
+                {f"{c} ({runs[c]}/{planned} runs)": v for c, v in bars.items()}, metrics_f, folder / f"bars_{f}.png",
+                f"ActionBench-toy v2, {f}: (action, seed) runs finished of {', '.join(args.actions)} x seeds "
+                f"{args.seeds}"))
     for action in args.curve_actions:  # one figure per action, a line per method (β = 1.0 is P+ for both)
         lines = {name.split(", ")[0]: {float(c.split("=", 1)[1]): v for c, v in with_interval(cols).items()}
                  for name, cols in data["curve"].items() if name.endswith(f", {action}")}

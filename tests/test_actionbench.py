@@ -340,6 +340,23 @@ def test_figures_are_written(tmp_path):
     assert curve.read_bytes()[:4] == bars.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bars_name_finished_runs_skip_empty_columns_and_use_the_whole_look_on_diverse(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(bench._images, "bars_figure",
+                        lambda cols, metrics, path, title: drawn.setdefault(path.name, (cols, metrics)) and path)
+    stat = {"mean": 0.5, "lo": 0.4, "hi": 0.6, "n": 2}
+    full = {m: stat for m in (*bench.FIGURE_METRICS, *bench.DIVERSE_FIGURE_METRICS)}
+    empty = {m: {"mean": None, "n": 0} for m in full}
+    data = {"main": {f: {"adi": full, "pplus": full, "adi_paper": empty} for f in ("shared", "diverse")}, "curve": {}}
+    args = argparse.Namespace(actions=["jumping", "kicking"], seeds=[3, 4, 5], curve_actions=[], curve_folder="shared",
+                              curve_seeds=[3, 4, 5])
+    bench.write_figures(data, list(full), args, tmp_path)
+    cols, metrics = drawn["bars_shared.png"]
+    assert list(cols) == ["adi (2/6 runs)", "pplus (2/6 runs)"]  # the run-less column is left out
+    assert "leak_colour_word_excess" in metrics and "appearance_leak_word_excess" not in metrics
+    assert drawn["bars_diverse.png"][1] == [*bench.DIVERSE_FIGURE_METRICS]
+
+
 def test_curves_of_both_methods_get_tables_and_one_figure_per_action(tmp_path, monkeypatch):
     import json
 
