@@ -373,7 +373,7 @@ def report(plan: dict, records: dict[str, dict], args, rows_of: dict[str, list] 
 #: The rows of the Markdown tables (``table.md``): what the report shows; ``table.txt`` has every metric.
 REPORT_METRICS = ("action_acc", "subject_acc", "clean_both_correct", "clean_both_correct_word",
                   "leak_subject_word_excess", "leak_colour_word_excess", "leak_pattern_word_excess",
-                  "leak_background_word_excess", "leak_subject",
+                  "leak_background_word_excess", "appearance_leak_word_excess", "leak_subject", "appearance_leak",
                   "leak_colour_excess", "leak_pattern_excess", "leak_background_excess",
                   "leak_colour", "leak_pattern", "leak_background")
 #: Per-run columns of ``table.md``'s last table.
