@@ -381,12 +381,16 @@ PER_RUN_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak
                    "leak_colour_word_excess", "leak_pattern_word_excess", "leak_background_word_excess")
 
 
+def column_runs(column: dict[str, dict]) -> int:
+    """How many runs (paired tables: pairs) a column of :func:`by_column` has: the most of any metric."""
+    return max([v.get("n", 0) for v in column.values()], default=0)
+
+
 def markdown_table(title: str, columns: dict[str, dict[str, dict]], metrics: list[str], cell) -> str:
     """``format_table``'s table as Markdown: a bold title line, one column per method (or β), the number of runs
     (paired tables: pairs) each column has so far, then a row per metric."""
     lines = [f"**{title}**", "", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|",
-             "| runs (pairs) | " + " | ".join(str(max([v.get("n", 0) for v in col.values()], default=0))
-                                          for col in columns.values()) + " |"]
+             "| runs (pairs) | " + " | ".join(str(column_runs(col)) for col in columns.values()) + " |"]
     lines += ["| " + " | ".join([m, *(cell(col[m]) if m in col and not math.isnan(col[m]["mean"]) else "-"
                                       for col in columns.values())]) + " |" for m in metrics]
     return "\n".join(lines)
@@ -411,8 +415,7 @@ FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_
                   "leak_colour_word_excess", "leak_pattern_word_excess", "leak_background_word_excess")
 #: On ``diverse`` every colour, pattern and background is some exemplar's, so the single-factor leaks read 1.00 for
 #: every method; its bars show the whole-look leak instead.
-DIVERSE_FIGURE_METRICS = ("action_acc", "subject_acc", "clean_both_correct_word", "leak_subject_word_excess",
-                          "appearance_leak_word_excess")
+DIVERSE_FIGURE_METRICS = (*FIGURE_METRICS[:4], "appearance_leak_word_excess")
 
 
 def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Path]:
@@ -427,10 +430,9 @@ def write_figures(data: dict, metrics: list[str], args, folder: Path) -> list[Pa
     for f, cols in data["main"].items():
         metrics_f = [m for m in (DIVERSE_FIGURE_METRICS if f == "diverse" else FIGURE_METRICS) if m in metrics]
         if len(bars := with_interval(cols, metrics_f)) > 1:  # the legend says how many planned runs each bar has
-            runs = {c: max([v.get("n", 0) for v in cols[c].values()], default=0) for c in bars}
             planned = len(args.actions) * len(args.seeds)
             written.append(_images.bars_figure(
-                {f"{c} ({runs[c]}/{planned} runs)": v for c, v in bars.items()}, metrics_f, folder / f"bars_{f}.png",
+                {f"{c} ({column_runs(cols[c])}/{planned} runs)": v for c, v in bars.items()}, metrics_f, folder / f"bars_{f}.png",
                 f"ActionBench-toy v2, {f}: (action, seed) runs finished of {', '.join(args.actions)} x seeds "
                 f"{args.seeds}"))
     for action in args.curve_actions:  # one figure per action, a line per method (β = 1.0 is P+ for both)
