@@ -124,12 +124,12 @@ def test_json_safe_turns_nan_into_null():
 # ------------------------------------------------------------------ plan
 def test_default_plan_sizes_and_shared_runs():
     plan = bench.make_plan(args(), preset_betas={"adi": 0.0, "adi_channel": 0.0})
-    assert len(plan["main"]) == 6 * 3 * 3 * 2
-    assert len(plan["ablations"]) == 4 * 3 and len(plan["curve"]) == 6 + 6
+    assert len(plan["main"]) == 5 * 3 * 3 * 2
+    assert len(plan["ablations"]) == 5 * 3 and len(plan["curve"]) == 6 + 6
     runs = bench.unique_runs(plan)
     # ADI and the channel preset on (jumping, shared, seed 3) are in the main table; each curve's point at
     # its preset's β is that same run, and its point at 1.0 is P+'s (bit for bit the same training)
-    assert len(runs) == 108 + 9 + 4 + 4
+    assert len(runs) == 90 + 12 + 4 + 4
     curve_keys = {bench.run_key(c[-1]) for c in plan["curve"]}
     assert bench.run_key(bench.spec("pplus", "jumping", "shared", 3, 300, 4)) in curve_keys
     assert bench.run_key(bench.spec("adi_channel", "jumping", "shared", 3, 300, 4)) in curve_keys
@@ -189,6 +189,34 @@ def test_load_result_reuses_only_the_same_spec(tmp_path):
     assert bench.load_result(path, s) is not None and bench.load_result(path, {**s, "starts": 8}) is None
 
 
+def test_a_record_made_with_other_model_settings_is_not_reused(tmp_path):
+    """A changed default or preset (here: the subject words) reruns the runs it changes; records made before
+    the settings were kept are not reused by a plan that keeps them."""
+    from adi_lightning.io import atomic_write_json
+
+    adi = bench.model_settings("adi")
+    s = bench.spec("adi", "jumping", "shared", 3, 300, 4, model=adi)
+    path = tmp_path / "run.json"
+    atomic_write_json(path, {"spec": s, "metrics": {"action_acc": 1.0}})
+    assert bench.load_result(path, s) is not None
+    assert bench.load_result(path, {**s, "model": {**adi, "subject_words": []}}) is None
+    atomic_write_json(path, {"spec": {k: v for k, v in s.items() if k != "model"}, "metrics": {"action_acc": 1.0}})
+    assert bench.load_result(path, s) is None
+    plan = bench.make_plan(args(), preset_betas={"adi": 0.0, "adi_channel": 0.0})
+    assert all(s["model"] == bench.model_settings(s["method"]) for s in bench.unique_runs(plan).values())
+
+
+def test_model_settings_layer_the_preset_over_the_toy_config():
+    toy, adi = load("toy"), bench.model_settings("adi")
+    assert adi["subject_words"] == toy["subject_words"] == ["person", "man", "woman", "child"]  # every method's
+    assert bench.model_settings("ti")["subject_words"] == toy["subject_words"]
+    assert bench.model_settings("adi_no_subject_words")["subject_words"] == []
+    assert bench.model_settings("ti")["layerwise"] is False and adi["layerwise"] is True
+    assert bench.model_settings("init") == bench.model_settings("ti")  # the untrained identifier: TI's preset
+    sd3 = bench.model_settings("adi", "toy_sd3")
+    assert sd3["pretrained_model_name_or_path"] == load("toy_sd3")["pretrained_model_name_or_path"]
+
+
 def test_a_backbone_gets_its_own_runs_and_the_default_keeps_old_records(tmp_path):
     from adi_lightning.io import atomic_write_json
 
@@ -235,7 +263,7 @@ def load(name):
 
 
 def test_every_benchmarked_method_has_a_preset():
-    for method in (*bench.MAIN_METHODS, *bench.ABLATIONS, *bench.CANDIDATES):
+    for method in (*bench.MAIN_METHODS, *bench.ABLATIONS, *bench.OPTIONAL_METHODS):
         assert (bench.PRESETS / f"{bench.PRESET_OF.get(method, method)}.yaml").is_file(), method
 
 
