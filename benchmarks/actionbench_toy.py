@@ -8,7 +8,7 @@ of the shipped ADI and the channel-mask preset. Image-level metrics get 95% inte
 (``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
 over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (about 140 runs of 500 steps), many hours
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (126 runs of 500 steps), many hours
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
