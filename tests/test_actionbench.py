@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -215,6 +216,32 @@ def test_model_settings_layer_the_preset_over_the_toy_config():
     assert bench.model_settings("init") == bench.model_settings("ti")  # the untrained identifier: TI's preset
     sd3 = bench.model_settings("adi", "toy_sd3")
     assert sd3["pretrained_model_name_or_path"] == load("toy_sd3")["pretrained_model_name_or_path"]
+
+
+@pytest.mark.parametrize("method", ["init", "adi", "adi_no_subject_words"])
+def test_model_settings_are_what_the_cli_parses_for_a_run(method, tmp_path):
+    """The settings a record keeps are the model keys the run's own command line resolves to (printed by
+    LightningCLI's --print_config, which exits before anything is built)."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from adi_lightning.cli import ADICLI
+    from adi_lightning.module import ADIModule
+
+    argv = bench.cli_args("jumping", method, 3, 20, 1, tmp_path, [f"--data.root={tmp_path / 'data'}"])
+    printed = io.StringIO()
+    with mock.patch.object(sys, "argv", sys.argv[:1]), contextlib.redirect_stdout(printed), \
+            pytest.raises(SystemExit):
+        ADICLI(args=[*argv, "--print_config"], run=False)
+    parsed = yaml.safe_load(printed.getvalue())["model"]
+    settings = bench.model_settings(method)
+    assert parsed.pop("judge")["class_path"] == settings.pop("judge")["class_path"]
+    assert {k: parsed[k] for k in settings} == settings
+    # and nothing the configs set is missing from the settings: every other key is the module's default
+    # (or the benchmark's own flag, init's identifier_path)
+    defaults = {k: p.default for k, p in inspect.signature(ADIModule).parameters.items()}
+    assert {k for k, v in parsed.items() if k not in settings and v != defaults.get(k)} <= {"identifier_path"}
 
 
 def test_a_backbone_gets_its_own_runs_and_the_default_keeps_old_records(tmp_path):
