@@ -104,8 +104,10 @@ def make_plan(args, preset_betas: dict[str, float]) -> dict[str, list]:
     starts, backbone = getattr(args, "starts", 1), getattr(args, "backbone", DEFAULT_BACKBONE)
     settings = {}
 
-    def model(m):  # each preset read once
-        return settings.setdefault(m, model_settings(m, backbone))
+    def model(m):  # each preset read once (setdefault would read it on every call)
+        if m not in settings:
+            settings[m] = model_settings(m, backbone)
+        return settings[m]
 
     main = [spec(m, a, f, s, args.steps, args.test_seeds, starts=starts, backbone=backbone, model=model(m))
             for f in args.folders for a in args.actions for s in args.seeds for m in args.methods]
