@@ -8,6 +8,7 @@ from __future__ import annotations
 from adi_lightning.flow_matching import FLOW_TIME_SAMPLINGS
 from adi_lightning.identifier import UNTRAINED
 from adi_lightning.masking import MASK_COMBINES, MASK_STATISTICS, UPDATE_FROMS, check_threshold
+from adi_lightning.paths import is_in_cache
 
 
 def check_model_settings(mask_threshold: float, mask_combine: str, mask_statistic: str, update_from: str,
@@ -156,11 +157,19 @@ def inert_settings(model, data=None) -> dict[str, str]:
       ``mask_statistic``, ``update_from``, ``share_text_encoding`` and the partner keys
       ``data.action_different``, ``context_partners``, ``generate_*``, ``cache_dir``;
     - ``data.action_different`` other than ``generate``: ``data.generate_*`` and ``cache_dir``;
+    - ``model.mask_combine`` = ``context_only`` (masking on): the context test alone never reads the
+      action-different partner, so ``data.action_different`` and the ``generate_*`` keys (partners
+      are still drawn, and ``require`` still refuses a folder without them, but no update reads them);
+    - ``model.mask_combine`` = ``action_only`` with ``update_from`` = ``anchor`` under a statistic
+      other than ``change_basis`` (whose action test also keeps the context axis): the action test
+      alone never reads the context-different partner, so ``data.context_partners``;
     - ``model.starts`` = 1: ``model.start_steps``;
     - ``model.large_t_steps`` = 0 with ``model.starts`` = 1: ``model.large_t_min``;
     - ``model.row_groups`` given: ``model.layerwise`` (``row_groups`` decides);
     - ``data.eval_subjects`` empty: ``data.eval_template``; not empty: ``data.validation_prompts``;
-    - ``data.export_toy_if_missing`` false: ``data.toy_difficulty``.
+    - ``data.export_toy_if_missing`` false: ``data.toy_difficulty``; ``data.root`` set outside this
+      project's cache (:func:`adi_lightning.paths.is_in_cache`): both, as the toy export only reads
+      and writes the cache.
 
     β itself is never inert: every statistic gives it a meaning (:func:`adi_lightning.masking.triple_updates`).
     """
@@ -171,9 +180,18 @@ def inert_settings(model, data=None) -> dict[str, str]:
         inert.update({f"model.{k}": why for k in _MASKING_KEYS})
         if data is not None:
             inert.update({f"data.{k}": why for k in (*_PARTNER_KEYS, *_GENERATE_KEYS)})
-    elif data is not None and data.get("action_different", "require") != "generate":
-        why = f"data.action_different={data.get('action_different', 'require')} generates no partners"
-        inert.update({f"data.{k}": why for k in _GENERATE_KEYS})
+    else:
+        combine = model.get("mask_combine", "and")
+        if data is not None and data.get("action_different", "require") != "generate":
+            why = f"data.action_different={data.get('action_different', 'require')} generates no partners"
+            inert.update({f"data.{k}": why for k in _GENERATE_KEYS})
+        if data is not None and combine == "context_only":
+            why = "model.mask_combine=context_only never reads the action-different partner"
+            inert.update({f"data.{k}": why for k in ("action_different", *_GENERATE_KEYS)})
+        if (data is not None and combine == "action_only" and model.get("update_from", "anchor") == "anchor"
+                and model.get("mask_statistic", "projection") != "change_basis"):
+            inert["data.context_partners"] = ("model.mask_combine=action_only with model.update_from=anchor never "
+                                              "reads the context-different partner")
     starts = model.get("starts", 1)
     if starts == 1:
         inert["model.start_steps"] = "model.starts=1 (multi-start off)"
@@ -186,6 +204,10 @@ def inert_settings(model, data=None) -> dict[str, str]:
             inert["data.validation_prompts"] = "data.eval_subjects replaces them with data.eval_template prompts"
         else:
             inert["data.eval_template"] = "data.eval_subjects is empty"
-        if not data.get("export_toy_if_missing", False):
+        root = data.get("root")
+        if root is not None and not is_in_cache(root):
+            why = f"data.root={root} lies outside the project's cache, the only place toy folders are exported to"
+            inert.update({"data.toy_difficulty": why, "data.export_toy_if_missing": why})
+        elif not data.get("export_toy_if_missing", False):
             inert["data.toy_difficulty"] = "data.export_toy_if_missing is false"
     return inert

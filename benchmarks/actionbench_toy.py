@@ -309,7 +309,7 @@ def worker(payload: str) -> int:
     job = json.loads(payload)
     s, result = job["spec"], Path(job["result"])
     torch.set_num_threads(1)
-    extra = [f"--data.toy_difficulty={s['folder']}", f"--data.root={job['data_root']}"]
+    extra = [f"--data.root={job['data_root']}"]  # the folder's own difficulty (data.toy_difficulty would be inert)
     extra += [] if s["beta"] is None else [f"--model.mask_threshold={s['beta']}"]
     extra += [f"--model.starts={s.get('starts', 1)}"]
     started = time.time()
