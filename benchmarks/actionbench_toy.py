@@ -492,7 +492,7 @@ def main() -> int:
                    help="methods whose β curve is measured (empty: skip)")
     p.add_argument("--curve-betas", nargs="*", type=float, default=None,
                    help="β values of every curve (default: each method's, CURVE_BETAS; empty: skip)")
-    p.add_argument("--curve-actions", nargs="+", default=["jumping"], choices=ACTIONS)
+    p.add_argument("--curve-actions", nargs="+", default=["jumping", "kicking"], choices=ACTIONS)
     p.add_argument("--curve-folder", default="shared", choices=FOLDERS)
     p.add_argument("--curve-seeds", nargs="+", type=int, default=[3, 4, 5])
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one subprocess each")
@@ -576,12 +576,11 @@ def main() -> int:
     header = header_text(args, len(records), len(runs), (time.time() - started) / 60)
     from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
 
-    atomic_write_text(out / "table.txt", header + "\n\n" + text + "\n")
     commits = sorted({str(r.get("git", "?"))[:7] for r in records.values()})
     command = "OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py " + " ".join(map(shlex.quote, sys.argv[1:]))
-    atomic_write_text(out / "table.md", f"{header}\n\n- **Runs made at commits**: {', '.join(commits)}\n"
-                                        f"- **Tables written by**: `{command}` (at {git_revision(REPO)[:7]})\n\n"
-                                        + markdown + "\n")
+    made = f"- **Runs made at commits**: {', '.join(commits)}\n- **Tables written by**: `{command}` (at {git_revision(REPO)[:7]})"
+    atomic_write_text(out / "table.txt", f"{header}\n{made}\n\n{text}\n")
+    atomic_write_text(out / "table.md", f"{header}\n\n{made}\n\n{markdown}\n")
     atomic_write_json(out / "table.json", json_safe({**data, "settings": {k: v for k, v in vars(args).items()
                                                                           if k != "worker"}, "runs": sorted(records)}))
     print("\n" + header + "\n\n" + text + f"\n\ntables: {out / 'table.txt'}, {out / 'table.json'}")

@@ -347,7 +347,10 @@ def test_main_runs_the_plan_writes_tables_and_resumes(tmp_path, monkeypatch, cap
     assert table["paired"]["adi-pplus"]["all"]["clean_both_correct"] == pytest.approx(
         {"mean": 0.25, "lo": 0.25, "hi": 0.25, "n": 2})
     assert "adi-ti" not in table["paired"]
-    assert (tmp_path / "out" / "table.txt").read_text().startswith("ActionBench-toy v2")
+    for name in ("table.txt", "table.md"):  # each says which commits made the runs and which command wrote it
+        text = (tmp_path / "out" / name).read_text()
+        assert text.startswith("ActionBench-toy v2") and "- **Runs made at commits**: " in text, name
+        assert "- **Tables written by**: `OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py " in text, name
     launched.clear()
     assert bench.main() == 1  # resumed: only the failed run is launched again
     assert launched == ["init-jumping-shared-seed4-500steps-8starts-4ts"]

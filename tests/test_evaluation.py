@@ -227,6 +227,7 @@ def test_validate_with_a_judge_logs_and_writes_metrics(make_module, tiny_data, t
     assert logged["val/action_acc"] == 1.0 and logged["val/subject_acc"] == 0.0 and logged["val/leak_subject"] == 1.0
     assert logged["val/leak_subject_untrained"] == 0.0 and logged["val/leak_subject_excess"] == 1.0
     assert logged["val/appearance_leak"] == 1.0 and logged["val/clean_both_correct"] == 0.0
+    assert "val/clean_both_correct_word" in logged  # what the sweeps optimise
     (report,) = tmp_path.glob("metrics/validation_step*.json")
     data = json.loads(report.read_text())
     assert data["images"] == 4 and data["metrics"]["both_correct"] == 0.0

@@ -9,7 +9,7 @@ So every leak rate comes with its untrained rate and excess, and its word rate a
 (prompt, seed): a fit that validates N times generates them once (Lightning makes a new callback
 for each fit / validate / test call, hence a new cache).
 Metrics are logged as ``<stage>/<name>`` (the names sweeps optimise, e.g.
-``val/clean_both_correct``) and written beside the grid as JSON and CSV, atomically.
+``val/clean_both_correct_word``) and written beside the grid as JSON and CSV, atomically.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Around it, this callback
 - validates at the run's last step even when the schedule misses it (``trainer.max_steps`` not a
   multiple of N), through Lightning's ``trainer.should_stop``, which validates before stopping; a run
   with a judge (``model.judge`` and ``data.eval_subjects``) does so even when N exceeds the run: the last
-  judged metrics (``val/clean_both_correct``, the one sweeps optimise) are always the final identifier's;
+  judged metrics (``val/clean_both_correct_word``, the one sweeps optimise) are always the final identifier's;
 - isolates the random number generators: every RNG state (torch, CUDA, numpy, Python) is saved after
   each training batch (before Lightning opens the validation loader, which draws a seed from torch's
   RNG) and restored when a validation inside ``fit`` ends (the sanity check likewise), so validation

@@ -59,7 +59,7 @@ def metric_names(factors: Sequence[str] = ()) -> tuple[str, ...]:
             *(f"{n}_word" for n in leaks), *(f"{n}_word_excess" for n in leaks), "clean_both_correct_word")
 
 
-#: The metrics of every judge (``val/<name>``, ``test/<name>``); sweeps optimise ``val/clean_both_correct``.
+#: The metrics of every judge (``val/<name>``, ``test/<name>``); sweeps optimise ``val/clean_both_correct_word``.
 METRIC_NAMES = metric_names()
 
 
