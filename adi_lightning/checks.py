@@ -157,12 +157,6 @@ def inert_settings(model, data=None) -> dict[str, str]:
       ``mask_statistic``, ``update_from``, ``share_text_encoding`` and the partner keys
       ``data.action_different``, ``context_partners``, ``generate_*``, ``cache_dir``;
     - ``data.action_different`` other than ``generate``: ``data.generate_*`` and ``cache_dir``;
-    - ``model.mask_combine`` = ``context_only`` (masking on): the context test alone never reads the
-      action-different partner, so ``data.action_different`` and the ``generate_*`` keys (partners
-      are still drawn, and ``require`` still refuses a folder without them, but no update reads them);
-    - ``model.mask_combine`` = ``action_only`` with ``update_from`` = ``anchor`` under a statistic
-      other than ``change_basis`` (whose action test also keeps the context axis): the action test
-      alone never reads the context-different partner, so ``data.context_partners``;
     - ``model.starts`` = 1: ``model.start_steps``;
     - ``model.large_t_steps`` = 0 with ``model.starts`` = 1: ``model.large_t_min``;
     - ``model.row_groups`` given: ``model.layerwise`` (``row_groups`` decides);
@@ -172,6 +166,9 @@ def inert_settings(model, data=None) -> dict[str, str]:
       and writes the cache.
 
     β itself is never inert: every statistic gives it a meaning (:func:`adi_lightning.masking.triple_updates`).
+    Nor are the partner keys under one test alone (``mask_combine`` ``context_only`` / ``action_only``):
+    the update never reads the other test's partner, but the keys still decide whether a folder loads
+    (its partners are drawn), what is generated, and the logged role losses.
     """
     inert: dict[str, str] = {}
     beta = model.get("mask_threshold", 0.0)
@@ -180,18 +177,9 @@ def inert_settings(model, data=None) -> dict[str, str]:
         inert.update({f"model.{k}": why for k in _MASKING_KEYS})
         if data is not None:
             inert.update({f"data.{k}": why for k in (*_PARTNER_KEYS, *_GENERATE_KEYS)})
-    else:
-        combine = model.get("mask_combine", "and")
-        if data is not None and data.get("action_different", "require") != "generate":
-            why = f"data.action_different={data.get('action_different', 'require')} generates no partners"
-            inert.update({f"data.{k}": why for k in _GENERATE_KEYS})
-        if data is not None and combine == "context_only":
-            why = "model.mask_combine=context_only never reads the action-different partner"
-            inert.update({f"data.{k}": why for k in ("action_different", *_GENERATE_KEYS)})
-        if (data is not None and combine == "action_only" and model.get("update_from", "anchor") == "anchor"
-                and model.get("mask_statistic", "projection") != "change_basis"):
-            inert["data.context_partners"] = ("model.mask_combine=action_only with model.update_from=anchor never "
-                                              "reads the context-different partner")
+    elif data is not None and data.get("action_different", "require") != "generate":
+        why = f"data.action_different={data.get('action_different', 'require')} generates no partners"
+        inert.update({f"data.{k}": why for k in _GENERATE_KEYS})
     starts = model.get("starts", 1)
     if starts == 1:
         inert["model.start_steps"] = "model.starts=1 (multi-start off)"

@@ -8,7 +8,7 @@ of the shipped ADI and the channel-mask preset. Image-level metrics get 95% inte
 (``benchmarks/_images.py``: 3 seeds alone would make a degenerate bootstrap); the others mean ± std
 over runs. Figures (PNG): per-folder bars with intervals and the β curve (benchmarks/README.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (126 runs of 500 steps), many hours
+    OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py          # default size (150 runs of 500 steps), many hours
     OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py --quick  # smoke run, about 2 min
 """
 
@@ -32,7 +32,7 @@ from unittest import mock
 
 import _images  # noqa: E402  (benchmarks/, beside this script)
 
-from adi_lightning.paths import TOY_DIFFICULTIES
+from adi_lightning.paths import TOY_DIFFICULTIES, is_in_cache
 from adi_lightning.toy.world import ACTIONS  # one experiments/toy_<action>.yaml each
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +309,9 @@ def worker(payload: str) -> int:
     job = json.loads(payload)
     s, result = job["spec"], Path(job["result"])
     torch.set_num_threads(1)
-    extra = [f"--data.root={job['data_root']}"]  # the folder's own difficulty (data.toy_difficulty would be inert)
+    extra = [f"--data.root={job['data_root']}"]
+    if is_in_cache(job["data_root"]):  # only there is the folder (re-)exported, with this difficulty; elsewhere inert
+        extra.append(f"--data.toy_difficulty={s['folder']}")
     extra += [] if s["beta"] is None else [f"--model.mask_threshold={s['beta']}"]
     extra += [f"--model.starts={s.get('starts', 1)}"]
     started = time.time()

@@ -467,3 +467,26 @@ def test_the_default_backbone_keeps_the_v2_header_and_another_is_named_with_its_
         "ActionBench-toy v2:", "ActionBench-toy v2 on the toy_sd3 backbone:")
     assert bench.estimate_text(600, "toy") == "estimate 10 min"
     assert bench.estimate_text(600, "toy_sd3") == "estimate 10 min (UNet timings; the ETA corrects it)"
+
+
+@pytest.mark.parametrize("in_cache", [False, True])
+def test_the_worker_names_the_folder_difficulty_only_where_it_is_in_force(in_cache, tmp_path, monkeypatch):
+    """data.toy_difficulty is inert for a folder outside the project's cache (the CLI refuses it typed), and in
+    the cache it decides how a missing or damaged folder is exported again: there the worker must type it."""
+    import json
+
+    monkeypatch.setenv("ADI_LIGHTNING_CACHE", str(tmp_path / "cache"))
+    root = (tmp_path / "cache" if in_cache else tmp_path / "data") / "diverse" / "jumping"
+    seen = {}
+
+    def fake_run_one(action, method, seed, steps, test_seeds, tmp, extra, keep=None, backbone=None):
+        seen["extra"] = extra
+        return {"action_acc": 1.0}
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    s = bench.spec("adi", "jumping", "diverse", 3, 20, 1)
+    payload = {"spec": s, "result": str(tmp_path / "runs" / "r.json"), "data_root": str(root)}
+    (tmp_path / "runs").mkdir()
+    assert bench.worker(json.dumps(payload)) == 0
+    assert f"--data.root={root}" in seen["extra"]
+    assert ("--data.toy_difficulty=diverse" in seen["extra"]) is in_cache

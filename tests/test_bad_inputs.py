@@ -495,20 +495,6 @@ def generate_key_typed_without_generated_partners(data: Path, tmp: Path):
 
 
 
-def action_partner_key_typed_under_the_context_test_alone(data: Path, tmp: Path):
-    """`--data.action_different` typed with `model.mask_combine: context_only`"""
-    return ({"model.mask_combine": "context_only", "data.action_different": "other_action"},
-            "--data.action_different=other_action has no effect: model.mask_combine=context_only never reads the "
-            "action-different partner")
-
-
-def context_partner_key_typed_under_the_action_test_alone(data: Path, tmp: Path):
-    """`--data.context_partners` typed with `model.mask_combine: action_only`"""
-    return ({"model.mask_combine": "action_only", "data.context_partners": "exemplars"},
-            "--data.context_partners=exemplars has no effect: model.mask_combine=action_only with "
-            "model.update_from=anchor never reads the context-different partner")
-
-
 def toy_difficulty_typed_with_a_folder_of_ones_own(data: Path, tmp: Path):
     """`--data.toy_difficulty` typed with `data.root` a folder outside the project's cache"""
     return ({"data.toy_difficulty": "diverse"},
@@ -541,8 +527,7 @@ CASES = [missing_image, corrupt_image, empty_folder, no_metadata, bad_json_line,
          or_under_change_basis,
          masking_key_typed_with_masking_off, start_steps_typed_without_multi_start,
          large_t_min_typed_without_a_large_t_phase, generate_key_typed_without_generated_partners,
-         action_partner_key_typed_under_the_context_test_alone,
-         context_partner_key_typed_under_the_action_test_alone, toy_difficulty_typed_with_a_folder_of_ones_own]
+         toy_difficulty_typed_with_a_folder_of_ones_own]
 
 
 # ------------------------------------------------------------------ handled: odd but valid inputs
