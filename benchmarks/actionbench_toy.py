@@ -423,6 +423,12 @@ def markdown_table(title: str, columns: dict[str, dict[str, dict]], metrics: lis
     return "\n".join(lines)
 
 
+def short_revision(revision) -> str:
+    """A commit as 7 hex digits, keeping ``-dirty`` (a run or table made with uncommitted changes says so)."""
+    revision = str(revision)
+    return revision[:7] + ("-dirty" if revision.endswith("-dirty") else "")
+
+
 def per_run_table(records: list[dict]) -> str:
     """One Markdown row per finished run: its spec, :data:`PER_RUN_METRICS` and the commit that ran it."""
     lines = ["**every run**", "", "| method | action | folder | seed | β | " + " | ".join(PER_RUN_METRICS) + " | commit |",
@@ -434,7 +440,7 @@ def per_run_table(records: list[dict]) -> str:
         values = ["-" if math.isnan(m.get(k, math.nan)) else f"{m[k]:.2f}" for k in PER_RUN_METRICS]
         beta = "preset" if s["beta"] is None else f"{s['beta']:g}"
         lines.append("| " + " | ".join([s["method"], s["action"], s["folder"], str(s["seed"]), beta, *values,
-                                         str(r.get("git", "?"))[:7]]) + " |")
+                                         short_revision(r.get("git", "?"))]) + " |")
     return "\n".join(lines)
 
 
@@ -578,9 +584,10 @@ def main() -> int:
     header = header_text(args, len(records), len(runs), (time.time() - started) / 60)
     from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
 
-    commits = sorted({str(r.get("git", "?"))[:7] for r in records.values()})
+    commits = sorted({short_revision(r.get("git", "?")) for r in records.values()})
     command = "OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py " + " ".join(map(shlex.quote, sys.argv[1:]))
-    made = f"- **Runs made at commits**: {', '.join(commits)}\n- **Tables written by**: `{command}` (at {git_revision(REPO)[:7]})"
+    made = (f"- **Runs made at commits**: {', '.join(commits)}\n"
+            f"- **Tables written by**: `{command}` (at {short_revision(git_revision(REPO))})")
     atomic_write_text(out / "table.txt", f"{header}\n{made}\n\n{text}\n")
     atomic_write_text(out / "table.md", f"{header}\n\n{made}\n\n{markdown}\n")
     atomic_write_json(out / "table.json", json_safe({**data, "settings": {k: v for k, v in vars(args).items()

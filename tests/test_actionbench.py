@@ -490,3 +490,9 @@ def test_the_worker_names_the_folder_difficulty_only_where_it_is_in_force(in_cac
     assert bench.worker(json.dumps(payload)) == 0
     assert f"--data.root={root}" in seen["extra"]
     assert ("--data.toy_difficulty=diverse" in seen["extra"]) is in_cache
+
+
+def test_short_revisions_keep_the_dirty_mark():
+    assert bench.short_revision("0123456789abcdef0123456789abcdef01234567") == "0123456"
+    assert bench.short_revision("0123456789abcdef0123456789abcdef01234567-dirty") == "0123456-dirty"
+    assert bench.short_revision("?") == "?"
