@@ -579,15 +579,17 @@ def main() -> int:
                   f"ETA {eta / 60:.1f} min", flush=True)
     finally:  # on Ctrl-C (the running runs get it too) start no further run
         pool.shutdown(wait=True, cancel_futures=True)
+    from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
+
+    # the tree's state before this invocation writes its figures and tables (which may live in the checkout)
+    written_at = short_revision(git_revision(REPO))
     rows_of = {k: _images.read_rows(out / "runs" / f"{k}.csv") for k in records if (out / "runs" / f"{k}.csv").is_file()}
     text, data, markdown = report(plan, records, args, rows_of, figures=out)
     header = header_text(args, len(records), len(runs), (time.time() - started) / 60)
-    from adi_lightning.io import atomic_write_json, atomic_write_text, git_revision
-
     commits = sorted({short_revision(r.get("git", "?")) for r in records.values()})
     command = "OMP_NUM_THREADS=1 python benchmarks/actionbench_toy.py " + " ".join(map(shlex.quote, sys.argv[1:]))
     made = (f"- **Runs made at commits**: {', '.join(commits)}\n"
-            f"- **Tables written by**: `{command}` (at {short_revision(git_revision(REPO))})")
+            f"- **Tables written by**: `{command}` (at {written_at})")
     atomic_write_text(out / "table.txt", f"{header}\n{made}\n\n{text}\n")
     atomic_write_text(out / "table.md", f"{header}\n\n{made}\n\n{markdown}\n")
     atomic_write_json(out / "table.json", json_safe({**data, "settings": {k: v for k, v in vars(args).items()
