@@ -13,7 +13,7 @@ import torch
 
 from adi_lightning.families.sd3 import MAX_SEQUENCE_LENGTH
 from adi_lightning.toy.pretrain_sd3 import (
-    MAX_ASSET_BYTES, CollapsedPadJointAttnProcessor, PretrainSD3Config, clip_context, estimate,
+    MAX_ASSET_BYTES, TOY_SHIFT, CollapsedPadJointAttnProcessor, PretrainSD3Config, clip_context, estimate,
     pretrain_sd3, with_collapsed_pad, zero_init_adaln,
 )
 
@@ -121,7 +121,7 @@ def test_short_pretrain_sd3_writes_a_folder_the_loader_the_pipeline_and_a_fit_ac
     assert not list(tmp_path.glob(".pipe_sd3*")), "temp folders left behind"
     index = json.loads((out / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None] and not (out / "text_encoder_3").exists()
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["shift"] == TOY_SHIFT == 1.0
     vae = json.loads((out / "vae" / "config.json").read_text())
     assert vae["latent_channels"] == 16
     assert (vae["shift_factor"], vae["scaling_factor"]) == (info["vae_shift_factor"], info["vae_scaling_factor"])

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-sampling", dest="time_sampling",
                    help="flow-time density: logit_normal (default, SD3's), uniform, importance, cubic")
     p.add_argument("--loss-weighting", dest="loss_weighting", help="none (default), sigma_sqrt, cosmap")
-    p.add_argument("--shift", type=float, help="the scheduler's time shift, saved with it (default 3.0, SD3's)")
+    p.add_argument("--shift", type=float, help="the scheduler's time shift, saved with it (default 1.0, for 64 image tokens; SD3's 3.0 is for 1024 px)")
     p.add_argument("--joint-blocks", dest="joint_blocks", type=int, help="MMDiT joint blocks (default 6)")
     p.add_argument("--heads", type=int, help="attention heads (default 4)")
     p.add_argument("--head-dim", dest="head_dim", type=int, help="width per head (default 24: stream width 96)")
