@@ -17,8 +17,8 @@ def toy_pipeline_path() -> Path:
 
 
 def toy_sd3_pipeline_path() -> Path:
-    """Where the toy SD3 pipeline (a diffusers StableDiffusion3Pipeline, no T5) goes; built by
-    ``python -m adi_lightning.toy pretrain-sd3``, not shipped yet."""
+    """The toy SD3 pipeline folder (a diffusers StableDiffusion3Pipeline, no T5), built by
+    ``python -m adi_lightning.toy pretrain-sd3``; shipped part-trained (docs/method.md, "A toy SD3 backbone")."""
     return ASSETS / "pipeline_sd3"
 
 

@@ -3,7 +3,9 @@
 Why: ADI can only learn an action the frozen backbone can render, and a held-out pair shows how
 far the backbone composes words it never saw together. Prompts use the real words
 ("a photo of a cat jumping"), several seeds each, generated in batches with DDIM + CFG, and
-judged by the toy judges; seen and held-out pairs are reported apart.
+judged by the toy judges; seen and held-out pairs are reported apart. First the judges read fresh
+renders after a round trip through the pipeline's own VAE: low accuracy there means the judges, not
+the backbone, are what fails (they were trained on another VAE's round trips).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def grid(images: dict[tuple[str, str], Image.Image], rows, cols, scale: int = 3,
     return canvas
 
 
+ROUND_TRIP_IMAGES, ROUND_TRIP_SEED = 300, 30_000  # a render seed the judges never trained or were scored on
+
+
+def judges_on_round_trips(judge, vae, n: int = ROUND_TRIP_IMAGES, seed: int = ROUND_TRIP_SEED) -> dict[str, float]:
+    """Accuracy per factor (action, subject, background, pattern, colour) of ``judge`` on ``n`` fresh renders
+    encoded by ``vae`` (a posterior sample) and decoded: whether the judges can read this VAE's images."""
+    from .judges import accuracy, render_labelled, vae_round_trip
+
+    x, labels = render_labelled(n, seed=seed, size=judge.size)
+    return accuracy(judge.net, vae_round_trip(x, vae, torch.Generator().manual_seed(seed)), labels)
+
+
 def evaluate_backbone(pipeline: str | Path, judges: str | Path, out: str | Path, seeds: int = 8, steps: int = 25,
                       guidance_scale: float = 4.0, batch: int = 80, subjects=SUBJECTS, actions=ACTIONS) -> dict:
     """Generate, judge, print the table, write ``metrics.json`` and ``grid.png`` into ``out``."""
@@ -79,6 +93,9 @@ def evaluate_backbone(pipeline: str | Path, judges: str | Path, out: str | Path,
     pipe = load_pipeline(str(pipeline))
     judge = ToyJudges(judges)
     held = held_out_pairs(Path(pipeline))
+    round_trip = judges_on_round_trips(judge, pipe.vae)
+    print(f"judges on {ROUND_TRIP_IMAGES} renders after this VAE's round trip: "
+          + ", ".join(f"{k} {v:.1%}" for k, v in round_trip.items()))
     pairs = [(s, a) for s in subjects for a in actions]
     prompts = [prompt_for(s, a) for s, a in pairs for _ in range(seeds)]
     seed_list = [k for _ in pairs for k in range(seeds)]
@@ -99,6 +116,7 @@ def evaluate_backbone(pipeline: str | Path, judges: str | Path, out: str | Path,
     metrics = dict(seen=summary([r for r in rows if not r["held_out"]]), held_out=summary([r for r in rows if r["held_out"]]),
                    per_action={a: summary([r for r in rows if r["action"] == a and not r["held_out"]]) for a in actions},
                    per_subject={s: summary([r for r in rows if r["subject"] == s and not r["held_out"]]) for s in subjects},
+                   judges_on_vae_round_trips=round_trip | {"images": ROUND_TRIP_IMAGES},
                    pairs=rows, seeds=seeds, num_inference_steps=steps, guidance_scale=guidance_scale,
                    pipeline=str(pipeline), minutes=round((time.time() - t0) / 60, 2))
     print(f"{'combos':<10}{'pairs':>6}{'action acc':>12}{'subject acc':>13}{'both':>8}")
