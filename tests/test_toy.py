@@ -108,7 +108,6 @@ def test_judges_are_accurate_on_fresh_renders():
     assert set(pred) >= {"action", "subject", "background", "pattern"} and len(pred["action"]) == 1
 
 
-
 def test_judges_read_each_shipped_vaes_round_trips_and_not_a_vae_that_loses_the_image():
     from types import SimpleNamespace
 
@@ -131,6 +130,7 @@ def test_judges_read_each_shipped_vaes_round_trips_and_not_a_vae_that_loses_the_
 
     acc = judges_on_round_trips(judges, GreyVAE(), n=100)
     assert acc["subject"] < 0.5 and acc["action"] < 0.5, acc
+
 
 def test_short_pretrain_writes_loadable_pipeline(tmp_path):
     from adi_lightning.backbone import load_pipeline
